@@ -1,0 +1,123 @@
+"""Conversation-core overhead per turn against an instant OpenAI-compatible stub, storage included.
+
+    .venv/bin/python benchmarks/core_overhead.py [--turns 400]
+
+For SQLite and PostgreSQL: p50/p99 ms per turn through the core (dedupe, history, prompt
+fitting with the real tokenizer, streaming, storing) vs the same request sent straight to the
+stub in the same run, and turns/s for one process at 32 concurrent conversations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import ROOT, median, pct, print_table, start_process, write_json  # noqa: E402
+from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
+from inference.base import ChatMessage, GenerationRequest  # noqa: E402
+from inference.openai_backend import OpenAIBackend  # noqa: E402
+from inference.prompt import PromptFitter  # noqa: E402
+from storage.db import make_engine, session_factory  # noqa: E402
+from storage.migrate import upgrade_async  # noqa: E402
+from tests.fakes.sinks import RecordingSink  # noqa: E402
+from tests.fakes.vllm_server import free_port  # noqa: E402
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
+
+
+async def _direct(backend: OpenAIBackend, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        req = GenerationRequest([ChatMessage("user", f"question {i}")], max_tokens=32)
+        async for _ in backend.stream(req):
+            pass
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+async def _core_turns(core: ConversationCore, n: int, concurrency: int) -> tuple[list[float], float]:
+    times: list[float] = []
+    run = uuid.uuid4().hex[:8]
+
+    async def worker(w: int) -> None:
+        for i in range(w, n, concurrency):
+            msg = InboundMessage(channel="bench", event_id=f"{run}-{i}", chat_id=f"chat{i % 64}",
+                                 user_id=f"user{i}", text=f"question {i}")
+            t = time.perf_counter()
+            await core.handle(msg, RecordingSink())
+            times.append((time.perf_counter() - t) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return times, n / (time.perf_counter() - started)
+
+
+async def _fresh_db(kind: str, tmp: Path) -> str:
+    if kind == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp / f'bench-{uuid.uuid4().hex[:6]}.db'}"
+    else:
+        import asyncpg
+
+        name = f"chatloop_bench_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    await upgrade_async(url)
+    return url
+
+
+async def main(turns: int) -> None:
+    from transformers import AutoTokenizer
+
+    port = free_port()
+    stub = start_process([sys.executable, "-m", "tests.fakes.openai_stub", "--port", str(port)],
+                         f"http://127.0.0.1:{port}/health")
+    tmp = ROOT / "var/bench"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    rows, out = [], {}
+    try:
+        backend = OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1", model_name="stub")
+        await _direct(backend, 20)  # warm-up
+        direct = await _direct(backend, turns)
+        for kind in ("sqlite", "postgres"):
+            url = await _fresh_db(kind, tmp)
+            engine = make_engine(url)
+            core = ConversationCore(
+                sessions=session_factory(engine), backend=backend,
+                fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=32),
+                system_prompt="Be brief.",
+                limits=CoreLimits(max_tokens=32, rate_limit_per_minute=10**9),
+            )
+            await _core_turns(core, 20, 1)  # warm-up
+            serial, _ = await _core_turns(core, turns, 1)
+            _, rate32 = await _core_turns(core, turns, 32)
+            await engine.dispose()
+            over = [c - d for c, d in zip(sorted(serial), sorted(direct), strict=False)]
+            row = {"storage": kind, "direct p50 ms": median(direct),
+                   "core p50 ms": median(serial), "core p99 ms": pct(serial, 99),
+                   "overhead p50 ms": median(serial) - median(direct),
+                   "overhead p99 ms": pct(serial, 99) - pct(direct, 99),
+                   "turns/s @32": rate32}
+            rows.append(row)
+            out[kind] = {**row, "overhead_sorted_p50": median(over)}
+        await backend.aclose()
+    finally:
+        stub.kill()
+    print_table(f"conversation-core overhead per turn ({turns} turns, stub at 32 tokens)", rows)
+    write_json("core_overhead", {"turns": turns, "results": out})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--turns", type=int, default=400)
+    asyncio.run(main(ap.parse_args().turns))

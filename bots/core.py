@@ -1,0 +1,298 @@
+"""The channel-independent conversation core.
+
+InboundMessage -> dedupe -> history -> prompt -> route -> stream into the
+channel's ReplySink -> store the answer with its metadata -> feedback controls.
+Every channel adapter (web chat, Telegram, Slack) calls `ConversationCore.handle`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from bots.limits import KeyedLocks, RateLimiter
+from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBackend
+from inference.errors import AdapterNotFound, InferenceError
+from inference.prompt import PromptFitter
+from storage import repo
+from storage.models import AnswerStatus, Role
+
+log = logging.getLogger(__name__)
+
+HELP_TEXT = (
+    "Ask me a question and I will answer. Rate answers with 👍 / 👎, and suggest a better "
+    "answer when mine is wrong: that is how I learn.\n"
+    "Commands: /reset starts a new conversation, /help shows this message."
+)
+APOLOGIES = {
+    "unavailable": "Sorry, the assistant is unavailable right now. Please try again in a minute.",
+    "rate_limited": "Sorry, the assistant is busy right now. Please try again shortly.",
+    "context_too_long": "Sorry, that is too long for me to read. Please send a shorter message.",
+}
+APOLOGY = "Sorry, something went wrong while answering. Please try again."
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A normalised message from any channel; `event_id` is the platform's delivery id."""
+
+    channel: str
+    event_id: str
+    chat_id: str
+    user_id: str
+    text: str
+    thread_id: str = ""
+    message_id: str | None = None
+
+
+class ReplySink(Protocol):
+    """How the core talks to one reply on one platform (streaming-aware)."""
+
+    async def begin(self) -> None:
+        """Show that an answer is coming (typing indicator, placeholder)."""
+
+    async def update(self, text: str) -> None:
+        """The answer so far (the whole text, not a delta); the sink throttles itself."""
+
+    async def finish(self, text: str, answer_id: int) -> str | None:
+        """Show the exact final text with feedback controls; return the platform message id."""
+
+    async def fail(self, text: str) -> None:
+        """Replace the reply in progress with a short apology."""
+
+    async def notice(self, text: str) -> None:
+        """Send a short message that is not an answer (help, limits, bad input)."""
+
+
+class Router(Protocol):
+    """Chooses the model route for a conversation: None is the base model, else an adapter."""
+
+    async def route(self, conversation_id: int) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StaticRouter:
+    adapter: str | None = None
+
+    async def route(self, conversation_id: int) -> str | None:
+        return self.adapter
+
+
+class Outcome(StrEnum):
+    ANSWERED = "answered"
+    FAILED = "failed"
+    DUPLICATE = "duplicate"
+    COMMAND = "command"
+    REJECTED = "rejected"  # empty, oversized, rate-limited: told why, nothing generated
+
+
+@dataclass(frozen=True, slots=True)
+class TurnResult:
+    outcome: Outcome
+    answer_id: int | None = None
+    text: str = ""
+    error_kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CoreLimits:
+    max_input_chars: int = 4000
+    max_tokens: int = 256
+    history_messages: int = 20
+    rate_limit_per_minute: int = 20
+    max_concurrent_generations: int = 32
+
+
+class ConversationCore:
+    """Runs turns for every channel; stateless apart from in-process limits and locks."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        backend: InferenceBackend,
+        fitter: PromptFitter,
+        system_prompt: str,
+        limits: CoreLimits,
+        router: Router | None = None,
+        reviewer_ids: frozenset[str] = frozenset(),
+    ) -> None:
+        self.sessions = sessions
+        self.backend = backend
+        self.router: Router = router or StaticRouter()
+        self.reviewer_ids = reviewer_ids
+        self._fitter = fitter
+        self._system_prompt = system_prompt
+        self._limits = limits
+        self._rate = RateLimiter(per_minute=limits.rate_limit_per_minute)
+        self._generations = asyncio.Semaphore(limits.max_concurrent_generations)
+        self._conversation_locks = KeyedLocks()
+
+    async def handle(self, msg: InboundMessage, sink: ReplySink) -> TurnResult:
+        """Answer one inbound message exactly once, whatever the platform redelivers."""
+        text = msg.text.strip()
+        if text.startswith("/"):
+            return await self._command(msg, text, sink)
+        if not text:
+            return await self._reject(msg, sink, "Please send your question as text.")
+        if len(text) > self._limits.max_input_chars:
+            return await self._reject(
+                msg, sink,
+                f"That message is too long ({len(text)} characters; the limit is "
+                f"{self._limits.max_input_chars}). Please shorten it.",
+            )
+        if not self._rate.allow(f"{msg.channel}:{msg.user_id}"):
+            return await self._reject(
+                msg, sink, "You are sending messages too quickly. Please wait a minute."
+            )
+        key = (msg.channel, msg.chat_id, msg.thread_id)
+        async with self._conversation_locks.hold(key):  # per-conversation ordering
+            async with self.sessions() as s:
+                conv = await repo.current_conversation(
+                    s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id
+                )
+                turn = await repo.begin_turn(
+                    s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
+                    text=text, author_id=msg.user_id, external_message_id=msg.message_id,
+                    payload=dataclasses.asdict(msg),
+                )
+            if turn is None:
+                log.info("duplicate %s event %s ignored", msg.channel, msg.event_id)
+                return TurnResult(Outcome.DUPLICATE)
+            return await self.run_turn(turn, text, sink)
+
+    async def resume(
+        self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
+    ) -> int:
+        """Answer events recorded before a crash whose turn never finished; returns how many."""
+        async with self.sessions() as s:
+            pending = await repo.pending_events(s, channel=channel)
+        for event in pending:
+            if event.payload is None or event.message_id is None:
+                continue
+            msg = InboundMessage(**event.payload)
+            async with self.sessions() as s:
+                question = await repo.get_message(s, message_id=event.message_id)
+            assert question is not None
+            turn = repo.TurnStart(question.conversation_id, event.message_id, event.id or 0)
+            log.info("resuming %s event %s after a restart", channel, event.external_event_id)
+            await self.run_turn(turn, question.text, await sink_for(msg))
+        return len(pending)
+
+    async def run_turn(self, turn: repo.TurnStart, question: str, sink: ReplySink) -> TurnResult:
+        """Generate, stream and store the answer to a recorded question."""
+        async with self.sessions() as s:
+            past = await repo.history(s, conversation_id=turn.conversation_id,
+                                      before_id=turn.question_id,
+                                      limit=self._limits.history_messages)
+        adapter = await self.router.route(turn.conversation_id)
+        await sink.begin()
+        started = time.perf_counter()
+        ttft: float | None = None
+        text = ""
+        try:
+            messages = self._fitter.fit(
+                self._system_prompt,
+                [ChatMessage("user" if m.role == Role.USER else "assistant", m.text) for m in past],
+                question,
+            )
+            async with self._generations:
+                done, text, ttft, adapter = await self._generate(messages, adapter, sink, started)
+        except (InferenceError, asyncio.CancelledError) as exc:
+            kind = exc.kind if isinstance(exc, InferenceError) else "cancelled"
+            log.warning("turn %s failed: %s: %s", turn.question_id, kind, exc)
+            meta = repo.AnswerMeta(model=self.backend.model_name, adapter=adapter,
+                                   ttft_ms=ttft, error_kind=kind,
+                                   latency_ms=(time.perf_counter() - started) * 1000)
+            answer_id = await asyncio.shield(self._store(turn, text, AnswerStatus.FAILED, meta))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await sink.fail(APOLOGIES.get(kind, APOLOGY))
+            return TurnResult(Outcome.FAILED, answer_id, text, kind)
+        meta = repo.AnswerMeta(
+            model=self.backend.model_name, adapter=adapter, prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens, ttft_ms=ttft,
+            latency_ms=(time.perf_counter() - started) * 1000, finish_reason=done.finish_reason,
+        )
+        if not text.strip():
+            meta = dataclasses.replace(meta, error_kind="empty_answer")
+            answer_id = await self._store(turn, text, AnswerStatus.FAILED, meta)
+            await sink.fail(APOLOGY)
+            return TurnResult(Outcome.FAILED, answer_id, text, "empty_answer")
+        answer_id = await self._store(turn, text, AnswerStatus.OK, meta)
+        external_id = await sink.finish(text, answer_id)
+        if external_id is not None:
+            async with self.sessions() as s:
+                await repo.set_external_message_id(s, message_id=answer_id,
+                                                   external_message_id=external_id)
+        return TurnResult(Outcome.ANSWERED, answer_id, text)
+
+    async def _generate(
+        self, messages: list[ChatMessage], adapter: str | None, sink: ReplySink, started: float
+    ) -> tuple[Finished, str, float | None, str | None]:
+        """Stream one completion into the sink; an unknown adapter falls back to the base model."""
+        request = GenerationRequest(messages=messages, max_tokens=self._limits.max_tokens,
+                                    adapter=adapter)
+        text, ttft = "", None
+        try:
+            async for event in self.backend.stream(request):
+                if isinstance(event, Finished):
+                    return event, text, ttft, adapter
+                if ttft is None:
+                    ttft = (time.perf_counter() - started) * 1000
+                text += event.text
+                await sink.update(text)
+        except AdapterNotFound:
+            if adapter is None or text:
+                raise
+            log.warning("adapter %s is not loaded: answering with the base model", adapter)
+            return await self._generate(messages, None, sink, started)
+        raise InferenceError("the stream ended without a finish event")
+
+    async def _store(self, turn: repo.TurnStart, text: str, status: AnswerStatus,
+                     meta: repo.AnswerMeta) -> int:
+        async with self.sessions() as s:
+            return await repo.finish_turn(s, turn=turn, text=text, status=status, meta=meta)
+
+    async def _command(self, msg: InboundMessage, text: str, sink: ReplySink) -> TurnResult:
+        name = text[1:].split(maxsplit=1)[0].split("@", 1)[0].lower() if len(text) > 1 else ""
+        if name not in ("reset", "help", "start"):
+            await sink.notice(f"Unknown command /{name}. " + HELP_TEXT.split("\n", 1)[1])
+            return TurnResult(Outcome.REJECTED)
+        async with self.sessions() as s:
+            if await repo.record_event(s, channel=msg.channel, event_id=msg.event_id) is None:
+                return TurnResult(Outcome.DUPLICATE)
+            if name == "reset":
+                await repo.reset_conversation(s, channel=msg.channel, chat_id=msg.chat_id,
+                                              thread_id=msg.thread_id)
+        await sink.notice("Started a new conversation." if name == "reset" else HELP_TEXT)
+        return TurnResult(Outcome.COMMAND, text=name)
+
+    async def _reject(self, msg: InboundMessage, sink: ReplySink, why: str) -> TurnResult:
+        async with self.sessions() as s:
+            if await repo.record_event(s, channel=msg.channel, event_id=msg.event_id) is None:
+                return TurnResult(Outcome.DUPLICATE)
+        await sink.notice(why)
+        return TurnResult(Outcome.REJECTED)
+
+    async def vote(self, *, answer_id: int, voter_id: str, rating: int, source: str,
+                   reason: str | None = None) -> Any:
+        async with self.sessions() as s:
+            return await repo.record_vote(s, answer_id=answer_id, voter_id=voter_id,
+                                          rating=rating, source=source, reason=reason,
+                                          trusted=voter_id in self.reviewer_ids)
+
+    async def correct(self, *, answer_id: int, voter_id: str, text: str, source: str) -> Any:
+        async with self.sessions() as s:
+            return await repo.record_correction(s, answer_id=answer_id, voter_id=voter_id,
+                                                text=text, source=source,
+                                                trusted=voter_id in self.reviewer_ids)

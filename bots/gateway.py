@@ -1,0 +1,66 @@
+"""The gateway: one FastAPI app that hosts every channel's routes and background work."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger(__name__)
+
+
+class Channel(Protocol):
+    """A chat channel plugged into the gateway: HTTP routes plus start/stop of background work."""
+
+    name: str
+
+    def routes(self) -> APIRouter | None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+
+
+def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
+               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
+    """`ready` returns {component: "ok" | reason}; /readyz is 200 only when all are "ok"."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        started: list[Channel] = []
+        try:
+            for ch in channels:
+                await ch.start()
+                started.append(ch)
+                log.info("channel %s started", ch.name)
+            yield
+        finally:
+            for ch in reversed(started):
+                await ch.stop()
+            if on_shutdown is not None:
+                await on_shutdown()
+
+    app = FastAPI(title="chatloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = await ready()
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
+
+    for ch in channels:
+        router = ch.routes()
+        if router is not None:
+            app.include_router(router)
+    return app

@@ -1,0 +1,145 @@
+"""The composition root: settings -> storage, inference, core, channels, gateway app."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from bots.core import ConversationCore, CoreLimits, StaticRouter
+from bots.gateway import Channel, create_app
+from bots.webchat import WebChat
+from chatloop.settings import Settings
+from inference.base import InferenceBackend
+from inference.errors import InferenceError
+from inference.prompt import PromptFitter
+from storage.db import check_ready, make_engine, session_factory
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(RuntimeError):
+    """Bad or incomplete configuration; the message says what to set or run."""
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    backend: InferenceBackend
+    core: ConversationCore
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+        await self.engine.dispose()
+
+
+def make_backend(settings: Settings) -> InferenceBackend:
+    if settings.inference_url:
+        from inference.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(
+            base_url=settings.inference_url,
+            model_name=settings.served_model_name,
+            api_key=settings.inference_api_key.get_secret_value(),
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.read_timeout_s,
+            max_retries=settings.max_retries,
+            max_lora_rank=settings.max_lora_rank,
+        )
+    from inference.embedded import EmbeddedBackend
+
+    _require_model(settings)
+    return EmbeddedBackend(settings.model, model_name=Path(settings.model).name,
+                           max_lora_rank=settings.max_lora_rank)
+
+
+def _require_model(settings: Settings) -> None:
+    if not (Path(settings.model) / "config.json").exists():
+        raise ConfigError(
+            f"no model at {settings.model}: run `chatloop model prepare` "
+            "(or set CHATLOOP_MODEL to a local HF model directory)"
+        )
+
+
+def load_tokenizer(settings: Settings, backend: InferenceBackend) -> Any:
+    tok = getattr(backend, "tokenizer", None)
+    if tok is not None:
+        return tok
+    from transformers import AutoTokenizer
+
+    _require_model(settings)  # the tokenizer of the served model, used to fit prompts
+    return AutoTokenizer.from_pretrained(settings.model)
+
+
+async def build_services(settings: Settings, *, backend: InferenceBackend | None = None) -> Services:
+    """Connect storage (must be migrated) and inference; raise with one clear line if not."""
+    engine = make_engine(settings.database_url)
+    try:
+        await check_ready(engine)
+        backend = backend or make_backend(settings)
+    except BaseException:
+        await engine.dispose()
+        raise
+    sessions = session_factory(engine)
+    fitter = PromptFitter(load_tokenizer(settings, backend), context_tokens=settings.context_tokens,
+                          max_tokens=settings.max_tokens)
+    core = ConversationCore(
+        sessions=sessions,
+        backend=backend,
+        fitter=fitter,
+        system_prompt=settings.system_prompt,
+        limits=CoreLimits(
+            max_input_chars=settings.max_input_chars,
+            max_tokens=settings.max_tokens,
+            history_messages=settings.history_messages,
+            rate_limit_per_minute=settings.rate_limit_per_minute,
+            max_concurrent_generations=settings.max_concurrent_generations,
+        ),
+        router=StaticRouter(settings.adapter),
+        reviewer_ids=frozenset(settings.reviewer_ids),
+    )
+    return Services(settings, engine, sessions, backend, core)
+
+
+def build_channels(services: Services, *, webchat: bool) -> list[Channel]:
+    settings = services.settings
+    channels: list[Channel] = []
+    if webchat:
+        token = settings.webchat_token.get_secret_value() if settings.webchat_token else None
+        channels.append(WebChat(services.core, token=token))
+    if settings.telegram_bot_token is not None:
+        from bots.telegram import build_channel as build_telegram
+
+        channels.append(build_telegram(services))
+    if settings.slack_bot_token is not None:
+        from bots.slack import build_channel as build_slack
+
+        channels.append(build_slack(services))
+    return channels
+
+
+def build_app(services: Services, *, webchat: bool) -> FastAPI:
+    async def ready() -> dict[str, str]:
+        checks = {"database": "ok", "inference": "ok"}
+        try:
+            async with services.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:  # reported, not raised: this is the readiness probe
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        try:
+            await services.backend.health()
+        except InferenceError as exc:
+            checks["inference"] = f"{exc.kind}: {exc}"
+        return checks
+
+    return create_app(channels=build_channels(services, webchat=webchat), ready=ready,
+                      on_shutdown=services.aclose)

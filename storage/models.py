@@ -1,0 +1,161 @@
+"""The SQL schema: conversations, messages, inbound events, feedback, adapters, training runs.
+
+Schema changes only through alembic revisions (storage/migrations).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _ts(**kw: Any) -> Any:
+    return Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), **kw))
+
+
+class Role(StrEnum):
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class AnswerStatus(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+class EventStatus(StrEnum):
+    RECEIVED = "received"  # recorded, turn not finished (resumable)
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ReviewStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class AdapterStatus(StrEnum):
+    CANDIDATE = "candidate"
+    CANARY = "canary"
+    ACTIVE = "active"
+    RETIRED = "retired"
+    REJECTED = "rejected"
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class Conversation(SQLModel, table=True):
+    """One chat (or thread) on one channel; a reset starts a new epoch."""
+
+    __table_args__ = (
+        UniqueConstraint("channel", "external_chat_id", "external_thread_id", "epoch"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(max_length=32, index=True)
+    external_chat_id: str = Field(max_length=128)
+    external_thread_id: str = Field(default="", max_length=128)
+    epoch: int = 0
+    created_at: datetime = _ts(nullable=False)
+
+
+class Message(SQLModel, table=True):
+    """A user question or an assistant answer (with its generation metadata)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    conversation_id: int = Field(foreign_key="conversation.id", index=True)
+    role: str = Field(max_length=16)
+    text: str
+    external_message_id: str | None = Field(default=None, max_length=128)
+    author_id: str | None = Field(default=None, max_length=128)
+    reply_to_id: int | None = Field(default=None, foreign_key="message.id")
+    created_at: datetime = _ts(nullable=False)
+    # answers only
+    model: str | None = Field(default=None, max_length=256)
+    adapter: str | None = Field(default=None, max_length=128)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    finish_reason: str | None = Field(default=None, max_length=32)
+    status: str | None = Field(default=None, max_length=16)
+    error_kind: str | None = Field(default=None, max_length=64)
+
+
+class InboundEvent(SQLModel, table=True):
+    """The idempotency record: one row per platform delivery, written with the turn it starts."""
+
+    __table_args__ = (UniqueConstraint("channel", "external_event_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(max_length=32)
+    external_event_id: str = Field(max_length=128)
+    status: str = Field(default=EventStatus.RECEIVED, max_length=16)
+    payload: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    message_id: int | None = Field(default=None, foreign_key="message.id")
+    received_at: datetime = _ts(nullable=False)
+
+
+class Feedback(SQLModel, table=True):
+    """One voter's live vote and/or correction on one answer (changeable, never duplicated)."""
+
+    __table_args__ = (UniqueConstraint("answer_id", "voter_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    answer_id: int = Field(foreign_key="message.id", index=True)
+    voter_id: str = Field(max_length=128)
+    rating: int | None = None  # +1 / -1
+    reason: str | None = None
+    correction: str | None = None
+    source: str = Field(max_length=32)
+    trusted: bool = False
+    review_status: str | None = Field(default=None, max_length=16)
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class AdapterVersion(SQLModel, table=True):
+    """A LoRA adapter with a unique, versioned name and its lineage."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=128, unique=True)
+    status: str = Field(default=AdapterStatus.CANDIDATE, max_length=16, index=True)
+    path: str
+    rank: int
+    parent_name: str | None = Field(default=None, max_length=128)
+    run_id: int | None = Field(default=None, foreign_key="trainingrun.id")
+    feedback_watermark: int | None = None
+    dataset_hash: str | None = Field(default=None, max_length=64)
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+
+
+class TrainingRun(SQLModel, table=True):
+    """One cycle of the learning loop: dataset -> training -> evaluation -> registration."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str = Field(default=RunStatus.RUNNING, max_length=16, index=True)
+    trigger: str = Field(default="manual", max_length=32)
+    dataset_hash: str | None = Field(default=None, max_length=64)
+    feedback_watermark: int | None = None
+    adapter_name: str | None = Field(default=None, max_length=128)
+    metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    log_path: str | None = None
+    error: str | None = None
+    started_at: datetime = _ts(nullable=False)
+    finished_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )

@@ -1,0 +1,167 @@
+"""The conversation core with a scripted backend, on real SQLite and PostgreSQL storage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import select
+from transformers import AutoTokenizer
+
+from bots.core import ConversationCore, CoreLimits, InboundMessage, Outcome, StaticRouter
+from inference.errors import BackendUnavailable
+from inference.prompt import PromptFitter
+from storage.models import InboundEvent, Message
+from tests.fakes.inference import ScriptedBackend
+from tests.fakes.sinks import RecordingSink
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_core(sessions, tokenizer, backend=None, **limits):  # type: ignore[no-untyped-def]
+    backend = backend or ScriptedBackend()
+    return ConversationCore(
+        sessions=sessions, backend=backend,
+        fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=128),
+        system_prompt="Be brief.", limits=CoreLimits(max_tokens=128, **limits),
+        router=StaticRouter(limits.pop("adapter", None)) if "adapter" in limits else None,
+    )
+
+
+def msg(text: str, event: str, chat: str = "c1", user: str = "u1") -> InboundMessage:
+    return InboundMessage(channel="test", event_id=event, chat_id=chat, user_id=user, text=text)
+
+
+async def test_answer_streams_and_is_stored(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    sink = RecordingSink()
+    result = await core.handle(msg("What are your hours?", "e1"), sink)
+    assert result.outcome == Outcome.ANSWERED
+    assert sink.final == "Echo: What are your hours?" and sink.updates[-1] == sink.final
+    assert len(sink.updates) > 1  # streamed in pieces
+    async with sessions() as s:
+        answer = await s.get(Message, result.answer_id)
+    assert answer.status == "ok" and answer.text == sink.final
+    assert answer.external_message_id == f"ext-{result.answer_id}"
+    assert answer.model == "scripted" and answer.ttft_ms is not None
+
+
+async def test_history_and_system_prompt_reach_the_model(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, backend)
+    await core.handle(msg("first", "e1"), RecordingSink())
+    await core.handle(msg("second", "e2"), RecordingSink())
+    roles = [(m.role, m.content) for m in backend.requests[-1].messages]
+    assert roles == [("system", "Be brief."), ("user", "first"), ("assistant", "Echo: first"),
+                     ("user", "second")]
+
+
+async def test_duplicate_delivery_is_answered_once(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend(delay=0.01)
+    core = make_core(sessions, tokenizer, backend)
+    sinks = [RecordingSink() for _ in range(3)]
+    results = await asyncio.gather(*(core.handle(msg("hi", "same"), s) for s in sinks))
+    assert sorted(r.outcome for r in results) == ["answered", "duplicate", "duplicate"]
+    assert len(backend.requests) == 1
+
+
+async def test_reset_and_help_commands(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, backend)
+    await core.handle(msg("first", "e1"), RecordingSink())
+    sink = RecordingSink()
+    assert (await core.handle(msg("/reset", "e2"), sink)).outcome == Outcome.COMMAND
+    assert "new conversation" in sink.notices[0]
+    await core.handle(msg("second", "e3"), RecordingSink())
+    assert [m.content for m in backend.requests[-1].messages] == ["Be brief.", "second"]
+    help_sink = RecordingSink()
+    await core.handle(msg("/help", "e4"), help_sink)
+    assert "/reset" in help_sink.notices[0]
+
+
+async def test_unknown_command_empty_and_oversized_are_refused(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, backend, max_input_chars=50)
+    for text, expect in (("/frobnicate", "Unknown command"), ("   ", "as text"),
+                         ("x" * 51, "too long")):
+        sink = RecordingSink()
+        assert (await core.handle(msg(text, f"e-{len(text)}"), sink)).outcome == "rejected"
+        assert expect in sink.notices[0]
+    assert backend.requests == []
+
+
+async def test_rate_limit_is_per_user(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer, rate_limit_per_minute=2)
+    outcomes = [(await core.handle(msg("q", f"e{i}"), RecordingSink())).outcome for i in range(3)]
+    other = await core.handle(msg("q", "o1", user="u2"), RecordingSink())
+    assert outcomes == ["answered", "answered", "rejected"] and other.outcome == "answered"
+
+
+async def test_backend_failure_mid_stream_stores_a_failed_turn(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend(fail_after=2, error=BackendUnavailable("gone"))
+    core = make_core(sessions, tokenizer, backend)
+    sink = RecordingSink()
+    result = await core.handle(msg("hello there friend", "e1"), sink)
+    assert result.outcome == Outcome.FAILED and result.error_kind == "unavailable"
+    assert "unavailable" in sink.failed and sink.final is None
+    async with sessions() as s:
+        answer = await s.get(Message, result.answer_id)
+        event = (await s.execute(select(InboundEvent))).scalar_one()
+    assert (answer.status, answer.error_kind, event.status) == ("failed", "unavailable", "failed")
+
+
+async def test_unknown_adapter_falls_back_to_base_model(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, backend, adapter="fb-v404")
+    result = await core.handle(msg("hi", "e1"), RecordingSink())
+    assert result.outcome == Outcome.ANSWERED
+    assert [r.adapter for r in backend.requests] == ["fb-v404", None]
+    async with sessions() as s:
+        assert (await s.get(Message, result.answer_id)).adapter is None
+
+
+async def test_concurrency_bound_holds(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    live = peak = 0
+
+    class Counting(ScriptedBackend):
+        async def stream(self, request):  # type: ignore[no-untyped-def]
+            nonlocal live, peak
+            live += 1
+            peak = max(peak, live)
+            try:
+                async for ev in super().stream(request):
+                    yield ev
+            finally:
+                live -= 1
+
+    core = make_core(sessions, tokenizer, Counting(delay=0.01), max_concurrent_generations=2)
+    await asyncio.gather(*(core.handle(msg("q", f"e{i}", chat=f"c{i}", user=f"u{i}"),
+                                       RecordingSink()) for i in range(6)))
+    assert peak == 2
+
+
+async def test_resume_answers_a_recorded_but_unfinished_event(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend(delay=0.05)
+    core = make_core(sessions, tokenizer, backend)
+    task = asyncio.create_task(core.handle(msg("slow question", "e1"), RecordingSink()))
+    while not backend.requests:
+        await asyncio.sleep(0.01)
+    task.cancel()  # stands in for the process dying mid-answer
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with sessions() as s:  # a kill leaves the event "received": undo the cancel's record
+        from sqlalchemy import update
+        await s.execute(update(InboundEvent).values(status="received"))
+        await s.commit()
+    sinks: list[RecordingSink] = []
+
+    async def sink_for(_: InboundMessage) -> RecordingSink:
+        sinks.append(RecordingSink())
+        return sinks[-1]
+
+    assert await make_core(sessions, tokenizer, ScriptedBackend()).resume("test", sink_for) == 1
+    assert sinks[0].final == "Echo: slow question"
+    assert await core.resume("test", sink_for) == 0

@@ -1,0 +1,148 @@
+"""Storage behaviour on SQLite and PostgreSQL (every test runs on both)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import func, select
+
+from storage import repo
+from storage.models import AnswerStatus, EventStatus, Feedback, InboundEvent, Message
+
+
+async def _turn(sessions, event_id: str = "e1", chat: str = "c1", text: str = "hi"):  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        conv = await repo.current_conversation(s, channel="test", chat_id=chat)
+        return await repo.begin_turn(s, channel="test", event_id=event_id, conversation_id=conv,
+                                     text=text, author_id="u1")
+
+
+async def _answer(sessions, turn, text: str = "hello") -> int:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        return await repo.finish_turn(s, turn=turn, text=text, status=AnswerStatus.OK,
+                                      meta=repo.AnswerMeta(model="m", adapter=None))
+
+
+async def test_duplicate_event_starts_no_second_turn(sessions) -> None:  # type: ignore[no-untyped-def]
+    first = await _turn(sessions)
+    again = await _turn(sessions)
+    assert first is not None and again is None
+    async with sessions() as s:
+        assert (await s.execute(select(func.count()).select_from(Message))).scalar() == 1
+
+
+async def test_concurrent_duplicate_inserts_record_exactly_one(sessions) -> None:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        conv = await repo.current_conversation(s, channel="test", chat_id="c1")
+
+    async def attempt() -> repo.TurnStart | None:
+        async with sessions() as s:
+            return await repo.begin_turn(s, channel="test", event_id="same", conversation_id=conv,
+                                         text="hi", author_id="u1")
+
+    results = await asyncio.gather(*(attempt() for _ in range(12)))
+    assert sum(r is not None for r in results) == 1
+    async with sessions() as s:
+        assert (await s.execute(select(func.count()).select_from(InboundEvent))).scalar() == 1
+        assert (await s.execute(select(func.count()).select_from(Message))).scalar() == 1
+
+
+async def test_concurrent_first_messages_share_one_conversation(sessions) -> None:  # type: ignore[no-untyped-def]
+    async def first() -> int:
+        async with sessions() as s:
+            return await repo.current_conversation(s, channel="test", chat_id="new")
+
+    ids = await asyncio.gather(*(first() for _ in range(8)))
+    async with sessions() as s:
+        current = await repo.current_conversation(s, channel="test", chat_id="new")
+    assert current == max(ids)
+
+
+async def test_finished_turn_closes_event_and_keeps_metadata(sessions) -> None:  # type: ignore[no-untyped-def]
+    turn = await _turn(sessions)
+    async with sessions() as s:
+        meta = repo.AnswerMeta(model="m", adapter="fb-v1", prompt_tokens=10, completion_tokens=5,
+                               ttft_ms=12.5, latency_ms=80.0, finish_reason="stop")
+        answer_id = await repo.finish_turn(s, turn=turn, text="hello", status=AnswerStatus.OK,
+                                           meta=meta)
+        answer = await s.get(Message, answer_id)
+        event = await s.get(InboundEvent, turn.event_id)
+        assert answer is not None and event is not None
+        assert (answer.adapter, answer.completion_tokens, answer.ttft_ms) == ("fb-v1", 5, 12.5)
+        assert answer.reply_to_id == turn.question_id and event.status == EventStatus.DONE
+        assert await repo.pending_events(s, channel="test") == []
+
+
+async def test_unfinished_turn_is_pending_for_resume(sessions) -> None:  # type: ignore[no-untyped-def]
+    turn = await _turn(sessions)
+    async with sessions() as s:
+        pending = await repo.pending_events(s, channel="test")
+    assert [e.id for e in pending] == [turn.event_id]
+
+
+async def test_empty_ok_answer_is_refused(sessions) -> None:  # type: ignore[no-untyped-def]
+    turn = await _turn(sessions)
+    async with sessions() as s:
+        with pytest.raises(ValueError):
+            await repo.finish_turn(s, turn=turn, text="", status=AnswerStatus.OK,
+                                   meta=repo.AnswerMeta(model="m", adapter=None))
+
+
+async def test_history_skips_failed_answers_and_their_questions(sessions) -> None:  # type: ignore[no-untyped-def]
+    t1 = await _turn(sessions, "e1", text="q1")
+    await _answer(sessions, t1, "a1")
+    t2 = await _turn(sessions, "e2", text="q2")
+    async with sessions() as s:
+        await repo.finish_turn(s, turn=t2, text="", status=AnswerStatus.FAILED,
+                               meta=repo.AnswerMeta(model="m", adapter=None,
+                                                    error_kind="unavailable"))
+    t3 = await _turn(sessions, "e3", text="q3")
+    async with sessions() as s:
+        past = await repo.history(s, conversation_id=t3.conversation_id,
+                                  before_id=t3.question_id, limit=10)
+    assert [m.text for m in past] == ["q1", "a1"]
+
+
+async def test_reset_starts_a_new_conversation(sessions) -> None:  # type: ignore[no-untyped-def]
+    t1 = await _turn(sessions, "e1")
+    async with sessions() as s:
+        new = await repo.reset_conversation(s, channel="test", chat_id="c1")
+    t2 = await _turn(sessions, "e2")
+    assert new != t1.conversation_id and t2.conversation_id == new
+
+
+async def test_vote_is_one_per_voter_and_changeable(sessions) -> None:  # type: ignore[no-untyped-def]
+    turn = await _turn(sessions)
+    answer = await _answer(sessions, turn)
+    async with sessions() as s:
+        await repo.record_vote(s, answer_id=answer, voter_id="v", rating=1, source="test")
+        fb = await repo.record_vote(s, answer_id=answer, voter_id="v", rating=-1, source="test",
+                                    reason="wrong")
+        await repo.record_vote(s, answer_id=answer, voter_id="w", rating=1, source="test")
+        assert (fb.rating, fb.reason) == (-1, "wrong")
+        rows = (await s.execute(select(Feedback).order_by(Feedback.voter_id))).scalars().all()
+        assert [(r.voter_id, r.rating) for r in rows] == [("v", -1), ("w", 1)]
+
+
+async def test_correction_joins_the_vote_and_trust_sets_review(sessions) -> None:  # type: ignore[no-untyped-def]
+    turn = await _turn(sessions)
+    answer = await _answer(sessions, turn)
+    async with sessions() as s:
+        await repo.record_vote(s, answer_id=answer, voter_id="v", rating=-1, source="test")
+        fb = await repo.record_correction(s, answer_id=answer, voter_id="v", text="better",
+                                          source="test", trusted=False)
+        assert (fb.rating, fb.correction, fb.review_status) == (-1, "better", "pending")
+        fb = await repo.record_correction(s, answer_id=answer, voter_id="r", text="best",
+                                          source="test", trusted=True)
+        assert (fb.trusted, fb.review_status) == (True, "approved")
+
+
+async def test_feedback_on_a_question_or_unknown_id_is_refused(sessions) -> None:  # type: ignore[no-untyped-def]
+    turn = await _turn(sessions)
+    async with sessions() as s:
+        with pytest.raises(repo.UnknownAnswer):
+            await repo.record_vote(s, answer_id=turn.question_id, voter_id="v", rating=1,
+                                   source="test")
+        with pytest.raises(repo.UnknownAnswer):
+            await repo.record_vote(s, answer_id=99999, voter_id="v", rating=1, source="test")

@@ -1,0 +1,73 @@
+"""The CLI's operator-facing behaviour: clear one-line errors, idempotent preparation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def chatloop(*args: str, env: dict[str, str] | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatloop.cli", *args], cwd=ROOT,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_serve_on_unmigrated_database_says_what_to_run(tmp_path: Path) -> None:
+    done = chatloop("serve", env={"CHATLOOP_DATABASE_URL": f"sqlite:///{tmp_path}/new.db"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith("not migrated: run `chatloop db upgrade`")
+
+
+def test_serve_on_unreachable_database_exits_with_one_line(tmp_path: Path) -> None:
+    url = "postgresql://postgres@127.0.0.1:1/nothing"
+    done = chatloop("serve", env={"CHATLOOP_DATABASE_URL": url})
+    assert done.returncode == 2
+    assert "is unreachable" in done.stderr.strip().splitlines()[-1]
+
+
+def test_db_upgrade_then_serve_needs_a_model(tmp_path: Path) -> None:
+    env = {"CHATLOOP_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
+           "CHATLOOP_MODEL": str(tmp_path / "no-model")}
+    assert chatloop("db", "upgrade", env=env).returncode == 0
+    done = chatloop("serve", env=env)
+    assert done.returncode == 2 and "run `chatloop model prepare`" in done.stderr
+
+
+def test_webchat_under_serve_requires_a_token(tmp_path: Path) -> None:
+    done = chatloop("serve", env={"CHATLOOP_WEBCHAT_ENABLED": "true"})
+    assert done.returncode == 2 and "CHATLOOP_WEBCHAT_TOKEN" in done.stderr
+
+
+def test_bad_configuration_is_named() -> None:
+    done = chatloop("serve", env={"CHATLOOP_PORT": "99999"})
+    assert done.returncode == 2 and "CHATLOOP_PORT" in done.stderr
+
+
+@pytest.mark.slow
+def test_model_prepare_is_idempotent_and_fast_the_second_time(model_dir: Path) -> None:
+    started = time.perf_counter()
+    done = chatloop("model", "prepare", "--target", str(model_dir))
+    assert done.returncode == 0, done.stderr
+    assert time.perf_counter() - started < 15  # interpreter start-up included; the work is ~0
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_model_prepare_accepts_a_local_hf_directory(model_dir: Path, tmp_path: Path) -> None:
+    done = chatloop("model", "prepare", str(model_dir), "--target", str(tmp_path / "copy"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "copy/config.json").exists()
+
+
+def test_model_prepare_rejects_a_missing_source(tmp_path: Path) -> None:
+    done = chatloop("model", "prepare", str(tmp_path / "nothing-here"),
+                    "--target", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and "neither a local HF model directory" in done.stderr
