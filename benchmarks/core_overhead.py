@@ -18,7 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import ROOT, median, pct, print_table, start_process, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    ROOT,
+    median,
+    pct,
+    print_table,
+    start_process,
+    write_json,
+)
 from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
 from inference.base import ChatMessage, GenerationRequest  # noqa: E402
 from inference.openai_backend import OpenAIBackend  # noqa: E402
@@ -43,7 +50,8 @@ async def _direct(backend: OpenAIBackend, n: int) -> list[float]:
     return times
 
 
-async def _core_turns(core: ConversationCore, n: int, concurrency: int) -> tuple[list[float], float]:
+async def _core_turns(core: ConversationCore, n: int,
+                      concurrency: int) -> tuple[list[float], float]:
     times: list[float] = []
     run = uuid.uuid4().hex[:8]
 

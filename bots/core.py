@@ -8,6 +8,7 @@ Every channel adapter (web chat, Telegram, Slack) calls `ConversationCore.handle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -16,8 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bots.limits import KeyedLocks, RateLimiter
 from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBackend
@@ -244,13 +244,16 @@ class ConversationCore:
                                     adapter=adapter)
         text, ttft = "", None
         try:
-            async for event in self.backend.stream(request):
-                if isinstance(event, Finished):
-                    return event, text, ttft, adapter
-                if ttft is None:
-                    ttft = (time.perf_counter() - started) * 1000
-                text += event.text
-                await sink.update(text)
+            # aclosing: returning on Finished must close the stream now (its connection, its
+            # slot in the concurrency bound), not whenever the generator is collected
+            async with contextlib.aclosing(self.backend.stream(request)) as stream:
+                async for event in stream:
+                    if isinstance(event, Finished):
+                        return event, text, ttft, adapter
+                    if ttft is None:
+                        ttft = (time.perf_counter() - started) * 1000
+                    text += event.text
+                    await sink.update(text)
         except AdapterNotFound:
             if adapter is None or text:
                 raise

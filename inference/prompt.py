@@ -31,7 +31,7 @@ class PromptFitter:
     def fit(
         self, system: str, history: Sequence[ChatMessage], question: str
     ) -> list[ChatMessage]:
-        """Drop the oldest history turns until the prompt fits; raise if the question alone does not."""
+        """Drop the oldest turns until the prompt fits; raise if the question alone does not."""
         head = [ChatMessage("system", system)] if system else []
         tail = [ChatMessage("user", question)]
         kept = list(history)

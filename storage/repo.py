@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import (
     AnswerStatus,
@@ -52,7 +52,15 @@ async def current_conversation(
     found = (await session.execute(stmt)).scalar()
     if found is not None:
         return found
-    return await _new_epoch(session, channel=channel, chat_id=chat_id, thread_id=thread_id)
+    conv = Conversation(channel=channel, external_chat_id=chat_id, external_thread_id=thread_id)
+    session.add(conv)
+    try:
+        await session.commit()
+    except IntegrityError:  # a concurrent first message created it: use that one
+        await session.rollback()
+        return (await session.execute(stmt)).scalar_one()
+    assert conv.id is not None
+    return conv.id
 
 
 async def reset_conversation(
@@ -149,7 +157,7 @@ async def finish_turn(
         raise ValueError("an ok answer needs text")
     answer = Message(conversation_id=turn.conversation_id, role=Role.ASSISTANT, text=text,
                      reply_to_id=turn.question_id, status=status,
-                     external_message_id=external_message_id, **meta.__dict__)
+                     external_message_id=external_message_id, **asdict(meta))
     session.add(answer)
     ev_status = EventStatus.DONE if status == AnswerStatus.OK else EventStatus.FAILED
     await session.execute(update(InboundEvent).where(InboundEvent.id == turn.event_id)

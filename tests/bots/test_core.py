@@ -21,13 +21,13 @@ def tokenizer(model_dir):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def make_core(sessions, tokenizer, backend=None, **limits):  # type: ignore[no-untyped-def]
+def make_core(sessions, tokenizer, backend=None, adapter=None, **limits):  # type: ignore[no-untyped-def]
     backend = backend or ScriptedBackend()
     return ConversationCore(
         sessions=sessions, backend=backend,
         fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=128),
         system_prompt="Be brief.", limits=CoreLimits(max_tokens=128, **limits),
-        router=StaticRouter(limits.pop("adapter", None)) if "adapter" in limits else None,
+        router=StaticRouter(adapter),
     )
 
 
@@ -147,7 +147,7 @@ async def test_resume_answers_a_recorded_but_unfinished_event(sessions, tokenize
     backend = ScriptedBackend(delay=0.05)
     core = make_core(sessions, tokenizer, backend)
     task = asyncio.create_task(core.handle(msg("slow question", "e1"), RecordingSink()))
-    while not backend.requests:
+    while not backend.requests:  # noqa: ASYNC110  (poll a plain list the backend appends to)
         await asyncio.sleep(0.01)
     task.cancel()  # stands in for the process dying mid-answer
     with pytest.raises(asyncio.CancelledError):
