@@ -1,0 +1,1 @@
+"""Learning from users: dataset and redaction, training, evaluation, registry and canary, scheduler."""

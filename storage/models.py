@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, UniqueConstraint
+from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -146,6 +146,11 @@ class AdapterVersion(SQLModel, table=True):
 class TrainingRun(SQLModel, table=True):
     """One cycle of the learning loop: dataset -> training -> evaluation -> registration."""
 
+    __table_args__ = (  # at most one running row: the run lease (RELIABILITY.md section 1)
+        Index("ux_trainingrun_one_running", "status", unique=True,
+              sqlite_where=text("status = 'running'"),
+              postgresql_where=text("status = 'running'")),
+    )
     id: int | None = Field(default=None, primary_key=True)
     status: str = Field(default=RunStatus.RUNNING, max_length=16, index=True)
     trigger: str = Field(default="manual", max_length=32)
@@ -159,3 +164,14 @@ class TrainingRun(SQLModel, table=True):
     finished_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+    heartbeat_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class Lease(SQLModel, table=True):
+    """A named, expiring lease (e.g. the scheduler's leadership) that works on SQLite too."""
+
+    name: str = Field(primary_key=True, max_length=64)
+    holder: str = Field(max_length=128)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
