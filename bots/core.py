@@ -104,6 +104,15 @@ class TurnResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Accepted:
+    """A question recorded by `ConversationCore.accept`, waiting for `ConversationCore.answer`."""
+
+    turn: repo.TurnStart
+    question: str
+    key: tuple[str, str, str]  # (channel, chat_id, thread_id): turns run in order per key
+
+
+@dataclass(frozen=True, slots=True)
 class CoreLimits:
     max_input_chars: int = 4000
     max_tokens: int = 256
@@ -169,6 +178,39 @@ class ConversationCore:
                 log.info("duplicate %s event %s ignored", msg.channel, msg.event_id)
                 return TurnResult(Outcome.DUPLICATE)
             return await self.run_turn(turn, text, sink)
+
+    async def accept(self, msg: InboundMessage, sink: ReplySink) -> Accepted | TurnResult:
+        """The first half of `handle`, for channels that must acknowledge before answering.
+
+        Commands, bad input, rate limits and duplicates end here as in `handle` (a
+        TurnResult). A question is recorded with its delivery id, so a redelivery is a
+        duplicate and a crash leaves it to `resume`, and returned to be answered by `answer`.
+        """
+        text = msg.text.strip()
+        if text.startswith("/") or not text or len(text) > self._limits.max_input_chars:
+            return await self.handle(msg, sink)  # nothing to generate: handled right away
+        if not self._rate.allow(f"{msg.channel}:{msg.user_id}"):
+            return await self._reject(
+                msg, sink, "You are sending messages too quickly. Please wait a minute."
+            )
+        async with self.sessions() as s:
+            conv = await repo.current_conversation(
+                s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id
+            )
+            turn = await repo.begin_turn(
+                s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
+                text=text, author_id=msg.user_id, external_message_id=msg.message_id,
+                payload=dataclasses.asdict(msg),
+            )
+        if turn is None:
+            log.info("duplicate %s event %s ignored", msg.channel, msg.event_id)
+            return TurnResult(Outcome.DUPLICATE)
+        return Accepted(turn, text, (msg.channel, msg.chat_id, msg.thread_id))
+
+    async def answer(self, accepted: Accepted, sink: ReplySink) -> TurnResult:
+        """Answer a question recorded by `accept`; one turn at a time per conversation."""
+        async with self._conversation_locks.hold(accepted.key):
+            return await self.run_turn(accepted.turn, accepted.question, sink)
 
     async def resume(
         self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     slack_signing_secret: SecretStr | None = Field(default=None, alias="SLACK_SIGNING_SECRET")
     slack_app_token: SecretStr | None = Field(default=None, alias="SLACK_APP_TOKEN")
     slack_api_base: str | None = None  # another Web API base URL (a test fake)
+    slack_streaming: bool = True  # chat.startStream/appendStream/stopStream, else chat.update
+    slack_update_interval_s: float = Field(default=1.0, ge=0)  # between edits of one message
+    slack_updates_per_minute: int = Field(default=50, ge=1)  # progress edits per workspace
+    slack_message_chars: int = Field(default=3000, ge=100, le=3000)  # longer answers split
+    slack_agent_corrections: bool = False  # reviewers replying after the bot = corrections
 
     @field_validator("database_url")
     @classmethod

@@ -248,3 +248,29 @@ async def _feedback(session: AsyncSession, answer_id: int, voter_id: str) -> Fee
     stmt = select(Feedback).where(Feedback.answer_id == answer_id, Feedback.voter_id == voter_id)
     row = (await session.execute(stmt.execution_options(populate_existing=True))).scalar_one()
     return row
+
+
+async def find_conversation(
+    session: AsyncSession, *, channel: str, chat_id: str, thread_id: str = ""
+) -> int | None:
+    """The id of the chat's current conversation, or None if it has none (nothing is created)."""
+    key = (Conversation.channel == channel, Conversation.external_chat_id == chat_id,
+           Conversation.external_thread_id == thread_id)
+    stmt = select(Conversation.id).where(*key).order_by(Conversation.epoch.desc()).limit(1)
+    return (await session.execute(stmt)).scalar()
+
+
+async def latest_answer(session: AsyncSession, *, conversation_id: int) -> Message | None:
+    """The conversation's most recent successful answer, if any."""
+    stmt = (select(Message).where(Message.conversation_id == conversation_id,
+                                  Message.role == Role.ASSISTANT,
+                                  Message.status == AnswerStatus.OK)
+            .order_by(Message.id.desc()).limit(1))
+    return (await session.execute(stmt)).scalar()
+
+
+async def set_error_kind(session: AsyncSession, *, message_id: int, error_kind: str) -> None:
+    """Note a problem found after the answer was stored (e.g. the platform refused delivery)."""
+    await session.execute(update(Message).where(Message.id == message_id)
+                          .values(error_kind=error_kind[:64]))
+    await session.commit()

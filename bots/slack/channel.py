@@ -1,0 +1,207 @@
+"""The Slack channel: slack-bolt wiring between Slack requests, the core and the Web API.
+
+Every listener runs before bolt answers Slack (`process_before_response=True`) and does
+only fast work: the inbox record (the question and its event_id, in one transaction),
+then the answer runs as a tracked background task. So the acknowledgement is sent after
+the record is durable, a retry (`X-Slack-Retry-Num`) or duplicate finds it and is
+answered once, and a crash after the acknowledgement is answered by `resume` at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from slack_bolt.adapter.fastapi.async_handler import AsyncSlackRequestHandler
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
+
+from bots.core import Accepted, ConversationCore, InboundMessage
+from bots.slack import convert, render
+from bots.slack.api import SlackApi, SlackError
+from bots.slack.convert import CHANNEL, Kind
+from bots.slack.sink import Pacing, SlackSink, Target
+from storage import repo
+from storage.repo import UnknownAnswer
+
+log = logging.getLogger(__name__)
+STOP_GRACE_S = 10.0  # in-flight answers get this long to finish at shutdown
+
+
+class SlackChannel:
+    """Slack over the Events API (`POST /slack/events`) or Socket Mode (`app_token`)."""
+
+    name = CHANNEL
+
+    def __init__(self, *, core: ConversationCore, app: AsyncApp, api: SlackApi, pacing: Pacing,
+                 app_token: str | None = None, agent_corrections: bool = False) -> None:
+        self._core, self._app, self._api, self._pacing = core, app, api, pacing
+        self._agent_corrections = agent_corrections
+        self._app_token = app_token
+        self._socket: AsyncSocketModeHandler | None = None  # made in start(), inside the loop
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.bot_user_id: str | None = None
+        self.team_id: str | None = None
+        app.event("app_mention")(self._on_event)
+        app.event("message")(self._on_event)
+        app.action(render.VOTE_UP)(self._on_vote)
+        app.action(render.VOTE_DOWN)(self._on_vote)
+        app.action(render.SUGGEST)(self._on_suggest)
+        app.view(render.CORRECTION_VIEW)(self._on_correction)
+
+    def routes(self) -> APIRouter | None:
+        if self._app_token is not None:
+            return None
+        handler, router = AsyncSlackRequestHandler(self._app), APIRouter()
+
+        @router.post("/slack/events", include_in_schema=False)
+        async def events(request: Request) -> Response:  # Events API and interactivity
+            return await handler.handle(request)
+
+        return router
+
+    async def start(self) -> None:
+        try:
+            me = await self._api.auth_test()
+            self.bot_user_id, self.team_id = me.get("user_id"), me.get("team_id")
+        except SlackError as exc:  # bolt checks again on the first request
+            log.warning("slack: auth.test failed at start-up: %s", exc.code)
+        await self._start_resume()
+        if self._app_token is not None:
+            self._socket = AsyncSocketModeHandler(self._app, self._app_token,
+                                                  web_client=self._api.client)
+            await self._socket.connect_async()
+
+    async def _start_resume(self) -> None:
+        """Answer events recorded before a crash; returns once they are listed.
+
+        Waiting for the list (not the answers) keeps start-up fast, and events accepted
+        from now on cannot be in that list, so none is answered twice.
+        """
+        listed = asyncio.Event()
+
+        async def sink_for(msg: InboundMessage) -> SlackSink:
+            listed.set()  # resume lists every pending event before it asks for a sink
+            return self._sink(msg.chat_id, msg.thread_id, msg.user_id, self.team_id)
+
+        task = self._spawn(self._core.resume(CHANNEL, sink_for))
+        task.add_done_callback(lambda _: listed.set())
+        await listed.wait()
+
+    async def stop(self) -> None:
+        if self._socket is not None:
+            await self._socket.close_async()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_S)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until no answer, notice or edit is in progress (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("slack: background task failed", exc_info=task.exception())
+
+    def _sink(self, channel: str, thread_ts: str, user: str | None,
+              team: str | None) -> SlackSink:
+        return SlackSink(self._api, Target(channel, thread_ts, user, team), self._pacing,
+                         self._spawn)
+
+    async def _on_event(self, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        found = convert.inbound(body, bot_user_id=context.bot_user_id or self.bot_user_id)
+        if found is None:
+            return
+        msg = found.message
+        if found.kind == Kind.THREAD:  # a follow-up, if the bot is part of this thread
+            async with self._core.sessions() as s:
+                conv = await repo.find_conversation(s, channel=CHANNEL, chat_id=msg.chat_id,
+                                                    thread_id=msg.thread_id)
+            if conv is None:
+                return
+            if self._agent_corrections and msg.user_id in self._core.reviewer_ids:
+                await self._agent_correction(conv, msg)
+                return
+        sink = self._sink(msg.chat_id, msg.thread_id, msg.user_id, found.team_id or self.team_id)
+        accepted = await self._core.accept(msg, sink)
+        if isinstance(accepted, Accepted):
+            self._spawn(self._answer(accepted, sink))
+
+    async def _answer(self, accepted: Accepted, sink: SlackSink) -> None:
+        result = await self._core.answer(accepted, sink)
+        if sink.error is not None and result.answer_id is not None:
+            async with self._core.sessions() as s:  # kept, not retried: Slack refused it
+                await repo.set_error_kind(s, message_id=result.answer_id,
+                                          error_kind=f"slack:{sink.error}")
+
+    async def _agent_correction(self, conversation_id: int, msg: InboundMessage) -> None:
+        """A reviewer answering in the thread after the bot: their reply corrects its answer."""
+        async with self._core.sessions() as s:
+            if await repo.record_event(s, channel=CHANNEL, event_id=msg.event_id) is None:
+                return
+            answer = await repo.latest_answer(s, conversation_id=conversation_id)
+        if answer is not None and answer.id is not None and msg.text:
+            await self._core.correct(answer_id=answer.id, voter_id=msg.user_id, text=msg.text,
+                                     source="slack_thread")
+
+    async def _on_vote(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        click = convert.click(body)
+        if click is None:
+            return
+        rating = 1 if body["actions"][0].get("action_id") == render.VOTE_UP else -1
+        try:
+            await self._core.vote(answer_id=click.answer_id, voter_id=click.user_id,
+                                  rating=rating, source=CHANNEL)
+        except UnknownAnswer:
+            log.warning("slack: vote on unknown answer %s", click.answer_id)
+            return
+        self._spawn(self._quietly(self._api.update(
+            channel=click.channel_id, ts=click.message_ts, text=click.message.get("text", ""),
+            blocks=render.revote_blocks(click.message, click.answer_id, rating))))
+
+    async def _on_suggest(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        click = convert.click(body)
+        if click is not None:
+            view = render.correction_modal(click.answer_id, click.message.get("text", ""))
+            self._spawn(self._quietly(self._api.open_view(trigger_id=click.trigger_id,
+                                                          view=view)))
+
+    async def _on_correction(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        found = convert.suggestion(body)
+        if found is None:
+            await ack()
+            return
+        if not found.text:
+            await ack(response_action="errors",
+                      errors={render.CORRECTION_BLOCK: "Please write the better answer."})
+            return
+        try:
+            await self._core.correct(answer_id=found.answer_id, voter_id=found.user_id,
+                                     text=found.text, source=CHANNEL)
+        except UnknownAnswer:
+            await ack(response_action="errors",
+                      errors={render.CORRECTION_BLOCK: "That answer no longer exists."})
+            return
+        await ack()
+
+    @staticmethod
+    async def _quietly(call: Coroutine[Any, Any, Any]) -> None:
+        try:
+            await call
+        except SlackError as exc:
+            log.warning("slack: %s failed: %s", exc.method, exc.code)

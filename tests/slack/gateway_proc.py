@@ -1,0 +1,69 @@
+"""A gateway process with the Slack channel and a scripted backend, for kill and load tests.
+
+    python -m tests.slack.gateway_proc --db URL --slack-api URL --port N [--seconds 2]
+
+It prints nothing; callers poll /healthz. Each answer takes `--seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import uvicorn
+
+from chatloop.app import build_app, build_services
+from chatloop.settings import Settings
+from tests.fakes.inference import ScriptedBackend
+
+SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
+TOKEN = "xoxb-test"
+
+
+class CharTokenizer:
+    """Counts about four characters a token; enough for prompt fitting with a scripted backend."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: Any) -> list[int]:
+        return list(range(sum(len(m["content"]) // 4 + 4 for m in messages)))
+
+
+def scripted(seconds: float = 0.0, **kw: Any) -> ScriptedBackend:
+    """A backend echoing the question; with `seconds`, a fixed 80-character answer in ten
+    deltas `seconds / 10` apart (the benchmark's "2 s per answer")."""
+    if seconds:
+        kw.update(answer=lambda r: (f"Echo: {r.messages[-1].content} " + "." * 80)[:80],
+                  chunk=8, delay=seconds / 10)
+    backend = ScriptedBackend(**kw)
+    backend.tokenizer = CharTokenizer()  # type: ignore[attr-defined]
+    return backend
+
+
+def slack_settings(db_url: str, api_base: str, **kw: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        database_url=db_url, slack_bot_token=TOKEN, slack_signing_secret=SECRET,
+        slack_api_base=api_base, slack_update_interval_s=0.02, reviewer_ids=["UREV"],
+        rate_limit_per_minute=1000, max_tokens=64)
+    values.update(kw)
+    return Settings(**values)
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--db", required=True)
+    p.add_argument("--slack-api", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--seconds", type=float, default=2.0)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--interval", type=float, default=1.0)
+    args = p.parse_args()
+    settings = slack_settings(args.db, args.slack_api, slack_update_interval_s=args.interval,
+                              max_concurrent_generations=args.concurrency)
+    services = await build_services(settings, backend=scripted(args.seconds))
+    config = uvicorn.Config(build_app(services, webchat=False), host="127.0.0.1",
+                            port=args.port, log_level="warning")
+    await uvicorn.Server(config).serve()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
