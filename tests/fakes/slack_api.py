@@ -90,12 +90,8 @@ class FakeSlack:
         return [m for m in self.messages.values()
                 if m.channel == channel and m.thread_ts == thread_ts]
 
-    def answer_text(self, channel: str, thread_ts: str) -> str:
-        """The text of the thread's messages up to the one with feedback buttons."""
-        return "".join(m.text for m in self.thread(channel, thread_ts))
-
-    async def wait_for(self, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, check: Callable[[], Any], within: float = 10.0) -> Any:
+        deadline = time.monotonic() + within
         while not (result := check()):
             if time.monotonic() > deadline:
                 raise TimeoutError("the fake Slack never saw what the test waited for")
@@ -255,7 +251,7 @@ class FakeSlack:
         return ws
 
     async def socket_send(self, kind: str, payload: dict[str, Any], *, envelope_id: str,
-                          retry_attempt: int = 0, timeout: float = 5.0) -> dict[str, Any]:
+                          retry_attempt: int = 0, within: float = 5.0) -> dict[str, Any]:
         """Send an envelope over the Socket Mode link; return the app's acknowledgement."""
         await self.wait_for(lambda: self._sockets)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -264,7 +260,7 @@ class FakeSlack:
             "envelope_id": envelope_id, "type": kind, "payload": payload,
             "accepts_response_payload": kind != "events_api", "retry_attempt": retry_attempt,
             "retry_reason": "timeout" if retry_attempt else ""})
-        return await asyncio.wait_for(future, timeout)
+        return await asyncio.wait_for(future, within)
 
 
 async def _args(request: web.Request) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Slack test harness: the fake Web API, the real gateway, and requests signed as Slack signs them."""
+"""Slack test harness: the fake Web API, the real gateway, requests signed as Slack signs them."""
 
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ class Gateway:
         await self.services.extra["slack"].idle()
 
     async def answered(self, channel: str, thread_ts: str, count: int = 1,
-                       timeout: float = 10.0) -> list[Any]:
+                       within: float = 10.0) -> list[Any]:
         """Wait until `count` answers (messages with feedback buttons) are in the thread."""
         done = await self.fake.wait_for(
             lambda: len(found := [m for m in self.fake.thread(channel, thread_ts)
-                                  if m.feedback]) >= count and found, timeout)
+                                  if m.feedback]) >= count and found, within)
         await self.idle()
         return done
 
