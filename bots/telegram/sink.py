@@ -1,0 +1,183 @@
+"""The ReplySink for Telegram: typing, a growing answer, the exact final text with 👍 / 👎.
+
+Private chats stream through `sendMessageDraft` and finish with `sendMessage`; groups get one
+message (per 4096-character part) that throttled `editMessageText` calls grow in place. A
+per-chat pacer spaces streaming calls, shared by every reply in the chat; the final text is
+always delivered (with retries), streaming previews are best effort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from aiogram.types import InlineKeyboardMarkup
+
+from bots.telegram.convert import vote_keyboard
+from bots.telegram.outbound import (
+    ChatUnreachable,
+    DeliveryError,
+    FloodWait,
+    Target,
+    TelegramApi,
+)
+from bots.telegram.render import is_plain, split_text
+
+log = logging.getLogger(__name__)
+
+
+class Pacer:
+    """The earliest time each chat may get its next streaming call."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._next: dict[int, float] = {}
+
+    def wait_time(self, chat_id: int) -> float:
+        return max(0.0, self._next.get(chat_id, 0.0) - self._clock())
+
+    def take(self, chat_id: int, interval: float) -> None:
+        now = self._clock()
+        if len(self._next) > 10_000:  # forget chats that are free again
+            self._next = {k: v for k, v in self._next.items() if v > now}
+        self._next[chat_id] = now + interval
+
+    def hold(self, chat_id: int, seconds: float) -> None:
+        """Flood control: no streaming call to this chat for `seconds`."""
+        self._next[chat_id] = max(self._next.get(chat_id, 0.0), self._clock() + seconds)
+
+
+class _Stream:
+    """Pushes the newest text, at most once per interval per chat, without blocking the model."""
+
+    def __init__(self, push: Callable[[str], Awaitable[None]], pacer: Pacer, chat_id: int,
+                 interval: float) -> None:
+        self._push, self._pacer, self._chat, self._interval = push, pacer, chat_id, interval
+        self._latest = ""
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._busy = self._closing = False
+
+    def offer(self, text: str) -> None:
+        self._latest = text
+        self._dirty.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._closing:
+            await self._dirty.wait()
+            await asyncio.sleep(self._pacer.wait_time(self._chat))
+            if self._pacer.wait_time(self._chat) > 0:
+                continue  # another reply in this chat took the slot meanwhile
+            self._dirty.clear()
+            self._pacer.take(self._chat, self._interval)
+            self._busy = True
+            try:
+                await self._push(self._latest)
+            except FloodWait as exc:
+                self._pacer.hold(self._chat, exc.retry_after)
+            except ChatUnreachable:
+                return
+            except Exception as exc:  # a preview is best effort: the final text still follows
+                log.info("streaming update to chat %s failed: %s", self._chat, exc)
+            finally:
+                self._busy = False
+
+    async def close(self) -> None:
+        """Stop streaming; a call already on the wire completes so it cannot land later."""
+        if self._task is None:
+            return
+        self._closing = True
+        if not self._busy:
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class TelegramSink:
+    """One reply in one chat (or forum topic)."""
+
+    def __init__(self, api: TelegramApi, where: Target, pacer: Pacer, *,
+                 draft_interval: float, edit_interval: float) -> None:
+        self._api, self._where = api, where
+        self._draft_id = random.randint(1, 2**31 - 1)
+        self._messages: list[int] = []  # groups: the message showing each part
+        self._shown: list[tuple[str, bool, bool]] = []  # (text, formatted, keyboard) per part
+        interval = draft_interval if where.private else edit_interval
+        self._stream = _Stream(self._preview, pacer, where.chat_id, interval)
+
+    async def begin(self) -> None:
+        try:
+            await self._api.typing(self._where)
+        except DeliveryError as exc:
+            log.info("typing action in chat %s failed: %s", self._where.chat_id, exc)
+
+    async def update(self, text: str) -> None:
+        if text.strip():
+            self._stream.offer(text)
+
+    async def finish(self, text: str, answer_id: int) -> str | None:
+        await self._stream.close()
+        parts = [p.strip() for p in split_text(text) if p.strip()]
+        keyboard = vote_keyboard(answer_id)
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                message_id = await self._show(i, part, formatted=True,
+                                              keyboard=keyboard if last else None, patient=True)
+        except DeliveryError as exc:
+            self._undelivered(f"answer {answer_id}", exc)
+            return None
+        return str(message_id)
+
+    async def fail(self, text: str) -> None:
+        await self._stream.close()
+        try:
+            if self._messages:
+                await self._api.put(self._where, text, edit=self._messages[0], formatted=False)
+            else:
+                await self._api.send_plain(self._where, text, quote=not self._where.private)
+        except DeliveryError as exc:
+            self._undelivered("an apology", exc)
+
+    async def notice(self, text: str) -> None:
+        try:
+            await self._api.send_plain(self._where, text, quote=not self._where.private)
+        except DeliveryError as exc:
+            self._undelivered("a notice", exc)
+
+    async def _preview(self, text: str) -> None:
+        parts = [p.strip() for p in split_text(text)]
+        if self._where.private:
+            if parts[-1]:
+                await self._api.draft(self._where, self._draft_id, parts[-1])
+            return
+        for i, part in enumerate(parts):
+            if part:
+                await self._show(i, part, formatted=False, keyboard=None, patient=False)
+
+    async def _show(self, i: int, text: str, *, formatted: bool,
+                    keyboard: InlineKeyboardMarkup | None, patient: bool) -> int:
+        """Put part `i` on screen, editing its message if it has one; never an unchanged edit."""
+        state = (text, formatted and not is_plain(text), keyboard is not None)
+        if i < len(self._messages) and self._shown[i] == state:
+            return self._messages[i]
+        edit = self._messages[i] if i < len(self._messages) else None
+        message_id = await self._api.put(
+            self._where, text, keyboard=keyboard, edit=edit, formatted=formatted,
+            quote=i == 0 and not self._where.private, patient=patient)
+        if edit is None:
+            self._messages.append(message_id)
+            self._shown.append(state)
+        else:
+            self._messages[i], self._shown[i] = message_id, state
+        return message_id
+
+    def _undelivered(self, what: str, exc: DeliveryError) -> None:
+        level = logging.WARNING if isinstance(exc, ChatUnreachable) else logging.ERROR
+        log.log(level, "telegram chat %s: %s not delivered: %s", self._where.chat_id, what, exc)
