@@ -112,6 +112,19 @@ class Accepted:
     key: tuple[str, str, str]  # (channel, chat_id, thread_id): turns run in order per key
 
 
+@dataclass(slots=True)
+class _Progress:
+    """One answer as it streams: what a failed turn still stores."""
+
+    started: float
+    adapter: str | None
+    text: str = ""
+    ttft_ms: float | None = None
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class CoreLimits:
     max_input_chars: int = 4000
@@ -238,9 +251,7 @@ class ConversationCore:
                                       limit=self._limits.history_messages)
         adapter = await self.router.route(turn.conversation_id)
         await sink.begin()
-        started = time.perf_counter()
-        ttft: float | None = None
-        text = ""
+        progress = _Progress(started=time.perf_counter(), adapter=adapter)
         try:
             messages = self._fitter.fit(
                 self._system_prompt,
@@ -248,22 +259,25 @@ class ConversationCore:
                 question,
             )
             async with self._generations:
-                done, text, ttft, adapter = await self._generate(messages, adapter, sink, started)
+                done = await self._generate(messages, sink, progress)
         except (InferenceError, asyncio.CancelledError) as exc:
             kind = exc.kind if isinstance(exc, InferenceError) else "cancelled"
             log.warning("turn %s failed: %s: %s", turn.question_id, kind, exc)
-            meta = repo.AnswerMeta(model=self.backend.model_name, adapter=adapter,
-                                   ttft_ms=ttft, error_kind=kind,
-                                   latency_ms=(time.perf_counter() - started) * 1000)
+            text = progress.text  # the partial answer is kept with the failed turn
+            meta = repo.AnswerMeta(model=self.backend.model_name, adapter=progress.adapter,
+                                   ttft_ms=progress.ttft_ms, error_kind=kind,
+                                   latency_ms=progress.elapsed_ms())
             answer_id = await asyncio.shield(self._store(turn, text, AnswerStatus.FAILED, meta))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             await sink.fail(APOLOGIES.get(kind, APOLOGY))
             return TurnResult(Outcome.FAILED, answer_id, text, kind)
+        text = progress.text
         meta = repo.AnswerMeta(
-            model=self.backend.model_name, adapter=adapter, prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens, ttft_ms=ttft,
-            latency_ms=(time.perf_counter() - started) * 1000, finish_reason=done.finish_reason,
+            model=self.backend.model_name, adapter=progress.adapter,
+            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+            ttft_ms=progress.ttft_ms, latency_ms=progress.elapsed_ms(),
+            finish_reason=done.finish_reason,
         )
         if not text.strip():
             meta = dataclasses.replace(meta, error_kind="empty_answer")
@@ -279,28 +293,29 @@ class ConversationCore:
         return TurnResult(Outcome.ANSWERED, answer_id, text)
 
     async def _generate(
-        self, messages: list[ChatMessage], adapter: str | None, sink: ReplySink, started: float
-    ) -> tuple[Finished, str, float | None, str | None]:
+        self, messages: list[ChatMessage], sink: ReplySink, progress: _Progress
+    ) -> Finished:
         """Stream one completion into the sink; an unknown adapter falls back to the base model."""
         request = GenerationRequest(messages=messages, max_tokens=self._limits.max_tokens,
-                                    adapter=adapter)
-        text, ttft = "", None
+                                    adapter=progress.adapter)
         try:
             # aclosing: returning on Finished must close the stream now (its connection, its
             # slot in the concurrency bound), not whenever the generator is collected
             async with contextlib.aclosing(self.backend.stream(request)) as stream:
                 async for event in stream:
                     if isinstance(event, Finished):
-                        return event, text, ttft, adapter
-                    if ttft is None:
-                        ttft = (time.perf_counter() - started) * 1000
-                    text += event.text
-                    await sink.update(text)
+                        return event
+                    if progress.ttft_ms is None:
+                        progress.ttft_ms = progress.elapsed_ms()
+                    progress.text += event.text
+                    await sink.update(progress.text)
         except AdapterNotFound:
-            if adapter is None or text:
+            if progress.adapter is None or progress.text:
                 raise
-            log.warning("adapter %s is not loaded: answering with the base model", adapter)
-            return await self._generate(messages, None, sink, started)
+            log.warning("adapter %s is not loaded: answering with the base model",
+                        progress.adapter)
+            progress.adapter = None
+            return await self._generate(messages, sink, progress)
         raise InferenceError("the stream ended without a finish event")
 
     async def _store(self, turn: repo.TurnStart, text: str, status: AnswerStatus,

@@ -111,6 +111,7 @@ async def test_backend_failure_mid_stream_stores_a_failed_turn(sessions, tokeniz
         answer = await s.get(Message, result.answer_id)
         event = (await s.execute(select(InboundEvent))).scalar_one()
     assert (answer.status, answer.error_kind, event.status) == ("failed", "unavailable", "failed")
+    assert answer.text == "Echo: hello ther" == sink.updates[-1]  # the partial answer is kept
 
 
 async def test_unknown_adapter_falls_back_to_base_model(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ def make_lora_adapter(model_dir: Path, out: Path, *, rank: int, seed: int) -> Pa
     with torch.no_grad():  # peft starts B at zero (a no-op adapter): make it change outputs
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.05)
+                param.normal_(0, 0.3)  # strong enough to change greedy text
     target = out / f"lora-r{rank}-s{seed}"
     peft_model.save_pretrained(target)
     return target

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from inference.base import ChatMessage, Finished, GenerationRequest, TextDelta
 from inference.errors import AdapterNotFound, AdapterRejected, BackendUnavailable
@@ -108,22 +109,51 @@ async def test_rank_over_server_limit_is_rejected_before_sending(
     await backend.aclose()
 
 
-async def test_server_killed_mid_stream_is_a_typed_error(
+async def test_server_killed_mid_stream_is_a_typed_error_and_a_failed_turn(
     model_dir: Path, tmp_path: Path
 ) -> None:
+    from transformers import AutoTokenizer
+
+    from bots.core import APOLOGIES, ConversationCore, CoreLimits, InboundMessage, Outcome
+    from inference.prompt import PromptFitter
+    from storage.db import make_engine, session_factory
+    from storage.migrate import upgrade_async
+    from storage.models import InboundEvent, Message
+    from tests.fakes.sinks import RecordingSink
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'kill.db'}"
+    await upgrade_async(url)
+    engine = make_engine(url)
+    sessions = session_factory(engine)
     with vllm_server(model_dir, tmp_path) as srv:
         backend = client(srv, max_retries=0)
-        got: list[str] = []
-        with pytest.raises(BackendUnavailable):
-            async for ev in backend.stream(GenerationRequest(QUESTION, max_tokens=200)):
-                if isinstance(ev, TextDelta):
-                    got.append(ev.text)
-                    if len(got) == 3:
-                        srv.kill()
-        assert len(got) >= 3
+        core = ConversationCore(
+            sessions=sessions, backend=backend, system_prompt="Be brief.", limits=CoreLimits(),
+            fitter=PromptFitter(AutoTokenizer.from_pretrained(model_dir), context_tokens=2048,
+                                max_tokens=200))
+
+        class KillingSink(RecordingSink):
+            async def update(self, text: str) -> None:
+                await super().update(text)
+                if len(self.updates) == 3:
+                    srv.kill()  # the inference server dies mid-answer
+
+        sink = KillingSink()
+        msg = InboundMessage(channel="test", event_id="e1", chat_id="c1", user_id="u1",
+                             text="Write a long story about a lighthouse.")
+        result = await core.handle(msg, sink)
+        assert result.outcome == Outcome.FAILED and result.error_kind == "unavailable"
+        assert sink.failed == APOLOGIES["unavailable"] and sink.final is None
+        async with sessions() as s:
+            answer = await s.get(Message, result.answer_id)
+            event = (await s.execute(select(InboundEvent))).scalar_one()
+        assert answer is not None and answer.status == "failed"
+        assert answer.error_kind == "unavailable" and answer.text == sink.updates[-1]
+        assert event.status == "failed"
         with pytest.raises(BackendUnavailable):  # and a request to the dead server
             await collect(backend, GenerationRequest(QUESTION, max_tokens=4))
         await backend.aclose()
+    await engine.dispose()
 
 
 async def test_unreachable_server_is_unavailable() -> None:
