@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     telegram_webhook_url: str | None = None
     telegram_webhook_secret: SecretStr | None = None
     telegram_api_base: str | None = None  # another Bot API server (self-hosted, or a test fake)
+    telegram_draft_interval_s: float = Field(default=1.0, ge=0)  # private chats: draft updates
+    telegram_edit_interval_s: float = Field(default=3.0, ge=0)  # groups: edits (~20/min/group)
+    telegram_poll_timeout_s: int = Field(default=25, ge=0, le=50)
+    telegram_drain_s: float = Field(default=20.0, ge=0)  # on shutdown: finish answers in progress
 
     # Slack (on when SLACK_BOT_TOKEN is set)
     slack_bot_token: SecretStr | None = Field(default=None, alias="SLACK_BOT_TOKEN")
