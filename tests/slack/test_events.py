@@ -150,3 +150,17 @@ async def _assert_nothing_stored(gw: Gateway) -> None:
     async with gw.services.sessions() as s:
         assert (await s.execute(select(InboundEvent))).first() is None
     assert gw.backend.requests == [] and not gw.fake.messages
+
+
+async def test_socket_mode_acknowledges_and_answers_once(launch: Launch,
+                                                         sqlite_url: str) -> None:
+    async with launch(sqlite_url, slack_app_token="xapp-test") as gw:
+        assert (await gw.event(payload("app_mention"))).status_code == 404  # no HTTP endpoint
+        body = payload("app_mention")
+        ack = await gw.fake.socket_send("events_api", body, envelope_id="env-1")
+        assert ack == {"envelope_id": "env-1"}
+        retry = await gw.fake.socket_send("events_api", body, envelope_id="env-2",
+                                          retry_attempt=1)
+        assert retry == {"envelope_id": "env-2"}
+        [answer] = await gw.answered(*thread_of(body))
+        assert answer.text == "Echo: summarize this" and len(gw.backend.requests) == 1
