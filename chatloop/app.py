@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bots.core import ConversationCore, CoreLimits, StaticRouter
+from bots.core import ConversationCore, CoreLimits, Router, StaticRouter
 from bots.gateway import Channel, create_app
 from bots.webchat import WebChat
 from chatloop.settings import Settings
+from feedback.serving import DrainingBackend, RegistryRouter, sync_adapters
 from inference.base import InferenceBackend
 from inference.errors import InferenceError
 from inference.prompt import PromptFitter
@@ -92,6 +93,12 @@ async def build_services(settings: Settings, *,
     sessions = session_factory(engine)
     fitter = PromptFitter(load_tokenizer(settings, backend), context_tokens=settings.context_tokens,
                           max_tokens=settings.max_tokens)
+    backend = DrainingBackend(backend)  # retired adapters unload only after their requests end
+    router: Router = StaticRouter(settings.adapter)
+    if settings.adapter is None:  # the learning loop's registry decides: active + canary slice
+        router = RegistryRouter(sessions, canary_percent=settings.learn_canary_percent,
+                                backend=backend)  # also re-loads adapters after restarts
+        await sync_adapters(sessions, backend)
     core = ConversationCore(
         sessions=sessions,
         backend=backend,
@@ -104,7 +111,7 @@ async def build_services(settings: Settings, *,
             rate_limit_per_minute=settings.rate_limit_per_minute,
             max_concurrent_generations=settings.max_concurrent_generations,
         ),
-        router=StaticRouter(settings.adapter),
+        router=router,
         reviewer_ids=frozenset(settings.reviewer_ids),
     )
     return Services(settings, engine, sessions, backend, core)
@@ -143,3 +150,54 @@ def build_app(services: Services, *, webchat: bool) -> FastAPI:
 
     return create_app(channels=build_channels(services, webchat=webchat), ready=ready,
                       on_shutdown=services.aclose)
+
+
+def loop_config(settings: Settings) -> Any:
+    """The learning loop's configuration (feedback.loop.LoopConfig) from the settings."""
+    from datetime import timedelta
+
+    from feedback.dataset import DatasetPolicy
+    from feedback.evaluate import GatePolicy
+    from feedback.loop import LoopConfig
+    from feedback.redaction import Redactor
+    from feedback.train import TrainJob
+
+    s = settings
+    return LoopConfig(
+        model_dir=s.model, adapters_dir=s.adapters_dir.resolve(),
+        runs_dir=s.learn_runs_dir.resolve(), adapter_prefix=s.learn_adapter_prefix,
+        dataset=DatasetPolicy(heldout_percent=s.learn_heldout_percent,
+                              min_voters=s.learn_min_voters, per_user_cap=s.learn_per_user_cap,
+                              include_liked=s.learn_include_liked,
+                              replay_fraction=s.learn_replay_fraction,
+                              context_tokens=s.context_tokens // 2,
+                              system_prompt=s.system_prompt),
+        gate=GatePolicy(golden_margin=s.learn_golden_margin),
+        redactor=Redactor(patterns=s.learn_redact_patterns,
+                          allow=frozenset(s.learn_redact_allow)),
+        train=TrainJob(model_dir=s.model, out_dir="", work_dir="", rank=s.learn_rank,
+                       alpha=2 * s.learn_rank, epochs=s.learn_epochs,
+                       learning_rate=s.learn_learning_rate, batch_size=s.learn_batch_size,
+                       max_length=s.learn_max_length,
+                       kto_min_examples=s.learn_kto_min_examples),
+        min_new_feedback=s.learn_min_feedback,
+        min_interval=timedelta(seconds=s.learn_min_interval_s),
+        incremental=s.learn_incremental,
+    )
+
+
+def schedule_config(settings: Settings) -> Any:
+    """The scheduler's configuration (feedback.scheduler.ScheduleConfig) from the settings."""
+    from datetime import timedelta
+
+    from feedback.canary import CanaryPolicy
+    from feedback.scheduler import ScheduleConfig
+
+    s = settings
+    return ScheduleConfig(
+        check_every=timedelta(seconds=s.learn_check_interval_s),
+        canary_every=timedelta(seconds=s.learn_canary_interval_s),
+        cron=s.learn_cron or None, lease_ttl=timedelta(seconds=s.learn_lease_ttl_s),
+        canary=CanaryPolicy(min_votes=s.learn_canary_min_votes,
+                            max_votes=s.learn_canary_max_votes, margin=s.learn_canary_margin),
+    )

@@ -13,12 +13,14 @@ import typer
 from pydantic import ValidationError
 
 from chatloop.settings import Settings
+from feedback.cli import register as register_learning_loop
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="chatloop: chat + feedback loop")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
 model_app = typer.Typer(no_args_is_help=True, help="The base model.")
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
+register_learning_loop(app)  # adapters, feedback export, runs, train, review, scheduler
 
 log = logging.getLogger("chatloop")
 

@@ -50,6 +50,37 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(default=32, ge=1)
     reviewer_ids: list[str] = Field(default_factory=list)
 
+    # learning loop (feedback -> dataset -> LoRA -> gate -> canary -> promotion / rollback)
+    adapters_dir: Path = Path("var/adapters")  # shared with vLLM in production
+    learn_runs_dir: Path = Path("var/runs")  # datasets, logs and TensorBoard events per run
+    learn_adapter_prefix: str = "fb"
+    learn_min_feedback: int = Field(default=50, ge=1)  # new eligible feedback before a run
+    learn_min_interval_s: float = Field(default=3600, ge=0)
+    learn_check_interval_s: float = Field(default=300, gt=0)
+    learn_cron: str | None = "0 3 * * 0"  # a periodic run (crontab); empty: none
+    learn_incremental: bool = True  # continue from the active adapter (else from the base)
+    learn_heldout_percent: int = Field(default=20, ge=0, le=100)
+    learn_min_voters: int = Field(default=2, ge=1)
+    learn_per_user_cap: int = Field(default=50, ge=1)
+    learn_include_liked: bool = True
+    learn_replay_fraction: float = Field(default=0.5, ge=0)
+    learn_redact_patterns: dict[str, str] = Field(default_factory=dict)  # NAME -> regex
+    learn_redact_allow: list[str] = Field(default_factory=list)  # strings / @domains to keep
+    learn_rank: int = Field(default=8, ge=1)
+    learn_epochs: float = Field(default=3.0, gt=0)
+    learn_learning_rate: float = Field(default=2e-4, gt=0)
+    learn_batch_size: int = Field(default=8, ge=1)
+    learn_max_length: int = Field(default=384, ge=32)
+    learn_kto_min_examples: int = Field(default=16, ge=1)
+    learn_golden_margin: float = Field(default=0.05, ge=0)
+    learn_canary_percent: float = Field(default=10.0, ge=0, le=100)
+    learn_canary_min_votes: int = Field(default=30, ge=1)
+    learn_canary_max_votes: int = Field(default=300, ge=1)
+    learn_canary_margin: float = Field(default=0.05, ge=0)
+    learn_canary_interval_s: float = Field(default=300, gt=0)
+    learn_lease_ttl_s: float = Field(default=60, gt=0)
+    learn_drain_s: float = Field(default=120, ge=0)  # before unloading a retired adapter
+
     # Telegram (on when TELEGRAM_BOT_TOKEN is set)
     telegram_bot_token: SecretStr | None = Field(default=None, alias="TELEGRAM_BOT_TOKEN")
     telegram_mode: str = "polling"  # or "webhook"

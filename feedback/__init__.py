@@ -1,1 +1,1 @@
-"""Learning from users: dataset and redaction, training, evaluation, registry and canary, scheduler."""
+"""Learning from users: dataset, redaction, training, evaluation, canary, scheduler."""

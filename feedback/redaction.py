@@ -83,7 +83,8 @@ class Redactor:
         yield lambda t: self._sub(_IPV6, t, "IP", lambda m: not _ip_ok(m))
         yield self._phones
         for name, pattern in self.patterns.items():
-            yield lambda t, rx=re.compile(pattern), n=name.upper(): self._sub(rx, t, n)
+            label = name.upper()
+            yield lambda t, rx=re.compile(pattern), n=label: self._sub(rx, t, n)
 
     def _sub(self, rx: re.Pattern[str], text: str, label: str,
              keep: Callable[[str], bool] = lambda _: False) -> str:

@@ -1,0 +1,235 @@
+"""The learning loop's commands: adapters, runs, train --now, review, feedback export, scheduler.
+
+Registered on the `chatloop` app by chatloop/cli.py; errors become one line there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: list, promote, roll back.")
+feedback_app = typer.Typer(no_args_is_help=True, help="Feedback data.")
+T = TypeVar("T")
+
+
+def _settings() -> Any:
+    from chatloop.cli import _settings as load
+
+    return load()
+
+
+def _logging() -> None:
+    from chatloop.cli import _logging as setup
+
+    setup()
+
+
+def _die(message: str) -> typer.Exit:
+    from chatloop.cli import _die as die
+
+    return die(message)
+
+
+@asynccontextmanager
+async def _db() -> AsyncIterator[tuple[Any, Any]]:
+    from storage.db import check_ready, make_engine, session_factory
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    try:
+        await check_ready(engine)
+        yield engine, session_factory(engine)
+    finally:
+        await engine.dispose()
+
+
+def _run(main: Callable[[], Awaitable[T]]) -> T:
+    from feedback.registry import RegistryError
+    from feedback.review import NotPending
+    from storage.db import DatabaseNotReady
+
+    try:
+        return asyncio.run(main())  # type: ignore[arg-type]
+    except (DatabaseNotReady, RegistryError, NotPending) as exc:
+        raise _die(str(exc)) from exc
+
+
+@adapters_app.command("list")
+def adapters_list() -> None:
+    """Every adapter version with its status, lineage and gate metrics."""
+    from feedback import registry
+
+    async def main() -> list[Any]:
+        async with _db() as (_, sessions), sessions() as s:
+            return await registry.all_versions(s)
+
+    rows = _run(main)
+    typer.echo(f"{'NAME':<14}{'STATUS':<11}{'RANK':>5}  {'PARENT':<14}{'RUN':>5}  "
+               f"{'HELDOUT LOSS':<18}CREATED")
+    for v in rows:
+        m = v.metrics or {}
+        loss = (f"{m['parent']['heldout_loss']:.3f}->{m['candidate']['heldout_loss']:.3f}"
+                if m.get("candidate", {}).get("heldout_loss") is not None else "-")
+        typer.echo(f"{v.name:<14}{v.status:<11}{v.rank:>5}  {v.parent_name or '-':<14}"
+                   f"{v.run_id or '-':>5}  {loss:<18}{v.created_at:%Y-%m-%d %H:%M}")
+
+
+@adapters_app.command("promote")
+def adapters_promote(name: str) -> None:
+    """Make NAME the active adapter (the current one is retired)."""
+    from feedback import registry
+
+    async def main() -> None:
+        async with _db() as (_, sessions), sessions() as s:
+            await registry.promote(s, name=name)
+
+    _run(main)
+    typer.echo(f"{name} is now active (gateways pick it up within seconds)")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback() -> None:
+    """Reject the canary, or retire the active adapter and restore its parent."""
+    from feedback import registry
+
+    async def main() -> tuple[str, str | None]:
+        async with _db() as (_, sessions), sessions() as s:
+            return await registry.rollback(s)
+
+    removed, active = _run(main)
+    typer.echo(f"rolled back {removed}; active: {active or 'base model'}")
+
+
+def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None:
+    """Recent training runs: status, trigger, adapter, metrics, log path."""
+    from feedback import registry
+
+    async def main() -> list[Any]:
+        async with _db() as (_, sessions), sessions() as s:
+            return await registry.runs(s, limit=limit)
+
+    for r in _run(main):
+        m = r.metrics or {}
+        cand, parent = m.get("candidate", {}), m.get("parent", {})
+        metrics = (f"heldout {parent.get('heldout_loss') or 0:.3f}->"
+                   f"{cand.get('heldout_loss') or 0:.3f} golden "
+                   f"{parent.get('golden_loss') or 0:.3f}->{cand.get('golden_loss') or 0:.3f}"
+                   if cand else "-")
+        typer.echo(f"#{r.id} {r.status:<9} {r.trigger:<9} {r.adapter_name or '-':<10} "
+                   f"{r.started_at:%Y-%m-%d %H:%M} {metrics}  log={r.log_path or '-'}"
+                   + (f"\n    {r.error}" if r.error else ""))
+
+
+def train(now: Annotated[bool, typer.Option("--now", help="run one cycle now")] = False) -> None:
+    """Run one learning-loop cycle by hand (the scheduler's code path)."""
+    from chatloop.app import loop_config, make_backend
+    from feedback.loop import run_cycle
+
+    if not now:
+        raise _die("the scheduler starts runs; pass --now to run one cycle by hand")
+    _logging()
+    settings = _settings()
+
+    async def main() -> Any:
+        async with _db() as (_, sessions):
+            backend = make_backend(settings)
+            try:
+                return await run_cycle(sessions, backend, loop_config(settings), trigger="manual")
+            finally:
+                await backend.aclose()
+
+    result = _run(main)
+    typer.echo(f"run #{result.run_id}: {result.status} {result.adapter or ''}")
+    for reason in result.reasons:
+        typer.echo(f"  {reason}")
+    if result.status == "failed":
+        raise typer.Exit(1)
+
+
+def review(
+    approve: Annotated[list[int] | None, typer.Option(help="approve this correction id")] = None,
+    reject: Annotated[list[int] | None, typer.Option(help="reject this correction id")] = None,
+) -> None:
+    """List corrections awaiting review, or approve / reject them by id."""
+    from feedback import review as queue
+
+    async def main() -> list[Any]:
+        async with _db() as (_, sessions), sessions() as s:
+            for fid in approve or []:
+                await queue.decide(s, feedback_id=fid, approve=True)
+            for fid in reject or []:
+                await queue.decide(s, feedback_id=fid, approve=False)
+            return await queue.pending(s)
+
+    pending = _run(main)
+    if approve or reject:
+        typer.echo(f"decided {len(approve or []) + len(reject or [])}; {len(pending)} pending")
+        return
+    for p in pending:
+        typer.echo(f"#{p.feedback_id} by {p.voter_id}\n  Q: {p.question}\n  A: {p.answer}\n"
+                   f"  suggested: {p.correction}")
+    typer.echo(f"{len(pending)} pending")
+
+
+@feedback_app.command("export")
+def export(out: Annotated[Path, typer.Option(help="JSONL file to write")] = Path("dataset.jsonl"),
+           since: Annotated[int, typer.Option(help="feedback id watermark")] = 0) -> None:
+    """Write the (redacted) dataset the next run would build, as JSONL."""
+    from chatloop.app import loop_config
+    from feedback.dataset import build_dataset, write_jsonl
+
+    cfg = loop_config(_settings())
+
+    async def main() -> Any:
+        async with _db() as (_, sessions), sessions() as s:
+            return await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor, since=since)
+
+    ds = _run(main)
+    write_jsonl(ds.rows(), out)
+    typer.echo(f"wrote {len(ds.rows())} rows to {out} (dataset {ds.hash[:12]}): "
+               + json.dumps(ds.report))
+
+
+def scheduler() -> None:
+    """Run the learning-loop scheduler (one leader cluster-wide; others stand by)."""
+    from chatloop.app import loop_config, make_backend, schedule_config
+    from feedback.scheduler import LearningScheduler
+
+    _logging()
+    settings = _settings()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with _db() as (engine, sessions):
+            backend = make_backend(settings)
+            sched = LearningScheduler(engine=engine, sessions=sessions, backend=backend,
+                                      loop=loop_config(settings),
+                                      schedule=schedule_config(settings),
+                                      database_url=settings.database_url)
+            try:
+                await sched.run(stop)
+            finally:
+                await backend.aclose()
+
+    _run(main)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the learning loop's commands to the `chatloop` app."""
+    app.add_typer(adapters_app, name="adapters")
+    app.add_typer(feedback_app, name="feedback")
+    app.command()(runs)
+    app.command()(train)
+    app.command()(review)
+    app.command()(scheduler)

@@ -1,0 +1,1 @@
+"""Shipped data: the synthetic company set and the golden regression set."""

@@ -1,0 +1,122 @@
+"""The evaluation gate: a candidate adapter must beat the serving one and not regress.
+
+The metrics (computed with peft in the training process) are losses on the
+completion tokens of held-out corrections and of the shipped golden regression
+set, and preference accuracy (mean log-prob of the correction above the answer
+it replaced). `gate` decides from the stored report alone; `parity` compares the
+inference backend's greedy output with peft's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    min_heldout: int = 1  # no held-out evidence, no promotion
+    min_improvement: float = 0.0  # relative held-out loss improvement required (> this)
+    golden_margin: float = 0.05  # golden-set loss may rise by at most 5 %
+    pref_tolerance: float = 0.0  # preference accuracy may drop by at most this
+    parity_min: float = 0.9  # mean prefix agreement between backend and peft outputs
+
+
+def golden_set() -> list[dict[str, str]]:
+    text = resources.files("feedback.data").joinpath("golden.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def gate(report: dict[str, Any], policy: GatePolicy) -> list[str]:
+    """The reasons to reject the candidate described by `report`; empty means it passes."""
+    cand, base = report["candidate"], report["parent"]
+    reasons = []
+    if report["heldout_examples"] < policy.min_heldout:
+        reasons.append(f"only {report['heldout_examples']} held-out examples "
+                       f"(need {policy.min_heldout})")
+    elif not cand["heldout_loss"] < base["heldout_loss"] * (1 - policy.min_improvement):
+        reasons.append(f"held-out loss {cand['heldout_loss']:.4f} does not beat "
+                       f"{base['heldout_loss']:.4f}")
+    if cand["golden_loss"] > base["golden_loss"] * (1 + policy.golden_margin):
+        reasons.append(f"golden-set loss rose from {base['golden_loss']:.4f} to "
+                       f"{cand['golden_loss']:.4f} (margin {policy.golden_margin:.0%})")
+    if cand.get("pref_accuracy") is not None and base.get("pref_accuracy") is not None:
+        if cand["pref_accuracy"] < base["pref_accuracy"] - policy.pref_tolerance:
+            reasons.append(f"preference accuracy fell from {base['pref_accuracy']:.3f} to "
+                           f"{cand['pref_accuracy']:.3f}")
+    return reasons
+
+
+def prefix_agreement(a: str, b: str) -> float:
+    """How much of two greedy outputs agree, from the start (1.0 = identical)."""
+    a, b = a.strip(), b.strip()
+    if not a and not b:
+        return 1.0
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n / max(len(a), len(b))
+
+
+def parity(backend_outputs: Sequence[str], peft_outputs: Sequence[str]) -> float:
+    scores = [prefix_agreement(a, b) for a, b in zip(backend_outputs, peft_outputs, strict=True)]
+    return sum(scores) / len(scores) if scores else 1.0
+
+
+# ---- metrics with a loaded model (training process only: imports torch) ----
+
+def completion_logps(model: Any, tokenizer: Any, prompt: list[dict[str, str]],
+                     completion: str) -> tuple[float, int]:
+    """Sum of log-probs of the completion tokens (as the chat template renders them) and count."""
+    import torch
+
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+    full_ids = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": completion}], tokenize=True,
+        return_dict=True)["input_ids"]
+    ids = torch.tensor([full_ids])
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1)
+    targets = ids[0, 1:]
+    token_logps = logps.gather(1, targets[:, None])[:, 0][len(prompt_ids) - 1:]
+    return float(token_logps.sum()), int(token_logps.numel())
+
+
+def mean_loss(model: Any, tokenizer: Any, items: Sequence[tuple[list[dict[str, str]], str]]
+              ) -> float | None:
+    """Token-weighted mean NLL of completions given prompts; None for no items."""
+    total, count = 0.0, 0
+    for prompt, completion in items:
+        lp, n = completion_logps(model, tokenizer, prompt, completion)
+        total, count = total - lp, count + n
+    return total / count if count else None
+
+
+def pref_accuracy(model: Any, tokenizer: Any,
+                  pairs: Sequence[tuple[list[dict[str, str]], str, str]]) -> float | None:
+    """Share of (prompt, chosen, rejected) where chosen has the higher mean token log-prob."""
+    wins = 0
+    for prompt, chosen, rejected in pairs:
+        c, nc = completion_logps(model, tokenizer, prompt, chosen)
+        r, nr = completion_logps(model, tokenizer, prompt, rejected)
+        wins += c / max(nc, 1) > r / max(nr, 1)
+    return wins / len(pairs) if pairs else None
+
+
+def greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_tokens: int) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_tokens, do_sample=False, top_p=None, top_k=None,
+                             temperature=None, pad_token_id=tokenizer.eos_token_id)
+    return str(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))

@@ -1,0 +1,311 @@
+"""One cycle of the learning loop: dataset -> training process -> gate -> parity -> canary.
+
+The scheduler and `chatloop train --now` both call `run_cycle`. A cycle holds
+the run lease (the one `running` training-run row the database allows) and
+heartbeats it; training runs in a child process; only a candidate that passes
+the gate and the parity check is registered, in the same transaction that
+closes the run, so a crash at any point leaves the registry and serving as
+they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from feedback import registry
+from feedback.dataset import Dataset, DatasetPolicy, build_dataset, read_examples, write_jsonl
+from feedback.evaluate import GatePolicy, gate, parity
+from feedback.redaction import Redactor
+from feedback.train import TrainJob
+from inference.adapters import adapter_rank
+from inference.base import ChatMessage, GenerationRequest, InferenceBackend, TextDelta
+from inference.errors import InferenceError
+from storage.models import Feedback, ReviewStatus, RunStatus, TrainingRun, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARITY_PROMPTS = ["What are your opening hours?", "How do I return an item?"]
+
+
+@dataclass
+class LoopConfig:
+    """Everything a cycle needs; built by the composition root from the settings."""
+
+    model_dir: str
+    adapters_dir: Path
+    runs_dir: Path
+    adapter_prefix: str = "fb"
+    dataset: DatasetPolicy = field(default_factory=DatasetPolicy)
+    gate: GatePolicy = field(default_factory=GatePolicy)
+    redactor: Redactor = field(default_factory=Redactor)
+    train: TrainJob | None = None  # hyper-parameters template (paths are filled per run)
+    min_new_feedback: int = 50
+    min_interval: timedelta = timedelta(hours=1)
+    incremental: bool = True  # continue from the active adapter
+    heartbeat_s: float = 15.0
+    stale_after: timedelta = timedelta(minutes=5)
+    parity_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PARITY_PROMPTS))
+    train_command: list[str] = field(default_factory=lambda: [sys.executable, "-m",
+                                                              "feedback.train"])
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    run_id: int | None
+    status: str  # a RunStatus, or "busy" when another run holds the lease
+    adapter: str | None = None
+    reasons: tuple[str, ...] = ()
+    metrics: dict[str, Any] | None = None
+
+
+class TrainingFailed(RuntimeError):
+    """The training process exited without writing an adapter."""
+
+
+async def eligible_feedback(session: AsyncSession, *, since: int) -> int:
+    """Votes and approved corrections newer than the watermark (the threshold's count)."""
+    stmt = select(func.count()).select_from(Feedback).where(
+        Feedback.id > since,
+        or_(Feedback.rating.is_not(None), Feedback.review_status == ReviewStatus.APPROVED))
+    return int((await session.execute(stmt)).scalar() or 0)
+
+
+async def watermarks(session: AsyncSession) -> tuple[int, int]:
+    """(watermark of the newest succeeded run, of the newest finished run of any outcome)."""
+    async def top(*statuses: str) -> int:
+        stmt = select(func.max(TrainingRun.feedback_watermark)).where(
+            TrainingRun.status.in_(statuses))
+        return int((await session.execute(stmt)).scalar() or 0)
+
+    return (await top(RunStatus.SUCCEEDED),
+            await top(RunStatus.SUCCEEDED, RunStatus.REJECTED, RunStatus.SKIPPED))
+
+
+async def should_train(sessions: async_sessionmaker[AsyncSession], cfg: LoopConfig
+                       ) -> tuple[bool, str]:
+    """The threshold job's test: enough new eligible feedback, spaced by the minimum interval."""
+    async with sessions() as s:
+        _, seen = await watermarks(s)
+        new = await eligible_feedback(s, since=seen)
+        last = (await s.execute(select(func.max(TrainingRun.started_at)))).scalar()
+        state = await registry.serving(s)
+    if state.canary is not None:
+        return False, f"canary {state.canary.name} is still being evaluated"
+    if new < cfg.min_new_feedback:
+        return False, f"{new} new eligible feedback (threshold {cfg.min_new_feedback})"
+    if last is not None:
+        last = last if last.tzinfo else last.replace(tzinfo=utcnow().tzinfo)
+        if utcnow() - last < cfg.min_interval:
+            return False, f"last run started {utcnow() - last} ago (minimum {cfg.min_interval})"
+    return True, f"{new} new eligible feedback"
+
+
+async def start_run(sessions: async_sessionmaker[AsyncSession], *, trigger: str,
+                    stale_after: timedelta) -> int | None:
+    """Take the run lease: a new `running` row, or None while another live run holds it."""
+    async with sessions() as s:
+        now = utcnow()
+        await s.execute(update(TrainingRun)
+                        .where(TrainingRun.status == RunStatus.RUNNING,
+                               TrainingRun.heartbeat_at < now - stale_after)
+                        .values(status=RunStatus.FAILED, finished_at=now,
+                                error="interrupted: the run stopped heartbeating"))
+        run = TrainingRun(status=RunStatus.RUNNING, trigger=trigger, heartbeat_at=now)
+        s.add(run)
+        try:
+            await s.commit()
+        except IntegrityError:
+            await s.rollback()
+            return None
+        return run.id
+
+
+async def _finish(sessions: async_sessionmaker[AsyncSession], run_id: int, status: RunStatus,
+                  *, extra: Sequence[Any] = (), **values: Any) -> None:
+    async with sessions() as s:
+        for row in extra:
+            s.add(row)
+        await s.execute(update(TrainingRun).where(TrainingRun.id == run_id)
+                        .values(status=status, finished_at=utcnow(), **values))
+        await s.commit()
+
+
+async def _heartbeat(sessions: async_sessionmaker[AsyncSession], run_id: int,
+                     every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        async with sessions() as s:
+            await s.execute(update(TrainingRun).where(TrainingRun.id == run_id)
+                            .values(heartbeat_at=utcnow()))
+            await s.commit()
+
+
+async def run_cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
+                    cfg: LoopConfig, *, trigger: str) -> CycleResult:
+    """Run one cycle (see the module docstring); never raises for a failed run."""
+    run_id = await start_run(sessions, trigger=trigger, stale_after=cfg.stale_after)
+    if run_id is None:
+        log.info("a training run is already active: %s trigger ignored", trigger)
+        return CycleResult(None, "busy")
+    beat = asyncio.create_task(_heartbeat(sessions, run_id, cfg.heartbeat_s))
+    try:
+        return await _cycle(sessions, backend, cfg, run_id)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("training run %s failed", run_id)
+        await asyncio.shield(_abandon(sessions, backend, cfg, run_id, error))
+        if not isinstance(exc, Exception):
+            raise
+        return CycleResult(run_id, RunStatus.FAILED, reasons=(error,))
+    finally:
+        beat.cancel()
+        _cleanup_partial(cfg.adapters_dir)
+
+
+async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
+                 cfg: LoopConfig, run_id: int) -> CycleResult:
+    async with sessions() as s:
+        state = await registry.serving(s)
+        since, _ = await watermarks(s)
+        done = await registry.runs(s, limit=1000)
+    if state.canary is not None:
+        why = f"canary {state.canary.name} is still being evaluated"
+        await _finish(sessions, run_id, RunStatus.SKIPPED, error=why)
+        return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
+    parent = state.active if cfg.incremental else None
+    pool = [e for r in done if r.status == RunStatus.SUCCEEDED
+            for e in read_examples(cfg.runs_dir / f"run-{r.id}" / "sft.jsonl")]
+    async with sessions() as s:
+        ds = await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor,
+                                 since=since if parent else 0, replay_pool=pool)
+    template = cfg.train or TrainJob(model_dir=cfg.model_dir, out_dir="", work_dir="")
+    if not ds.sft and len(ds.kto) < template.kto_min_examples:
+        why = "no training data in the new feedback"
+        await _finish(sessions, run_id, RunStatus.SKIPPED, error=why, dataset_hash=ds.hash,
+                      feedback_watermark=ds.watermark, metrics={"dataset": ds.report})
+        return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
+    name = registry.adapter_name(cfg.adapter_prefix, run_id)
+    work = cfg.runs_dir / f"run-{run_id}"
+    job = _write_job(ds, template, cfg, work, name, parent.path if parent else None)
+    log_path = work / "train.log"
+    async with sessions() as s:
+        await s.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
+            dataset_hash=ds.hash, feedback_watermark=ds.watermark, adapter_name=name,
+            log_path=str(log_path)))
+        await s.commit()
+    report = await _train(cfg, job, log_path)
+    report["dataset"] = ds.report
+    reasons = gate(report, cfg.gate)
+    if not reasons:
+        reasons = await _parity(backend, name, job, report, cfg.gate.parity_min)
+    if reasons:
+        shutil.move(job.out_dir, work / "rejected-adapter")
+        await _finish(sessions, run_id, RunStatus.REJECTED, metrics=report,
+                      error="; ".join(reasons))
+        return CycleResult(run_id, RunStatus.REJECTED, name, tuple(reasons), report)
+    version = registry.new_version(
+        name=name, path=job.out_dir, rank=adapter_rank(job.out_dir),
+        parent_name=parent.name if parent else None, run_id=run_id,
+        feedback_watermark=ds.watermark, dataset_hash=ds.hash, metrics=report)
+    await _finish(sessions, run_id, RunStatus.SUCCEEDED, extra=[version], metrics=report)
+    log.info("run %s registered %s as the canary", run_id, name)
+    return CycleResult(run_id, RunStatus.SUCCEEDED, name, (), report)
+
+
+def _write_job(ds: Dataset, template: TrainJob, cfg: LoopConfig, work: Path, name: str,
+               parent_path: str | None) -> TrainJob:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg.adapters_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl([asdict(e) for e in ds.sft], work / "sft.jsonl")
+    write_jsonl([asdict(e) for e in ds.kto], work / "kto.jsonl")
+    write_jsonl([asdict(e) for e in ds.heldout], work / "heldout.jsonl")
+    job = replace(template, model_dir=cfg.model_dir, out_dir=str(cfg.adapters_dir / name),
+                  work_dir=str(work), parent_path=parent_path,
+                  system_prompt=cfg.dataset.system_prompt, parity_prompts=cfg.parity_prompts)
+    job.save(work / "job.json")
+    return job
+
+
+async def _train(cfg: LoopConfig, job: TrainJob, log_path: Path) -> dict[str, Any]:
+    """Run the training process; on cancellation it is killed, never left behind."""
+    with log_path.open("ab") as logf:
+        proc = await asyncio.create_subprocess_exec(
+            *cfg.train_command, str(Path(job.work_dir) / "job.json"),
+            stdout=logf, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        try:
+            code = await proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            raise
+    report_path = Path(job.out_dir) / "report.json"
+    if code != 0 or not report_path.exists():
+        tail = await asyncio.to_thread(log_path.read_text, errors="replace")
+        tail = tail[-800:]
+        raise TrainingFailed(f"training process exited with {code}: ...{tail}")
+    return dict(json.loads(report_path.read_text()))
+
+
+async def _parity(backend: InferenceBackend, name: str, job: TrainJob, report: dict[str, Any],
+                  minimum: float) -> list[str]:
+    """Load the candidate into the serving backend; its greedy output must match peft's."""
+    await backend.load_adapter(name, job.out_dir)
+    outputs = []
+    try:
+        system = [ChatMessage("system", job.system_prompt)] if job.system_prompt else []
+        for prompt in job.parity_prompts:
+            request = GenerationRequest([*system, ChatMessage("user", prompt)],
+                                        max_tokens=job.parity_max_tokens, adapter=name,
+                                        temperature=0.0)
+            outputs.append("".join([e.text async for e in backend.stream(request)
+                                    if isinstance(e, TextDelta)]))
+    except InferenceError as exc:
+        await _unload_quietly(backend, name)
+        return [f"the backend could not serve the candidate: {exc}"]
+    score = parity(outputs, report["parity_outputs"])
+    report["parity"] = {"score": score, "backend_outputs": outputs}
+    if score < minimum:
+        await _unload_quietly(backend, name)
+        return [f"backend output differs from peft (parity {score:.2f} < {minimum:.2f})"]
+    return []
+
+
+async def _unload_quietly(backend: InferenceBackend, name: str) -> None:
+    with contextlib.suppress(InferenceError):
+        await backend.unload_adapter(name)
+
+
+async def _abandon(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
+                   cfg: LoopConfig, run_id: int, error: str) -> None:
+    """Close a failed run; an adapter it wrote but never registered is unloaded and removed."""
+    await _finish(sessions, run_id, RunStatus.FAILED, error=error[:2000])
+    name = registry.adapter_name(cfg.adapter_prefix, run_id)
+    async with sessions() as s:
+        registered = await registry.get(s, name) is not None
+    if not registered:
+        if name in await backend.list_adapters():
+            await _unload_quietly(backend, name)
+        shutil.rmtree(cfg.adapters_dir / name, ignore_errors=True)
+
+
+def _cleanup_partial(adapters_dir: Path) -> None:
+    """Remove temporary directories a killed training process left behind."""
+    if adapters_dir.exists():
+        for tmp in adapters_dir.glob(".*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,256 @@
+"""The learning-loop scheduler: APScheduler 3 jobs, run only by the elected leader.
+
+Exactly one scheduler leads across processes and replicas: on PostgreSQL it
+holds a session-level advisory lock on a dedicated connection (released by the
+server if the process dies); on SQLite it holds an expiring lease row. Only the
+leader starts APScheduler, whose jobs (threshold check, periodic cron run,
+canary evaluation) live in a shared SQLAlchemy job store with stable ids, so
+job state survives restarts; misfires are coalesced within a grace time.
+Whatever triggers a cycle, the run lease lets only one run at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import delete, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from feedback.canary import CanaryPolicy, evaluate_canary
+from feedback.loop import LoopConfig, run_cycle, should_train
+from feedback.serving import sync_adapters
+from inference.base import InferenceBackend
+from storage.models import Lease, utcnow
+
+log = logging.getLogger(__name__)
+
+LEADER_LEASE = "learning-loop-scheduler"
+ADVISORY_KEY = 0x636C_6F6F_7001  # "cloop" + 1: one lock id for the whole cluster
+
+
+class Leadership(Protocol):
+    async def acquire(self) -> bool:
+        """Become (or stay) the leader; False while another process leads."""
+
+    async def release(self) -> None: ...
+
+
+class LeaseLeadership:
+    """An expiring lease row, renewed by the holder; works on SQLite and PostgreSQL."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, holder: str,
+                 ttl: timedelta) -> None:
+        self._sessions, self.holder, self._ttl = sessions, holder, ttl
+
+    async def acquire(self) -> bool:
+        now = utcnow()
+        async with self._sessions() as s:
+            insert = (postgresql.insert if s.get_bind().dialect.name == "postgresql"
+                      else sqlite.insert)
+            stmt = insert(Lease).values(name=LEADER_LEASE, holder=self.holder,
+                                        expires_at=now + self._ttl)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["name"],
+                set_={"holder": self.holder, "expires_at": now + self._ttl},
+                where=(Lease.holder == self.holder) | (Lease.expires_at < now))
+            await s.execute(stmt)
+            await s.commit()
+            held = await s.get(Lease, LEADER_LEASE, populate_existing=True)
+        return held is not None and held.holder == self.holder
+
+    async def release(self) -> None:
+        async with self._sessions() as s:
+            await s.execute(delete(Lease).where(Lease.name == LEADER_LEASE,
+                                                Lease.holder == self.holder))
+            await s.commit()
+
+
+class AdvisoryLeadership:
+    """A PostgreSQL session-level advisory lock held on its own connection."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def acquire(self) -> bool:
+        if self._conn is not None:
+            try:  # still ours while the connection lives
+                await self._conn.execute(text("SELECT 1"))
+                return True
+            except Exception:  # the connection died: so did the lock
+                await self.release()
+        conn = await self._engine.connect()
+        got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
+                                  {"k": ADVISORY_KEY})).scalar()
+        await conn.commit()
+        if got:
+            self._conn = conn
+            return True
+        await conn.close()
+        return False
+
+    async def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_KEY})
+                await conn.commit()
+            except Exception:
+                pass
+            await conn.close()
+
+
+def leadership_for(engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], *,
+                   holder: str, ttl: timedelta) -> Leadership:
+    if engine.dialect.name == "postgresql":
+        return AdvisoryLeadership(engine)
+    return LeaseLeadership(sessions, holder=holder, ttl=ttl)
+
+
+def sync_url(url: str) -> str:
+    """The job store's (synchronous) driver for the app's database URL."""
+    u = make_url(url)
+    if u.drivername.startswith("sqlite"):
+        u = u.set(drivername="sqlite")
+    elif u.drivername.startswith("postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    check_every: timedelta = timedelta(minutes=5)
+    canary_every: timedelta = timedelta(minutes=5)
+    cron: str | None = "0 3 * * 0"  # a periodic run (crontab syntax); None: no cron job
+    misfire_grace: timedelta = timedelta(minutes=30)
+    lease_ttl: timedelta = timedelta(seconds=60)
+    canary: CanaryPolicy = CanaryPolicy()
+
+
+# APScheduler's persistent store pickles a job's function by reference and its kwargs by
+# value: jobs are module functions that find their live scheduler through this table.
+_LIVE: dict[str, LearningScheduler] = {}
+
+
+async def threshold_job(key: str) -> None:
+    sched = _LIVE.get(key)
+    if sched is not None:
+        await sched.check()
+
+
+async def cron_job(key: str) -> None:
+    sched = _LIVE.get(key)
+    if sched is not None:
+        await sched.cycle("cron")
+
+
+async def canary_job(key: str) -> None:
+    sched = _LIVE.get(key)
+    if sched is not None:
+        await sched.canary()
+
+
+class LearningScheduler:
+    """Elects a leader and, while leading, runs the learning-loop jobs."""
+
+    def __init__(self, *, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession],
+                 backend: InferenceBackend, loop: LoopConfig, schedule: ScheduleConfig,
+                 database_url: str, key: str | None = None) -> None:
+        self.sessions, self.backend = sessions, backend
+        self.loop_cfg, self.schedule = loop, schedule
+        self.key = key or "default"
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.leadership = leadership_for(engine, sessions, holder=holder, ttl=schedule.lease_ttl)
+        self._url = sync_url(database_url)
+        self._aps: AsyncIOScheduler | None = None
+        self.results: list[Any] = []  # what this scheduler's jobs did (for status and tests)
+
+    @property
+    def leading(self) -> bool:
+        return self._aps is not None
+
+    async def tick(self) -> bool:
+        """Acquire or renew leadership; start or stop the jobs to match. Returns leading."""
+        try:
+            lead = await self.leadership.acquire()
+        except Exception as exc:  # the database is away: stop leading until it is back
+            log.warning("leadership check failed: %s", exc)
+            lead = False
+        if lead and self._aps is None:
+            self._start_jobs()
+        elif not lead and self._aps is not None:
+            self._stop_jobs()
+        return lead
+
+    def _start_jobs(self) -> None:
+        _LIVE[self.key] = self
+        grace = int(self.schedule.misfire_grace.total_seconds())
+        aps = AsyncIOScheduler(
+            jobstores={"default": SQLAlchemyJobStore(url=self._url)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": grace})
+        kw = {"kwargs": {"key": self.key}, "replace_existing": True}
+        aps.add_job(threshold_job, "interval", id="learn-threshold",
+                    seconds=self.schedule.check_every.total_seconds(), **kw)
+        aps.add_job(canary_job, "interval", id="learn-canary",
+                    seconds=self.schedule.canary_every.total_seconds(), **kw)
+        if self.schedule.cron:
+            aps.add_job(cron_job, CronTrigger.from_crontab(self.schedule.cron), id="learn-cron",
+                        **kw)
+        aps.start()
+        self._aps = aps
+        log.info("leading the learning loop scheduler (%s)", self.key)
+
+    def _stop_jobs(self) -> None:
+        if self._aps is not None:
+            self._aps.shutdown(wait=False)
+            self._aps = None
+            log.warning("lost the learning loop leadership: jobs stopped")
+
+    async def check(self) -> None:
+        ok, why = await should_train(self.sessions, self.loop_cfg)
+        log.info("threshold check: %s", why)
+        if ok:
+            await self.cycle("threshold")
+
+    async def cycle(self, trigger: str) -> None:
+        result = await run_cycle(self.sessions, self.backend, self.loop_cfg, trigger=trigger)
+        self.results.append(result)
+        log.info("cycle (%s): %s %s %s", trigger, result.status, result.adapter or "",
+                 "; ".join(result.reasons))
+
+    async def canary(self) -> None:
+        outcome = await evaluate_canary(self.sessions, self.schedule.canary)
+        self.results.append(outcome)
+        await sync_adapters(self.sessions, self.backend)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set: renew leadership every third of the lease TTL."""
+        every = self.schedule.lease_ttl.total_seconds() / 3
+        try:
+            while not stop.is_set():
+                await self.tick()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=every)
+                except TimeoutError:
+                    pass
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        self._stop_jobs()
+        _LIVE.pop(self.key, None)
+        await self.leadership.release()
+
