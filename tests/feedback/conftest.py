@@ -1,0 +1,60 @@
+"""Learning-loop fixtures: a conversation core on real storage, feedback written through it."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from bots.core import ConversationCore, CoreLimits, InboundMessage, Router
+from feedback.dataset import DatasetPolicy
+from feedback.loop import LoopConfig
+from inference.prompt import PromptFitter
+from tests.fakes.inference import ScriptedBackend
+from tests.fakes.sinks import RecordingSink
+
+REVIEWER = "reviewer-1"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def make_core(sessions, tokenizer, backend=None, router: Router | None = None):  # type: ignore[no-untyped-def]
+    return ConversationCore(
+        sessions=sessions, backend=backend or ScriptedBackend(answer=lambda r: "I don't know."),
+        fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=64),
+        system_prompt="Be brief.", limits=CoreLimits(max_tokens=64, rate_limit_per_minute=10_000),
+        router=router, reviewer_ids=frozenset({REVIEWER}))
+
+
+@dataclass
+class Asker:
+    """Simulated users: each `ask` is a new conversation (its own chat) unless `chat` is given."""
+
+    core: ConversationCore
+    n: int = 0
+
+    async def ask(self, question: str, *, chat: str | None = None, user: str = "u1") -> int:
+        self.n += 1
+        msg = InboundMessage(channel="test", event_id=f"e{self.n}", chat_id=chat or f"c{self.n}",
+                             user_id=user, text=question)
+        result = await self.core.handle(msg, RecordingSink())
+        assert result.answer_id is not None
+        return result.answer_id
+
+
+def loop_config(tmp_path: Path, model_dir: Path, *, fake: str | None = None,
+                **overrides) -> LoopConfig:  # type: ignore[no-untyped-def]
+    """A LoopConfig under tmp_path; `fake` = "MODE SECONDS" uses tests/feedback/fake_trainer."""
+    cfg = LoopConfig(model_dir=str(model_dir), adapters_dir=tmp_path / "adapters",
+                     runs_dir=tmp_path / "runs", min_new_feedback=1,
+                     dataset=DatasetPolicy(heldout_percent=50, system_prompt="Be brief."),
+                     heartbeat_s=0.5, **overrides)
+    if fake:
+        cfg.train_command = [sys.executable, "-m", "tests.feedback.fake_trainer", *fake.split()]
+    return cfg

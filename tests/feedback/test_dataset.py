@@ -1,0 +1,203 @@
+"""Dataset building from feedback written through the conversation core (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import timedelta
+
+from sqlalchemy import update
+
+from feedback import review
+from feedback.dataset import (
+    DatasetPolicy,
+    Example,
+    build_dataset,
+    heldout_conversation,
+    replay_sample,
+)
+from feedback.redaction import Redactor
+from storage.models import Feedback, Message, utcnow
+from tests.conftest import ROOT
+from tests.feedback.conftest import REVIEWER, Asker, make_core
+
+POLICY = DatasetPolicy(heldout_percent=0, system_prompt="Be brief.")
+REDACT = Redactor()
+
+
+async def build(sessions, policy=POLICY, **kw):  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        return await build_dataset(s, policy=policy, redactor=REDACT, **kw)
+
+
+async def test_trusted_correction_is_sft_data_and_untrusted_waits_for_review(
+        sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    a1 = await users.ask("How long do I have to return something?")
+    a2 = await users.ask("Do you price match?")
+    await core.correct(answer_id=a1, voter_id=REVIEWER, text="45 days.", source="test")
+    untrusted = await core.correct(answer_id=a2, voter_id="u9", text="Yes, within 14 days.",
+                                   source="test")
+    ds = await build(sessions)
+    assert [(e.prompt, e.completion, e.rejected) for e in ds.sft] == [(
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "How long do I have to return something?"}],
+        "45 days.", "I don't know.")]
+    async with sessions() as s:
+        assert [p.correction for p in await review.pending(s)] == ["Yes, within 14 days."]
+        await review.decide(s, feedback_id=untrusted.id, approve=True)
+        assert await review.pending(s) == []
+    assert sorted(e.completion for e in (await build(sessions)).sft) == [
+        "45 days.", "Yes, within 14 days."]
+
+
+async def test_heldout_split_is_by_conversation_and_stable(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    policy = replace(POLICY, heldout_percent=50)
+    for i in range(16):
+        chat = f"chat{i // 2}"  # two questions per conversation
+        answer = await users.ask(f"Question number {i} about delivery?", chat=chat)
+        await core.correct(answer_id=answer, voter_id=REVIEWER, text=f"Answer {i}.",
+                           source="test")
+    first = await build(sessions, policy)
+    second = await build(sessions, policy)
+    held = {e.conversation_id for e in first.heldout}
+    trained = {e.conversation_id for e in first.sft}
+    assert held and trained and not held & trained
+    assert all(heldout_conversation(c, policy) for c in held)
+    assert first.hash == second.hash and first.rows() == second.rows()
+    later = await users.ask("One more question?", chat="chat-new")
+    await core.correct(answer_id=later, voter_id=REVIEWER, text="More.", source="test")
+    third = await build(sessions, policy)
+    assert held <= {e.conversation_id for e in third.heldout} and third.hash != first.hash
+
+
+async def test_thumbs_need_distinct_voters_or_a_trusted_one(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    one_vote, two_votes, reviewer_down = [await users.ask(f"q{i}?") for i in range(3)]
+    await core.vote(answer_id=one_vote, voter_id="u1", rating=1, source="test")
+    for voter in ("u1", "u2"):
+        await core.vote(answer_id=two_votes, voter_id=voter, rating=1, source="test")
+    await core.vote(answer_id=reviewer_down, voter_id=REVIEWER, rating=-1, source="test")
+    await core.vote(answer_id=reviewer_down, voter_id="u3", rating=1, source="test")
+    ds = await build(sessions)
+    labels = {e.answer_id: e.label for e in ds.kto}
+    assert labels == {two_votes: True, reviewer_down: False}
+    assert [e.answer_id for e in ds.sft] == [two_votes]  # a liked answer is SFT data too
+
+
+async def test_per_user_cap_limits_one_voters_influence(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    answers = [await users.ask(f"question {i}?") for i in range(5)]
+    for i, a in enumerate(answers):
+        for voter in ("spammer", f"other{i}"):
+            await core.vote(answer_id=a, voter_id=voter, rating=1, source="test")
+    ds = await build(sessions, replace(POLICY, per_user_cap=2, burst_min_votes=100))
+    assert ds.report["capped_rows"] == 3
+    assert sorted(e.answer_id for e in ds.kto) == answers[:2]  # later ones lack two voters
+
+
+async def test_near_duplicates_are_removed(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    for question in ("What are your store hours?", "what are your store hours",
+                     "When do your shops open on Sundays?"):
+        answer = await users.ask(question)
+        await core.correct(answer_id=answer, voter_id=REVIEWER, text="9am to 6pm.",
+                           source="test")
+    ds = await build(sessions)
+    assert [e.prompt[-1]["content"] for e in ds.sft] == [
+        "What are your store hours?", "When do your shops open on Sundays?"]
+    assert ds.report["duplicates_removed"] == 1
+
+
+async def test_a_burst_of_new_voters_is_quarantined(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    target = await users.ask("Is the Fellrunner waterproof?")
+    old_voters = [f"regular{i}" for i in range(3)]
+    for v in old_voters:
+        await users.ask("hello", user=v)
+    async with sessions() as s:  # the regulars have been around for a month
+        await s.execute(update(Message).where(Message.author_id.in_(old_voters))
+                        .values(created_at=utcnow() - timedelta(days=30)))
+        await s.commit()
+    for v in old_voters:
+        await core.vote(answer_id=target, voter_id=v, rating=1, source="test")
+    policy = replace(POLICY, burst_min_votes=5, burst_new_share=0.6)
+    assert (await build(sessions, policy)).report["quarantined_votes"] == 0
+    for i in range(8):
+        await core.vote(answer_id=target, voter_id=f"fresh{i}", rating=-1, source="test")
+    ds = await build(sessions, policy)
+    assert ds.report["quarantined_votes"] == 8
+    assert {e.answer_id: e.label for e in ds.kto} == {target: True}  # the regulars still count
+
+
+async def test_context_keeps_recent_turns_within_the_token_budget(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    for i in range(3):
+        await users.ask(f"earlier question {i} " + "word " * 20, chat="c")
+    last = await users.ask("My email is bob@example.com, where is my parcel?", chat="c")
+    await core.correct(answer_id=last, voter_id=REVIEWER, text="Track it online.", source="t")
+    wide = (await build(sessions, replace(POLICY, context_tokens=10_000))).sft[0].prompt
+    narrow = (await build(sessions, replace(POLICY, context_tokens=60))).sft[0].prompt
+    assert [m["role"] for m in wide] == ["system"] + ["user", "assistant"] * 3 + ["user"]
+    assert wide[-1]["content"] == "My email is [EMAIL], where is my parcel?"
+    assert [m["role"] for m in narrow] == ["system", "user", "assistant", "user"]
+    assert narrow[1]["content"].startswith("earlier question 2")
+
+
+async def test_watermark_limits_the_dataset_to_new_feedback(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    first = await users.ask("first?")
+    await core.correct(answer_id=first, voter_id=REVIEWER, text="One.", source="test")
+    ds = await build(sessions)
+    second = await users.ask("second?")
+    await core.correct(answer_id=second, voter_id=REVIEWER, text="Two.", source="test")
+    newer = await build(sessions, since=ds.watermark)
+    assert [e.completion for e in newer.sft] == ["Two."] and newer.watermark > ds.watermark
+
+
+def _ex(i: int) -> Example:
+    return Example(i, i, [{"role": "user", "content": f"q{i}"}], f"a{i}", "correction")
+
+
+def test_replay_sample_is_deterministic_and_excludes_new_examples() -> None:
+    pool = [_ex(i) for i in range(20)]
+    new = [_ex(0), _ex(1), _ex(2), _ex(3)]
+    a = replay_sample(pool, new, 0.5, seed=7)
+    assert a == replay_sample(pool, new, 0.5, seed=7) and len(a) == 2
+    assert all(e.source == "replay" and e.answer_id >= 4 for e in a)
+    assert replay_sample(pool, new, 0.5, seed=8) != a
+
+
+async def test_export_writes_redacted_jsonl(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from storage.db import make_engine, session_factory
+    from storage.migrate import upgrade_async
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    await upgrade_async(url)
+    engine = make_engine(url)
+    core = make_core(session_factory(engine), tokenizer)
+    answer = await Asker(core).ask("Call me on +44 20 7946 0958?")
+    await core.correct(answer_id=answer, voter_id=REVIEWER, text="We will call you.", source="t")
+    await engine.dispose()
+    out = tmp_path / "export.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "chatloop.cli", "feedback", "export", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "CHATLOOP_DATABASE_URL": url, "CHATLOOP_LEARN_HELDOUT_PERCENT": "0"})
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["split"], r["kind"]) for r in rows} == {("train", "sft"), ("train", "kto")}
+    assert rows[0]["prompt"][-1]["content"] == "Call me on [PHONE]?"
+    assert "wrote 3 rows" in done.stdout
