@@ -47,9 +47,9 @@ class Bot:
     sessions: async_sessionmaker[Any]
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
     """Poll `check` until it returns something truthy (and return that)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while not (result := check()):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {check}")
@@ -72,7 +72,8 @@ async def start_bot(fake: FakeTelegram, sessions: Any, tokenizer: Any
                     ) -> AsyncIterator[Callable[..., Awaitable[Bot]]]:
     started: list[TelegramChannel] = []
 
-    async def start(backend: ScriptedBackend | None = None, *, reviewers: frozenset[str] = frozenset(),
+    async def start(backend: ScriptedBackend | None = None, *,
+                    reviewers: frozenset[str] = frozenset(),
                     limits: dict[str, Any] | None = None, **options: Any) -> Bot:
         backend = backend or ScriptedBackend()
         core = make_core(sessions, tokenizer, backend, reviewers=reviewers, **(limits or {}))
