@@ -15,7 +15,8 @@ DEFAULT_SYSTEM_PROMPT = (
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CHATLOOP_", env_file=".env", extra="ignore", populate_by_name=True
+        env_prefix="CHATLOOP_", env_file=".env", extra="ignore", populate_by_name=True,
+        env_ignore_empty=True,  # TOKEN= (as compose writes an unset variable) means unset
     )
 
     # storage

@@ -71,3 +71,15 @@ def test_model_prepare_rejects_a_missing_source(tmp_path: Path) -> None:
     done = chatloop("model", "prepare", str(tmp_path / "nothing-here"),
                     "--target", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and "neither a local HF model directory" in done.stderr
+
+
+def test_empty_channel_tokens_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatloop.settings import Settings
+
+    # compose passes `TELEGRAM_BOT_TOKEN: ${TELEGRAM_BOT_TOKEN:-}`: empty must not start a bot
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "")
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "")
+    settings = Settings(_env_file=None)
+    assert settings.telegram_bot_token is None and settings.slack_bot_token is None
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:abc")
+    assert Settings(_env_file=None).telegram_bot_token.get_secret_value() == "123:abc"
