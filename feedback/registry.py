@@ -44,7 +44,7 @@ async def get(session: AsyncSession, name: str) -> AdapterVersion | None:
     return (await session.execute(stmt.execution_options(populate_existing=True))).scalar()
 
 
-def new_version(*, name: str, path: str, rank: int, parent_name: str | None, run_id: int,
+def new_version(*, name: str, path: str, rank: int, parent_name: str | None, run_id: int | None,
                 feedback_watermark: int, dataset_hash: str, metrics: dict[str, Any],
                 status: AdapterStatus = AdapterStatus.CANARY) -> AdapterVersion:
     """A registry row for a candidate that passed the gate (added in the run's transaction)."""

@@ -1,0 +1,164 @@
+"""Registry, sticky canary routing, promotion and rollback, adapter sync after restarts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+
+from feedback import registry
+from feedback.canary import CanaryPolicy, Decision, Votes, decide, evaluate_canary
+from feedback.serving import DrainingBackend, RegistryRouter, in_canary, sync_adapters
+from inference.base import ChatMessage, GenerationRequest
+from storage.models import AdapterStatus
+from tests.conftest import ROOT
+from tests.fakes.inference import ScriptedBackend
+from tests.feedback.conftest import Asker, make_core
+
+POLICY = CanaryPolicy(min_votes=20, max_votes=500, margin=0.05)
+
+
+async def add(sessions, name: str, status: AdapterStatus, parent: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        s.add(registry.new_version(name=name, path=f"/adapters/{name}", rank=8,
+                                   parent_name=parent, run_id=None, feedback_watermark=0,
+                                   dataset_hash="h", metrics={}, status=status))
+        await s.commit()
+
+
+async def statuses(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        return {v.name: v.status for v in await registry.all_versions(s)}
+
+
+@pytest.mark.parametrize(("canary", "control", "expected"), [
+    (Votes(10, 0), Votes(100, 50), Decision.WAIT),  # too few canary votes
+    (Votes(400, 40), Votes(400, 40), Decision.PROMOTE),  # same rate, enough evidence
+    (Votes(60, 30), Votes(60, 6), Decision.ROLLBACK),  # clearly worse
+    (Votes(100, 10), Votes(100, 10), Decision.WAIT),  # too little evidence for the margin
+    (Votes(500, 100), Votes(40, 6), Decision.ROLLBACK),  # never proved itself by max_votes
+])
+def test_decision_is_a_statistical_test(canary: Votes, control: Votes, expected: Decision) -> None:
+    assert decide(canary, control, POLICY) == expected
+
+
+async def test_canary_slice_is_sticky_and_sized(sessions) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    await add(sessions, "fb-v2", AdapterStatus.CANARY)
+    router = RegistryRouter(sessions, canary_percent=20, refresh_s=60)
+    routes = [await router.route(c) for c in range(2000)]
+    assert set(routes) == {"fb-v1", "fb-v2"}
+    assert 0.16 < routes.count("fb-v2") / len(routes) < 0.24
+    assert [await router.route(c) for c in range(2000)] == routes  # sticky
+    assert all((r == "fb-v2") == in_canary(c, "fb-v2", 20) for c, r in enumerate(routes))
+
+
+async def _simulate(sessions, tokenizer, *, canary_down: float, active_down: float,  # type: ignore[no-untyped-def]
+                    conversations: int = 120) -> None:
+    backend = ScriptedBackend(adapters={"fb-v1", "fb-v2"})
+    core = make_core(sessions, tokenizer, backend,
+                     router=RegistryRouter(sessions, canary_percent=50, refresh_s=0))
+    users = Asker(core)
+    counts = {"fb-v1": 0, "fb-v2": 0}
+    for i in range(conversations):
+        answer = await users.ask(f"question {i}?")
+        adapter = backend.requests[-1].adapter
+        assert adapter is not None
+        rate = canary_down if adapter == "fb-v2" else active_down
+        counts[adapter] += 1
+        down = (counts[adapter] % 10) < rate * 10  # a deterministic share of 👎
+        await core.vote(answer_id=answer, voter_id=f"u{i}", rating=-1 if down else 1,
+                        source="test")
+
+
+async def test_canary_with_a_good_rate_is_promoted(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
+    await _simulate(sessions, tokenizer, canary_down=0.1, active_down=0.2)
+    outcome = await evaluate_canary(sessions, POLICY)
+    assert outcome.decision == Decision.PROMOTE and outcome.canary_votes.n > 40
+    assert await statuses(sessions) == {"fb-v1": "retired", "fb-v2": "active"}
+    router = RegistryRouter(sessions, canary_percent=50)
+    assert {await router.route(c) for c in range(50)} == {"fb-v2"}
+
+
+async def test_canary_with_a_worse_rate_is_rolled_back(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
+    await _simulate(sessions, tokenizer, canary_down=0.6, active_down=0.1)
+    assert (await evaluate_canary(sessions, POLICY)).decision == Decision.ROLLBACK
+    assert await statuses(sessions) == {"fb-v1": "active", "fb-v2": "rejected"}
+    router = RegistryRouter(sessions, canary_percent=50)
+    assert {await router.route(c) for c in range(50)} == {"fb-v1"}
+
+
+async def test_rollback_restores_the_parent_and_promote_retires_the_active(sessions) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.RETIRED)
+    await add(sessions, "fb-v2", AdapterStatus.ACTIVE, parent="fb-v1")
+    async with sessions() as s:
+        assert await registry.rollback(s) == ("fb-v2", "fb-v1")
+        await registry.promote(s, name="fb-v2")
+        with pytest.raises(registry.RegistryError):
+            await registry.promote(s, name="fb-v404")
+    assert await statuses(sessions) == {"fb-v1": "retired", "fb-v2": "active"}
+
+
+async def test_sync_reloads_after_a_restart_and_unloads_only_drained_adapters(sessions) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    await add(sessions, "fb-v2", AdapterStatus.CANARY)
+    restarted = DrainingBackend(ScriptedBackend(delay=0.05))  # nothing loaded
+    report = await sync_adapters(sessions, restarted)
+    assert sorted(report.loaded) == ["fb-v1", "fb-v2"]
+    request = GenerationRequest([ChatMessage("user", "a long question " * 4)], max_tokens=8,
+                                adapter="fb-v1")
+    stream = restarted.stream(request)
+    await anext(stream)  # a request on fb-v1 is in flight
+    async with sessions() as s:
+        await registry.promote(s, name="fb-v2")  # fb-v1 is retired
+    no_grace = timedelta(0)
+    assert (await sync_adapters(sessions, restarted, drain_grace=no_grace)).waiting == ["fb-v1"]
+    assert "fb-v1" in await restarted.list_adapters()
+    async for _ in stream:
+        pass
+    report = await sync_adapters(sessions, restarted, drain_grace=no_grace)
+    assert report.unloaded == ["fb-v1"] and await restarted.list_adapters() == ["fb-v2"]
+
+
+async def test_a_slow_drain_waits_for_the_grace_period(sessions) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.RETIRED)
+    backend = ScriptedBackend(adapters={"fb-v1"})
+    report = await sync_adapters(sessions, backend, drain_grace=timedelta(minutes=5))
+    assert report.waiting == ["fb-v1"] and backend.adapters == {"fb-v1"}
+
+
+def chatloop(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chatloop.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CHATLOOP_DATABASE_URL": url})
+
+
+async def test_adapters_cli_lists_promotes_and_rolls_back(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from storage.db import make_engine, session_factory
+    from storage.migrate import upgrade_async
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    await upgrade_async(url)
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
+    listed = chatloop(url, "adapters", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [
+        ["fb-v1", "active"], ["fb-v2", "canary"]]
+    assert chatloop(url, "adapters", "promote", "fb-v2").returncode == 0
+    assert await statuses(sessions) == {"fb-v1": "retired", "fb-v2": "active"}
+    done = chatloop(url, "adapters", "rollback")
+    assert done.returncode == 0 and "active: fb-v1" in done.stdout
+    bad = chatloop(url, "adapters", "promote", "fb-v404")
+    assert bad.returncode == 2 and "no adapter named 'fb-v404'" in bad.stderr
+    assert chatloop(url, "runs").returncode == 0
+    await engine.dispose()
