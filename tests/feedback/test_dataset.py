@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from feedback.dataset import (
     replay_sample,
 )
 from feedback.redaction import Redactor
-from storage.models import Feedback, Message, utcnow
+from storage.models import Message, utcnow
 from tests.conftest import ROOT
 from tests.feedback.conftest import REVIEWER, Asker, make_core
 
@@ -192,7 +193,8 @@ async def test_export_writes_redacted_jsonl(tmp_path, tokenizer) -> None:  # typ
     await core.correct(answer_id=answer, voter_id=REVIEWER, text="We will call you.", source="t")
     await engine.dispose()
     out = tmp_path / "export.jsonl"
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "chatloop.cli", "feedback", "export", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "CHATLOOP_DATABASE_URL": url, "CHATLOOP_LEARN_HELDOUT_PERCENT": "0"})
