@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import ROOT
@@ -83,3 +84,46 @@ def test_empty_channel_tokens_mean_unset(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.telegram_bot_token is None and settings.slack_bot_token is None
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:abc")
     assert Settings(_env_file=None).telegram_bot_token.get_secret_value() == "123:abc"
+
+
+def test_serve_reports_health_and_readiness_of_its_inference_server(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    from benchmarks._common import start_process
+    from tests.fakes.vllm_server import free_port
+
+    stub_port, port = free_port(), free_port()
+    stub = start_process([sys.executable, "-m", "tests.fakes.openai_stub", "--port",
+                          str(stub_port)], f"http://127.0.0.1:{stub_port}/health")
+    db = f"sqlite:///{tmp_path}/db.sqlite"
+    assert chatloop("db", "upgrade", env={"CHATLOOP_DATABASE_URL": db}).returncode == 0
+    env = {"CHATLOOP_DATABASE_URL": db, "CHATLOOP_PORT": str(port),
+           "CHATLOOP_MODEL": str(model_dir), "CHATLOOP_MAX_RETRIES": "0",
+           "CHATLOOP_INFERENCE_URL": f"http://127.0.0.1:{stub_port}/v1"}
+    gateway = subprocess.Popen([sys.executable, "-m", "chatloop.cli", "serve"], cwd=ROOT,
+                               env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                healthz = httpx.get(f"{base}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and gateway.poll() is None
+                time.sleep(0.2)
+        assert healthz.json() == {"status": "ok"}
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 200
+        assert ready.json() == {"ready": True, "database": "ok", "inference": "ok"}
+        assert httpx.get(f"{base}/chat", timeout=5).status_code == 404  # web chat is off
+        stub.kill()
+        stub.wait()
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["inference"].startswith("unavailable")
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200  # alive all the same
+    finally:
+        stub.kill()
+        gateway.terminate()
+        gateway.wait(timeout=30)

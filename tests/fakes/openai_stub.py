@@ -1,4 +1,4 @@
-"""An instant OpenAI-compatible chat server (SSE streaming with usage), for overhead benchmarks.
+"""An instant OpenAI-compatible chat server (SSE streaming with usage), for benchmarks and tests.
 
 Run as a separate process so that it does not share the measured event loop:
     python -m tests.fakes.openai_stub --port 8011 --tokens 32
@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 
-def make_app(tokens: int) -> Starlette:
+def make_app(tokens: int, served: str = "chatloop-base") -> Starlette:
     async def chat(request: Request) -> StreamingResponse:
         body = await request.json()
         n = min(tokens, int(body.get("max_tokens") or tokens))
@@ -36,10 +36,24 @@ def make_app(tokens: int) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def completion(request: Request) -> JSONResponse:  # the health probe's tiny one
+        body = await request.json()
+        return JSONResponse({"id": "stub", "object": "text_completion", "created": 0,
+                             "model": body["model"], "choices": [
+                                 {"index": 0, "text": "w0", "finish_reason": "length"}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                       "total_tokens": 2}})
+
+    async def models(_: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [
+            {"id": served, "object": "model", "created": 0, "owned_by": "stub"}]})
+
     async def health(_: Request) -> JSONResponse:
         return JSONResponse({})
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                             Route("/v1/completions", completion, methods=["POST"]),
+                             Route("/v1/models", models),
                              Route("/health", health)])
 
 
