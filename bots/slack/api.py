@@ -69,6 +69,16 @@ class SlackApi:
     def __init__(self, client: AsyncWebClient) -> None:
         self.client = client
 
+    async def open(self) -> None:
+        """Share one connection pool (slack_sdk opens a connection per call without one)."""
+        if self.client.session is None or self.client.session.closed:
+            self.client.session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.client.timeout))
+
+    async def close(self) -> None:
+        if self.client.session is not None:
+            await self.client.session.close()
+
     async def _call(self, method: str, **kwargs: Any) -> dict[str, Any]:
         call = getattr(self.client, method.replace(".", "_"))  # slack_sdk's own method
         try:

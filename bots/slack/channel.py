@@ -64,6 +64,7 @@ class SlackChannel:
         return router
 
     async def start(self) -> None:
+        await self._api.open()
         try:
             me = await self._api.auth_test()
             self.bot_user_id, self.team_id = me.get("user_id"), me.get("team_id")
@@ -99,6 +100,7 @@ class SlackChannel:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._api.close()
 
     async def idle(self) -> None:
         """Wait until no answer, notice or edit is in progress (tests, benchmarks)."""

@@ -121,7 +121,7 @@ class SlackSink:
     async def notice(self, text: str) -> None:
         t = self.target  # posted in the background: a notice never delays the acknowledgement
         self.spawn(self._guard(lambda: self.api.post(channel=t.channel, thread_ts=t.thread_ts,
-                                                     text=text), final=True))
+                                                     text=safe_text(text)), final=True))
 
     async def _guard(self, step: Callable[[], Awaitable[Any]], *, final: bool) -> None:
         if self.error is not None:

@@ -56,10 +56,16 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--tokenizer", help="a model directory: fit prompts with its real tokenizer")
     args = p.parse_args()
     settings = slack_settings(args.db, args.slack_api, slack_update_interval_s=args.interval,
                               max_concurrent_generations=args.concurrency)
-    services = await build_services(settings, backend=scripted(args.seconds))
+    backend = scripted(args.seconds)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        backend.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)  # type: ignore[attr-defined]
+    services = await build_services(settings, backend=backend)
     config = uvicorn.Config(build_app(services, webchat=False), host="127.0.0.1",
                             port=args.port, log_level="warning")
     await uvicorn.Server(config).serve()
