@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +44,8 @@ class Asker:
 
     async def ask(self, question: str, *, chat: str | None = None, user: str = "u1") -> int:
         self.n += 1
-        msg = InboundMessage(channel="test", event_id=f"e{self.n}", chat_id=chat or f"c{self.n}",
+        key = uuid.uuid4().hex[:12]
+        msg = InboundMessage(channel="test", event_id=f"e{key}", chat_id=chat or f"c{key}",
                              user_id=user, text=question)
         result = await self.core.handle(msg, RecordingSink())
         assert result.answer_id is not None
@@ -51,10 +55,19 @@ class Asker:
 def loop_config(tmp_path: Path, model_dir: Path, *, fake: str | None = None,
                 **overrides) -> LoopConfig:  # type: ignore[no-untyped-def]
     """A LoopConfig under tmp_path; `fake` = "MODE SECONDS" uses tests/feedback/fake_trainer."""
+    kwargs = dict(min_new_feedback=1, heartbeat_s=0.5,
+                  dataset=DatasetPolicy(heldout_percent=50, system_prompt="Be brief."))
     cfg = LoopConfig(model_dir=str(model_dir), adapters_dir=tmp_path / "adapters",
-                     runs_dir=tmp_path / "runs", min_new_feedback=1,
-                     dataset=DatasetPolicy(heldout_percent=50, system_prompt="Be brief."),
-                     heartbeat_s=0.5, **overrides)
+                     runs_dir=tmp_path / "runs", **{**kwargs, **overrides})
     if fake:
         cfg.train_command = [sys.executable, "-m", "tests.feedback.fake_trainer", *fake.split()]
     return cfg
+
+
+async def eventually(check: Callable[[], Awaitable[object]], *, within: float = 60) -> object:
+    """Poll `check` until it returns something truthy (and return that), or fail."""
+    for _ in range(int(within / 0.05)):
+        if found := await check():
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true within {within}s")

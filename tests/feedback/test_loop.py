@@ -1,0 +1,150 @@
+"""One learning-loop cycle with a stand-in trainer: registration, gate, parity, run lease, kills."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from feedback import registry
+from feedback.loop import run_cycle, should_train, start_run
+from storage.models import AdapterVersion, RunStatus, TrainingRun, utcnow
+from tests.fakes.inference import ScriptedBackend
+from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, make_core
+
+
+async def corrected(sessions, tokenizer, n: int = 4) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    for i in range(n):
+        answer = await users.ask(f"How long does delivery take to zone {i}?")
+        await core.correct(answer_id=answer, voter_id=REVIEWER, text=f"{i + 2} days.",
+                           source="test")
+
+
+async def runs(sessions) -> list[TrainingRun]:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        return list((await s.execute(select(TrainingRun).order_by(TrainingRun.id))).scalars())
+
+
+async def versions(sessions) -> list[AdapterVersion]:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        return await registry.all_versions(s)
+
+
+async def test_a_passing_candidate_is_registered_as_the_canary_and_served(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    await corrected(sessions, tokenizer)
+    backend = ScriptedBackend()
+    result = await run_cycle(sessions, backend, loop_config(tmp_path, model_dir, fake="pass 0"),
+                             trigger="manual")
+    assert (result.status, result.adapter) == ("succeeded", "fb-v1")
+    [version] = await versions(sessions)
+    assert (version.status, version.rank, version.path) == (
+        "canary", 4, str(tmp_path / "adapters/fb-v1"))
+    assert backend.adapters == {"fb-v1"}  # hot-loaded, parity-checked
+    [run] = await runs(sessions)
+    assert run.status == "succeeded" and run.dataset_hash == version.dataset_hash
+    assert run.feedback_watermark == version.feedback_watermark > 0
+    assert run.metrics["parity"]["score"] == 1.0 and run.log_path.endswith("train.log")
+
+
+async def test_a_candidate_failing_the_gate_is_not_registered(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    await corrected(sessions, tokenizer)
+    backend = ScriptedBackend()
+    cfg = loop_config(tmp_path, model_dir, fake="regress 0")
+    result = await run_cycle(sessions, backend, cfg, trigger="manual")
+    assert result.status == "rejected" and "golden-set loss rose" in result.reasons[0]
+    assert await versions(sessions) == [] and backend.adapters == set()
+    assert not (tmp_path / "adapters/fb-v1").exists()
+    assert (tmp_path / "runs/run-1/rejected-adapter/report.json").exists()
+    [run] = await runs(sessions)
+    assert run.status == "rejected" and "golden" in run.error
+
+
+async def test_a_backend_that_serves_different_text_fails_parity(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    await corrected(sessions, tokenizer)
+    backend = ScriptedBackend(answer=lambda r: "something else entirely")
+    result = await run_cycle(sessions, backend, loop_config(tmp_path, model_dir, fake="pass 0"),
+                             trigger="manual")
+    assert result.status == "rejected" and "parity" in result.reasons[0]
+    assert await versions(sessions) == [] and backend.adapters == set()
+
+
+async def test_a_second_trigger_while_a_run_is_active_does_nothing(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    await corrected(sessions, tokenizer)
+    cfg = loop_config(tmp_path, model_dir, fake="pass 2")
+    first = asyncio.create_task(run_cycle(sessions, ScriptedBackend(), cfg, trigger="cron"))
+    await eventually(lambda: runs(sessions))
+    second = await run_cycle(sessions, ScriptedBackend(), cfg, trigger="threshold")
+    assert second.status == "busy" and (await first).status == "succeeded"
+    assert [r.trigger for r in await runs(sessions)] == ["cron"]
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+async def test_a_killed_training_process_leaves_nothing_and_the_next_run_succeeds(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    await corrected(sessions, tokenizer)
+    backend = ScriptedBackend()
+    before = set(_children())
+    cycle = asyncio.create_task(run_cycle(
+        sessions, backend, loop_config(tmp_path, model_dir, fake="pass 60"), trigger="manual"))
+    async def started() -> set[int]:
+        return set(_children()) - before
+
+    trainer = await eventually(started)
+    await asyncio.sleep(0.5)
+    os.kill(trainer.pop(), signal.SIGKILL)
+    result = await cycle
+    assert result.status == "failed" and "exited with -9" in result.reasons[0]
+    assert await versions(sessions) == [] and backend.adapters == set()
+    assert list((tmp_path / "adapters").iterdir()) == []
+    retry = await run_cycle(sessions, backend, loop_config(tmp_path, model_dir, fake="pass 0"),
+                            trigger="manual")
+    assert (retry.status, retry.adapter) == ("succeeded", "fb-v2")
+    assert [r.status for r in await runs(sessions)] == ["failed", "succeeded"]
+
+
+async def test_a_run_whose_process_died_is_taken_over_after_its_heartbeat_stops(
+        sessions) -> None:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        s.add(TrainingRun(status=RunStatus.RUNNING, heartbeat_at=utcnow() - timedelta(hours=1)))
+        await s.commit()
+    assert await start_run(sessions, trigger="manual", stale_after=timedelta(days=1)) is None
+    run_id = await start_run(sessions, trigger="manual", stale_after=timedelta(minutes=5))
+    assert run_id is not None
+    assert [(r.status, r.error is not None) for r in await runs(sessions)] == [
+        ("failed", True), ("running", False)]
+
+
+async def test_threshold_interval_and_canary_gate_new_runs(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    cfg = loop_config(tmp_path, model_dir, fake="pass 0", min_new_feedback=3,
+                      min_interval=timedelta(hours=1))
+    await corrected(sessions, tokenizer, n=2)
+    assert (await should_train(sessions, cfg))[0] is False
+    await corrected(sessions, tokenizer, n=1)
+    assert await should_train(sessions, cfg) == (True, "3 new eligible feedback")
+    await run_cycle(sessions, ScriptedBackend(), cfg, trigger="threshold")
+    await corrected(sessions, tokenizer, n=3)
+    ok, why = await should_train(sessions, cfg)
+    assert not ok and "canary fb-v1" in why
+    async with sessions() as s:
+        await registry.promote(s, name="fb-v1")
+    ok, why = await should_train(sessions, cfg)
+    assert not ok and "minimum" in why
+    cfg.min_interval = timedelta(0)
+    assert await should_train(sessions, cfg) == (True, "3 new eligible feedback")
