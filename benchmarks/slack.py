@@ -8,7 +8,8 @@ fake Slack Web API plus an open-loop sender posting signed `app_mention` events 
 rate for `--step` seconds; 10 % of events are posted again as Slack retries
 (`X-Slack-Retry-Num: 1`). Then a closed-loop burst (64 senders) measures how many events
 per second one gateway accepts. Reports acknowledgement latency p50/p99 per rate (goal:
-p99 < 50 ms; Slack allows 3 s), events lost or answered twice, and Web API calls per answer.
+p99 < 50 ms; Slack allows 3 s), events lost or answered twice, Web API calls per answer,
+and the gateway's CPU time per event (acknowledgement and answer; independent of other load).
 Loopback only; bounded in time.
 """
 
@@ -44,6 +45,12 @@ PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
 ANSWER_S = 2.0
 RETRY_SHARE = 0.10
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc), contention-independent."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _event(n: int, run: str) -> dict[str, Any]:
@@ -186,12 +193,14 @@ async def run(rates: list[float], step: float, db_kind: str, drain_s: float) -> 
                 async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
                     sender = Sender(http, uuid.uuid4().hex[:6])
                     first = 0
+                    cpu = _cpu_s(proc.pid)
                     for rate in rates:
                         rows.append(await _open_loop(sender, rate, step, first))
                         first += int(rate * step)
                     rows.append(await _burst(sender, step, first))
                     threads = set(sender.sent.values())
                     answered = await _wait_answers(fake, threads, drain_s)
+                    cpu_ms_per_event = (_cpu_s(proc.pid) - cpu) * 1000 / max(1, len(threads))
             finally:
                 proc.terminate()
                 await proc.wait()
@@ -206,6 +215,7 @@ async def run(rates: list[float], step: float, db_kind: str, drain_s: float) -> 
         "doubled": sum(1 for n in per_thread.values() if n > 1),
         "answers_stored": answers_stored, "non_200": sum(
             n for status, n in sender.statuses.items() if status != 200),
+        "gateway_cpu_ms_per_event": round(cpu_ms_per_event, 1),
         "web_api_calls_per_answer": round(sum(calls.values()) / max(1, len(per_thread)), 2),
         "calls_by_method": dict(calls),
     }

@@ -8,7 +8,7 @@ from slack_bolt.async_app import AsyncApp
 
 from bots.slack.api import SlackApi, make_client
 from bots.slack.channel import SlackChannel
-from bots.slack.sink import Pacer, Pacing
+from bots.slack.pacing import Pacer, Pacing
 
 __all__ = ["SlackChannel", "SlackConfigError", "build_channel"]
 

@@ -23,7 +23,8 @@ from bots.core import Accepted, ConversationCore, InboundMessage
 from bots.slack import convert, render
 from bots.slack.api import SlackApi, SlackError
 from bots.slack.convert import CHANNEL, Kind
-from bots.slack.sink import Pacing, SlackSink, Target
+from bots.slack.pacing import Pacing
+from bots.slack.sink import SlackSink, Target
 from storage import repo
 from storage.repo import UnknownAnswer
 
