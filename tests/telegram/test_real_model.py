@@ -1,0 +1,36 @@
+"""One private Q&A answered by the real bundled model (embedded engine) through Telegram."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from bots.telegram import build_channel
+from chatloop.app import build_services
+from chatloop.settings import Settings
+from storage.models import Message
+from tests.fakes.telegram_api import TOKEN
+from tests.telegram.conftest import eventually
+
+
+@pytest.mark.slow
+async def test_real_model_answer_streams_and_arrives_exactly(fake, db_url, model_dir) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(database_url=db_url, model=str(model_dir), max_tokens=32,
+                        telegram_bot_token=TOKEN, telegram_api_base=fake.base_url,
+                        telegram_draft_interval_s=0.05, telegram_poll_timeout_s=1)
+    services = await build_services(settings)
+    channel = build_channel(services)
+    await channel.start()
+    try:
+        chat = fake.private()
+        fake.say(chat, "What is the capital of France?")
+        [final] = await eventually(lambda: fake.answers(chat["id"]), within=120)
+        async with services.sessions() as s:
+            answer = (await s.execute(select(Message).where(Message.role == "assistant"))
+                      ).scalar_one()
+    finally:
+        await channel.stop()
+        await services.aclose()
+    assert answer.status == "ok" and answer.completion_tokens
+    assert final["text"] == answer.text.strip()
+    assert fake.drafts and all(answer.text.strip().startswith(d["text"]) for d in fake.drafts)
