@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ async def build_services(settings: Settings, *,
     router: Router = StaticRouter(settings.adapter)
     if settings.adapter is None:  # the learning loop's registry decides: active + canary slice
         router = RegistryRouter(sessions, canary_percent=settings.learn_canary_percent,
-                                backend=backend)  # also re-loads adapters after restarts
+                                backend=backend,  # also re-loads adapters after restarts
+                                drain_grace=timedelta(seconds=settings.learn_drain_s))
         await sync_adapters(sessions, backend)
     core = ConversationCore(
         sessions=sessions,
@@ -154,8 +156,6 @@ def build_app(services: Services, *, webchat: bool) -> FastAPI:
 
 def loop_config(settings: Settings) -> Any:
     """The learning loop's configuration (feedback.loop.LoopConfig) from the settings."""
-    from datetime import timedelta
-
     from feedback.dataset import DatasetPolicy
     from feedback.evaluate import GatePolicy
     from feedback.loop import LoopConfig
@@ -188,8 +188,6 @@ def loop_config(settings: Settings) -> Any:
 
 def schedule_config(settings: Settings) -> Any:
     """The scheduler's configuration (feedback.scheduler.ScheduleConfig) from the settings."""
-    from datetime import timedelta
-
     from feedback.canary import CanaryPolicy
     from feedback.scheduler import ScheduleConfig
 

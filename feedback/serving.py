@@ -41,8 +41,10 @@ class RegistryRouter:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, canary_percent: float,
                  refresh_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
-                 backend: InferenceBackend | None = None) -> None:
+                 backend: InferenceBackend | None = None,
+                 drain_grace: timedelta = timedelta(seconds=60)) -> None:
         self._sessions = sessions
+        self._drain_grace = drain_grace
         self._backend = backend  # if given, kept in sync with the registry at each refresh
         self._percent = canary_percent
         self._refresh_s = refresh_s
@@ -64,7 +66,7 @@ class RegistryRouter:
         """Load what the registry serves (after a restart of vLLM too); a failure only logs."""
         assert self._backend is not None
         try:
-            await sync_adapters(self._sessions, self._backend)
+            await sync_adapters(self._sessions, self._backend, drain_grace=self._drain_grace)
         except InferenceError as exc:
             log.warning("adapter sync failed: %s", exc)
 
