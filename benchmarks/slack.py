@@ -151,10 +151,11 @@ async def _drop(name: str | None) -> None:
         await admin.close()
 
 
-async def _gateway(db_url: str, fake: FakeSlack) -> tuple[asyncio.subprocess.Process, str]:
+async def _gateway(db_url: str, fake: FakeSlack,
+                   concurrency: int) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
     args = ["-m", "tests.slack.gateway_proc", "--db", db_url, "--slack-api", fake.url,
-            "--port", str(port), "--seconds", str(ANSWER_S), "--concurrency", "4096"]
+            "--port", str(port), "--seconds", str(ANSWER_S), "--concurrency", str(concurrency)]
     if (MODEL_DIR / "tokenizer.json").exists():
         args += ["--tokenizer", str(MODEL_DIR)]
     if os.environ.get("SLACK_BENCH_PROFILE"):
@@ -182,12 +183,13 @@ async def _count_answers(db_url: str) -> int:
         await engine.dispose()
 
 
-async def run(rates: list[float], step: float, db_kind: str, drain_s: float) -> dict[str, Any]:
+async def run(rates: list[float], step: float, db_kind: str, drain_s: float,
+              concurrency: int) -> dict[str, Any]:
     db_url, db_name = await _database(db_kind, ROOT / "var")
     rows: list[dict[str, Any]] = []
     try:
         async with FakeSlack().serve() as fake:
-            proc, url = await _gateway(db_url, fake)
+            proc, url = await _gateway(db_url, fake, concurrency)
             try:
                 limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
                 async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
@@ -239,15 +241,18 @@ def main() -> None:
     p.add_argument("--step", type=float, default=4.0, help="seconds per rate")
     p.add_argument("--db", choices=["postgres", "sqlite"], default="postgres")
     p.add_argument("--drain", type=float, default=120.0, help="max seconds to wait for answers")
+    p.add_argument("--concurrency", type=int, default=32,
+                   help="CHATLOOP_MAX_CONCURRENT_GENERATIONS (Slack answers in flight: twice that)")
     args = p.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
-    result = asyncio.run(run(rates, args.step, args.db, args.drain))
+    result = asyncio.run(run(rates, args.step, args.db, args.drain, args.concurrency))
     print_table(f"Slack acknowledgements ({args.db}, answers take {ANSWER_S:.0f} s)",
                 result["rows"])
     s = result["summary"]
     print_table("Delivery", [{k: v for k, v in s.items() if k != "calls_by_method"}])
     print_table("Web API calls", [s["calls_by_method"]])
-    write_json(f"slack_{args.db}", {"answer_seconds": ANSWER_S, "db": args.db, **result})
+    write_json(f"slack_{args.db}", {"answer_seconds": ANSWER_S, "db": args.db,
+                                    "concurrency": args.concurrency, **result})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def build_channel(services: Any) -> SlackChannel:
                     interval_s=s.slack_update_interval_s, streaming=s.slack_streaming,
                     message_chars=s.slack_message_chars)
     channel = SlackChannel(core=services.core, app=app, api=SlackApi(client), pacing=pacing,
-                           app_token=app_token, agent_corrections=s.slack_agent_corrections)
+                           app_token=app_token, agent_corrections=s.slack_agent_corrections,
+                           max_answers=2 * s.max_concurrent_generations)
     services.extra["slack"] = channel
     return channel

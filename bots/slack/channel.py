@@ -38,8 +38,12 @@ class SlackChannel:
     name = CHANNEL
 
     def __init__(self, *, core: ConversationCore, app: AsyncApp, api: SlackApi, pacing: Pacing,
-                 app_token: str | None = None, agent_corrections: bool = False) -> None:
+                 app_token: str | None = None, agent_corrections: bool = False,
+                 max_answers: int = 64) -> None:
         self._core, self._app, self._api, self._pacing = core, app, api, pacing
+        # answers beyond this wait (recorded, in order): under overload the background
+        # work cannot starve the acknowledgements, which must stay within Slack's 3 s
+        self._answers = asyncio.Semaphore(max_answers)
         self._agent_corrections = agent_corrections
         self._app_token = app_token
         self._socket: AsyncSocketModeHandler | None = None  # made in start(), inside the loop
@@ -144,7 +148,8 @@ class SlackChannel:
             self._spawn(self._answer(accepted, sink))
 
     async def _answer(self, accepted: Accepted, sink: SlackSink) -> None:
-        result = await self._core.answer(accepted, sink)
+        async with self._answers:
+            result = await self._core.answer(accepted, sink)
         if sink.error is not None and result.answer_id is not None:
             async with self._core.sessions() as s:  # kept, not retried: Slack refused it
                 await repo.set_error_kind(s, message_id=result.answer_id,
