@@ -130,11 +130,11 @@ async def _burst(sender: Sender, seconds: float, first: int, workers: int = 64) 
             "ack_max_ms": max(latencies)}
 
 
-async def _database(kind: str, tmp: Path) -> tuple[str, str | None]:
+async def _database(kind: str, tmp: Path) -> tuple[str, str]:
     if kind == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp / f'slack-bench-{uuid.uuid4().hex[:6]}.db'}"
-        await upgrade_async(url)
-        return url, None
+        path = tmp / f"slack-bench-{uuid.uuid4().hex[:6]}.db"
+        await upgrade_async(f"sqlite+aiosqlite:///{path}")
+        return f"sqlite+aiosqlite:///{path}", str(path)
     name = f"chatloop_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(PG_URL)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -144,8 +144,11 @@ async def _database(kind: str, tmp: Path) -> tuple[str, str | None]:
     return url, name
 
 
-async def _drop(name: str | None) -> None:
-    if name is not None:
+async def _drop(name: str) -> None:
+    if name.endswith(".db"):
+        for suffix in ("", "-wal", "-shm"):
+            await asyncio.to_thread(Path(name + suffix).unlink, missing_ok=True)
+    else:
         admin = await asyncpg.connect(PG_URL)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -158,8 +161,6 @@ async def _gateway(db_url: str, fake: FakeSlack,
             "--port", str(port), "--seconds", str(ANSWER_S), "--concurrency", str(concurrency)]
     if (MODEL_DIR / "tokenizer.json").exists():
         args += ["--tokenizer", str(MODEL_DIR)]
-    if os.environ.get("SLACK_BENCH_PROFILE"):
-        args = ["-m", "cProfile", "-o", os.environ["SLACK_BENCH_PROFILE"], *args]
     proc = await asyncio.create_subprocess_exec(sys.executable, *args, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=url) as http:
