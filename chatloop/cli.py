@@ -102,11 +102,16 @@ def demo() -> None:
     if not settings.inference_url:
         prepare_model(settings.model_source, Path(settings.model), cache_dir=settings.model_cache)
     settings.webchat_token = None
+    demo_sized = {"learn_min_feedback": 5, "learn_min_interval_s": 60,
+                  "learn_check_interval_s": 30, "learn_canary_min_votes": 5}
+    for name, value in demo_sized.items():  # unless set in the environment
+        if name not in settings.model_fields_set:
+            setattr(settings, name, value)
     typer.echo(f"chatloop demo: open http://{settings.host}:{settings.port}/chat")
-    _run(settings, webchat=True)
+    _run(settings, webchat=True, learning=True)
 
 
-def _run(settings: Settings, *, webchat: bool) -> None:
+def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
     import uvicorn
 
     from chatloop.app import ConfigError, build_app, build_services
@@ -122,7 +127,23 @@ def _run(settings: Settings, *, webchat: bool) -> None:
         server = uvicorn.Server(uvicorn.Config(build_app(services, webchat=webchat),
                                                host=settings.host, port=settings.port,
                                                log_level="info"))
-        await server.serve()
+        if not learning:
+            await server.serve()
+            return
+        from chatloop.app import loop_config, schedule_config
+        from feedback.scheduler import LearningScheduler
+
+        stop = asyncio.Event()  # the learning loop runs beside the gateway, in-process
+        sched = LearningScheduler(engine=services.engine, sessions=services.sessions,
+                                  backend=services.backend, loop=loop_config(settings),
+                                  schedule=schedule_config(settings),
+                                  database_url=settings.database_url)
+        loop_task = asyncio.create_task(sched.run(stop))
+        try:
+            await server.serve()
+        finally:
+            stop.set()
+            await loop_task
 
     asyncio.run(main())
 

@@ -193,6 +193,7 @@ class LearningScheduler:
             self._start_jobs()
         elif not lead and self._aps is not None:
             self._stop_jobs()
+            log.warning("lost the learning loop leadership: jobs stopped")
         return lead
 
     def _start_jobs(self) -> None:
@@ -217,7 +218,6 @@ class LearningScheduler:
         if self._aps is not None:
             self._aps.shutdown(wait=False)
             self._aps = None
-            log.warning("lost the learning loop leadership: jobs stopped")
 
     async def check(self) -> None:
         ok, why = await should_train(self.sessions, self.loop_cfg)
