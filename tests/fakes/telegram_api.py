@@ -472,7 +472,8 @@ class FakeTelegram:
     # ---- control API for a fake in another process (benchmarks) ---------------------------------
     async def _load(self, request: Request) -> JSONResponse:
         body = await request.json()
-        chats = [self.private(10_000 + i, f"user{i}") for i in range(body["users"])]
+        first = body.get("first_chat", 10_000)
+        chats = [self.private(first + i, f"user{i}") for i in range(body["users"])]
         for chat in chats:
             self.load.left[chat["id"]] = body["per_user"] - 1
         for chat in chats:

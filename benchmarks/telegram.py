@@ -1,0 +1,201 @@
+"""Telegram gateway throughput and latency against the fake Bot API, polling and webhook mode.
+
+    .venv/bin/python benchmarks/telegram.py [--users 200] [--per-user 5] [--storage sqlite]
+
+200 simulated users in private chats (the fake Bot API, in its own process, sends each user's
+next message when the previous answer arrives), an instant scripted model, one gateway (this
+process), and for comparison the same load straight into the conversation core (the
+ceiling the channel can reach on this machine). Reports updates/s handled, p50/p99 latency
+from an update being available to its final answer reaching the Bot API (gateway plus the
+fake's own handling), lost / doubled answers (checked in the fake and in the database), and
+Bot API calls per answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    ROOT,
+    median,
+    pct,
+    print_table,
+    start_process,
+    write_json,
+)
+from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
+from bots.gateway import create_app  # noqa: E402
+from bots.telegram import TelegramChannel, TelegramOptions, make_bot  # noqa: E402
+from inference.prompt import PromptFitter  # noqa: E402
+from storage.db import make_engine, session_factory  # noqa: E402
+from storage.migrate import upgrade_async  # noqa: E402
+from storage.models import InboundEvent, Message  # noqa: E402
+from tests.fakes.inference import ScriptedBackend  # noqa: E402
+from tests.fakes.sinks import RecordingSink  # noqa: E402
+from tests.fakes.telegram_api import TOKEN  # noqa: E402
+from tests.fakes.vllm_server import free_port  # noqa: E402
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
+SENDS = ("sendMessage", "editMessageText", "sendMessageDraft")
+
+
+async def _fresh_db(kind: str) -> str:
+    if kind == "sqlite":
+        tmp = ROOT / "var/bench"
+        tmp.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite+aiosqlite:///{tmp / f'telegram-{uuid.uuid4().hex[:6]}.db'}"
+    else:
+        import asyncpg
+
+        name = f"chatloop_bench_tg_{uuid.uuid4().hex[:8]}"
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    await upgrade_async(url)
+    return url
+
+
+async def _run(mode: str, storage: str, users: int, per_user: int, tokenizer: Any,
+               deadline_s: float) -> dict[str, Any]:
+    api_port, gw_port = free_port(), free_port()
+    fake = start_process([sys.executable, "-m", "tests.fakes.telegram_api", "--port",
+                          str(api_port)], f"http://127.0.0.1:{api_port}/_fake/stats")
+    engine = make_engine(await _fresh_db(storage))
+    core = _core(engine, tokenizer)
+    options = TelegramOptions(mode=mode, webhook_url=f"http://127.0.0.1:{gw_port}/telegram/webhook",
+                              webhook_secret="bench-secret", poll_timeout_s=5)
+    channel = TelegramChannel(core=core, bot=make_bot(TOKEN, api_base=f"http://127.0.0.1:{api_port}"),
+                              options=options)
+
+    async def ready() -> dict[str, str]:
+        return {}
+
+    server = uvicorn.Server(uvicorn.Config(create_app(channels=[channel], ready=ready),
+                                           host="127.0.0.1", port=gw_port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    total = users * per_user
+    try:
+        while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for this)
+            await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30) as c:
+            # warm-up (first DB connections, first prompt template render): one user, not counted
+            await c.post("/_fake/load", json={"users": 1, "per_user": 3, "first_chat": 9_000})
+            await _until(c, 3, deadline_s)
+            started = time.perf_counter()
+            await c.post("/_fake/load", json={"users": users, "per_user": per_user})
+            await _until(c, 3 + total, deadline_s)
+            elapsed = time.perf_counter() - started
+            await asyncio.sleep(0.5)  # anything doubled would arrive now
+            stats = (await c.get("/_fake/stats")).json()
+    finally:
+        server.should_exit = True
+        await serving
+        fake.kill()
+    async with session_factory(engine)() as s:
+        answers = (await s.execute(select(func.count()).select_from(Message)
+                                   .where(Message.role == "assistant", Message.status == "ok"))
+                   ).scalar()
+        done = (await s.execute(select(func.count()).select_from(InboundEvent)
+                                .where(InboundEvent.status == "done"))).scalar()
+    await engine.dispose()
+    finals = {k: v for k, v in stats["finals"].items() if int(k) != 9_000}
+    lat = [x * 1000 for x in stats["latencies"][3:]]
+    answered = sum(finals.values())
+    methods = stats["methods"]
+    return {
+        "mode": mode, "storage": storage, "updates": total, "answered": answered,
+        "lost": total - sum(min(n, per_user) for n in finals.values()),
+        "doubled": sum(max(0, n - per_user) for n in finals.values())
+        + max(0, answers - 3 - total),
+        "db answers": answers - 3, "db events done": done - 3,
+        "updates/s": answered / elapsed, "p50 ms": median(lat), "p99 ms": pct(lat, 99),
+        "sends+edits+drafts /answer": sum(methods.get(m, 0) for m in SENDS) / max(answered, 1),
+        "all calls /answer": sum(methods.values()) / max(answered, 1),
+        "methods": methods,
+    }
+
+
+async def _core_only(storage: str, users: int, per_user: int, tokenizer: Any) -> dict[str, Any]:
+    """The same load straight into the conversation core (no Telegram): the baseline."""
+    engine = make_engine(await _fresh_db(storage))
+    core = _core(engine, tokenizer)
+    times: list[float] = []
+
+    async def user(u: int) -> None:
+        for i in range(per_user):
+            msg = InboundMessage(channel="bench", event_id=f"{u}-{i}", chat_id=str(u),
+                                 user_id=str(u), text=f"question {i} from {u}")
+            t = time.perf_counter()
+            await core.handle(msg, RecordingSink())
+            times.append((time.perf_counter() - t) * 1000)
+
+    await user(-1)  # warm-up
+    times.clear()
+    started = time.perf_counter()
+    await asyncio.gather(*(user(u) for u in range(users)))
+    elapsed = time.perf_counter() - started
+    await engine.dispose()
+    return {"mode": "core only", "storage": storage, "updates": users * per_user,
+            "answered": len(times), "updates/s": len(times) / elapsed,
+            "p50 ms": median(times), "p99 ms": pct(times, 99)}
+
+
+def _core(engine: Any, tokenizer: Any) -> ConversationCore:
+    return ConversationCore(
+        sessions=session_factory(engine), backend=ScriptedBackend(),
+        fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=32),
+        system_prompt="Be brief.",
+        limits=CoreLimits(max_tokens=32, rate_limit_per_minute=10**6),
+    )
+
+
+async def _until(client: httpx.AsyncClient, answers: int, deadline_s: float) -> None:
+    """Wait until the fake has seen `answers` final answers (or the deadline passes)."""
+    deadline = time.perf_counter() + deadline_s
+    while time.perf_counter() < deadline:
+        stats = (await client.get("/_fake/stats")).json()
+        if sum(stats["finals"].values()) >= answers:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def main(users: int, per_user: int, storages: list[str], deadline_s: float) -> None:
+    from transformers import AutoTokenizer
+
+    logging.basicConfig(level=logging.ERROR)
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    results = []
+    for storage in storages:
+        for mode in ("polling", "webhook"):
+            results.append(await _run(mode, storage, users, per_user, tokenizer, deadline_s))
+        results.append(await _core_only(storage, users, per_user, tokenizer))
+    rows = [{k: r.get(k, "") for k in results[0] if k != "methods"} for r in results]
+    print_table(f"telegram gateway: {users} users x {per_user} messages, instant model", rows)
+    write_json("telegram", {"users": users, "per_user": per_user, "results": results,
+                            "note": "latency = update available at the fake Bot API -> final "
+                                    "answer received by it; includes the fake's own handling"})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--per-user", type=int, default=5)
+    ap.add_argument("--storage", action="append", choices=["sqlite", "postgres"])
+    ap.add_argument("--deadline", type=float, default=120.0, help="seconds per run, at most")
+    a = ap.parse_args()
+    asyncio.run(main(a.users, a.per_user, a.storage or ["sqlite", "postgres"], a.deadline))
