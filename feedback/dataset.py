@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from collections import defaultdict
@@ -300,7 +301,7 @@ def replay_sample(pool: Sequence[Example], new: Sequence[Example], fraction: flo
     """A deterministic sample of earlier training examples (not already in `new`)."""
     present = {(json.dumps(e.prompt), e.completion) for e in new}
     candidates = [e for e in pool if (json.dumps(e.prompt), e.completion) not in present]
-    k = min(len(candidates), round(len(new) * fraction))
+    k = min(len(candidates), math.ceil(len(new) * fraction))
     chosen = random.Random(seed).sample(candidates, k) if k else []
     return [Example(e.conversation_id, e.answer_id, e.prompt, e.completion, "replay")
             for e in chosen]

@@ -181,18 +181,18 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
                  cfg: LoopConfig, run_id: int) -> CycleResult:
     async with sessions() as s:
         state = await registry.serving(s)
-        since, _ = await watermarks(s)
         done = await registry.runs(s, limit=1000)
     if state.canary is not None:
         why = f"canary {state.canary.name} is still being evaluated"
         await _finish(sessions, run_id, RunStatus.SKIPPED, error=why)
         return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
     parent = state.active if cfg.incremental else None
+    since = (parent.feedback_watermark or 0) if parent else 0  # new data since the parent's
     pool = [e for r in done if r.status == RunStatus.SUCCEEDED
             for e in read_examples(cfg.runs_dir / f"run-{r.id}" / "sft.jsonl")]
     async with sessions() as s:
         ds = await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor,
-                                 since=since if parent else 0, replay_pool=pool)
+                                 since=since, replay_pool=pool)
     template = cfg.train or TrainJob(model_dir=cfg.model_dir, out_dir="", work_dir="")
     if not ds.sft and len(ds.kto) < template.kto_min_examples:
         why = "no training data in the new feedback"

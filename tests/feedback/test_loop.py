@@ -148,3 +148,32 @@ async def test_threshold_interval_and_canary_gate_new_runs(
     assert not ok and "minimum" in why
     cfg.min_interval = timedelta(0)
     assert await should_train(sessions, cfg) == (True, "3 new eligible feedback")
+
+
+async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_replay(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    cfg = loop_config(tmp_path, model_dir, fake="pass 0")
+    await corrected(sessions, tokenizer, n=4)
+    assert (await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")).status == (
+        "succeeded")
+    async with sessions() as s:
+        await registry.promote(s, name="fb-v1")
+    core = make_core(sessions, tokenizer)
+    answer = await Asker(core).ask("Do you sell gift cards?")
+    await core.correct(answer_id=answer, voter_id=REVIEWER, text="Yes, 10 to 500 pounds.",
+                       source="test")
+    second = await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")
+    assert (second.status, second.adapter) == ("succeeded", "fb-v2")
+    work = tmp_path / "runs/run-2"
+    job = json.loads((work / "job.json").read_text())
+    assert job["parent_path"] == str(tmp_path / "adapters/fb-v1")
+    rows = [json.loads(line) for line in (work / "sft.jsonl").read_text().splitlines()]
+    first_run = (tmp_path / "runs/run-1/sft.jsonl").read_text().splitlines()
+    new = [r for r in rows if r["source"] == "correction"]
+    replay = [r for r in rows if r["source"] == "replay"]
+    assert [r["completion"] for r in new] == ["Yes, 10 to 500 pounds."]  # only the new feedback
+    assert len(replay) == 1 and len(first_run) == 3  # half of one new example, rounded up
+    async with sessions() as s:
+        assert (await registry.get(s, "fb-v2")).parent_name == "fb-v1"
