@@ -19,9 +19,15 @@ if TYPE_CHECKING:
 __all__ = ["TelegramChannel", "TelegramOptions", "build_channel", "make_bot"]
 
 
-def make_bot(token: str, *, api_base: str | None = None) -> Bot:
-    """An aiogram Bot; `api_base` points it at another Bot API server (self-hosted, or a fake)."""
-    session = AiohttpSession(api=TelegramAPIServer.from_base(api_base)) if api_base else None
+def make_bot(token: str, *, api_base: str | None = None, timeout_s: float = 30.0) -> Bot:
+    """An aiogram Bot; `api_base` points it at another Bot API server (self-hosted, or a fake).
+
+    `timeout_s` bounds each call (long polls get their poll timeout on top), so a hung
+    connection becomes a retried network error instead of a stuck conversation.
+    """
+    session = AiohttpSession(timeout=timeout_s)
+    if api_base:
+        session.api = TelegramAPIServer.from_base(api_base)
     return Bot(token, session=session)
 
 

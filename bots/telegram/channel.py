@@ -103,9 +103,14 @@ class TelegramChannel:
         except Exception:
             log.exception("resuming unfinished telegram turns failed")
         self._ready.set()
-        if self.options.mode == "polling":
-            await poll_forever(self.bot, self.submit, timeout_s=self.options.poll_timeout_s,
-                               settle_s=self.options.settle_s)
+        while self.options.mode == "polling":
+            try:
+                await poll_forever(self.bot, self.submit, timeout_s=self.options.poll_timeout_s,
+                                   settle_s=self.options.settle_s)
+                return  # the token was rejected
+            except Exception:
+                log.exception("telegram polling crashed: restarting it")
+                await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -124,7 +129,11 @@ class TelegramChannel:
         if known is not None:
             return known
         assert self._me is not None, "start() first"
-        action = convert.classify(update, self._me)
+        try:
+            action = convert.classify(update, self._me)
+        except Exception:  # an update we cannot read must not stop the intake
+            log.exception("cannot classify telegram update %s: skipped", update.update_id)
+            action = convert.Skip("unreadable")
         recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         key = convert.lane(action)
         if key is None:

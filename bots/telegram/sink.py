@@ -99,6 +99,42 @@ class _Stream:
             await self._task
 
 
+class _Typing:
+    """Keeps "typing…" on until the first text shows (Telegram clears it after ~5 s)."""
+
+    def __init__(self, api: TelegramApi, where: Target, every: float = 4.5) -> None:
+        self._api, self._where, self._every = api, where, every
+        self._task: asyncio.Task[None] | None = None
+        self._busy = self._halted = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._halted:
+            self._busy = True
+            try:
+                await self._api.typing(self._where)
+            except DeliveryError as exc:
+                log.info("typing action in chat %s failed: %s", self._where.chat_id, exc)
+                return
+            finally:
+                self._busy = False
+            await asyncio.sleep(self._every)
+
+    def halt(self) -> None:
+        """Stop; a call on the wire completes (else "typing…" could outlive the answer)."""
+        self._halted = True
+        if self._task is not None and not self._busy:
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        self.halt()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 class TelegramSink:
     """One reply in one chat (or forum topic)."""
 
@@ -110,18 +146,18 @@ class TelegramSink:
         self._shown: list[tuple[str, bool, bool]] = []  # (text, formatted, keyboard) per part
         interval = draft_interval if where.private else edit_interval
         self._stream = _Stream(self._preview, pacer, where.chat_id, interval)
+        self._typing = _Typing(api, where)
 
     async def begin(self) -> None:
-        try:
-            await self._api.typing(self._where)
-        except DeliveryError as exc:
-            log.info("typing action in chat %s failed: %s", self._where.chat_id, exc)
+        self._typing.start()  # in the background: the model starts at once
 
     async def update(self, text: str) -> None:
         if text.strip():
+            self._typing.halt()
             self._stream.offer(text)
 
     async def finish(self, text: str, answer_id: int) -> str | None:
+        await self._typing.stop()
         await self._stream.close()
         parts = [p.strip() for p in split_text(text) if p.strip()]
         keyboard = vote_keyboard(answer_id)
@@ -136,6 +172,7 @@ class TelegramSink:
         return str(message_id)
 
     async def fail(self, text: str) -> None:
+        await self._typing.stop()
         await self._stream.close()
         try:
             if self._messages:

@@ -230,8 +230,9 @@ class FakeTelegram:
         self.fail(method, 429, f"Too Many Requests: retry after {retry_after}",
                   retry_after=retry_after, **kw)
 
-    def slow(self, method: str, seconds: float, times: int = 1) -> None:
-        self.faults.append(Fault(method, None, "", times=times, delay=seconds))
+    def slow(self, method: str, seconds: float, times: int = 1,
+             when: Callable[[dict[str, Any]], bool] | None = None) -> None:
+        self.faults.append(Fault(method, None, "", times=times, delay=seconds, when=when))
 
     # ---- HTTP ------------------------------------------------------------------------------------
     def app(self) -> Starlette:
@@ -245,6 +246,11 @@ class FakeTelegram:
     async def _lifespan(self, _: Starlette) -> AsyncIterator[None]:
         yield
         await self.aclose()
+
+    def release_pollers(self) -> None:
+        """Answer a held getUpdates now, so a server shutting down need not wait for it."""
+        self._poller += 1
+        self._arrived.set()
 
     async def aclose(self) -> None:
         for task in self._workers:

@@ -34,6 +34,7 @@ async def fake() -> AsyncIterator[FakeTelegram]:
     async with serve_app(tg.app()) as url:
         tg.base_url = url  # type: ignore[attr-defined]
         yield tg
+        tg.release_pollers()
 
 
 @dataclass
@@ -74,11 +75,13 @@ async def start_bot(fake: FakeTelegram, sessions: Any, tokenizer: Any
 
     async def start(backend: ScriptedBackend | None = None, *,
                     reviewers: frozenset[str] = frozenset(),
-                    limits: dict[str, Any] | None = None, **options: Any) -> Bot:
+                    limits: dict[str, Any] | None = None, timeout_s: float = 30.0,
+                    **options: Any) -> Bot:
         backend = backend or ScriptedBackend()
         core = make_core(sessions, tokenizer, backend, reviewers=reviewers, **(limits or {}))
         channel = TelegramChannel(
-            core=core, bot=make_bot(TOKEN, api_base=fake.base_url),  # type: ignore[attr-defined]
+            core=core,
+            bot=make_bot(TOKEN, api_base=fake.base_url, timeout_s=timeout_s),  # type: ignore[attr-defined]
             options=TelegramOptions(**{**FAST, **options}),
             retry=RetryPolicy(backoff_s=0.05, max_backoff_s=0.2),
         )

@@ -87,6 +87,20 @@ async def test_server_errors_are_retried(start_bot) -> None:  # type: ignore[no-
     assert [c.status for c in bot.fake.calls_to("sendMessage")] == [502, 502, 200]
 
 
+async def test_a_hung_call_times_out_and_is_retried(start_bot) -> None:  # type: ignore[no-untyped-def]
+    text = "A group answer that streams in a few pieces before it is done."
+    bot = await start_bot(ScriptedBackend(answer=lambda r: text, chunk=10, delay=0.03),
+                          timeout_s=1)
+    group = bot.fake.group()
+    bot.fake.slow("editMessageText", 2.0, when=lambda p: "reply_markup" in p)
+    bot.fake.mention(group, "go")
+    [answer] = await eventually(lambda: bot.fake.answers(group["id"]))
+    assert answer["text"] == text
+    finals = [c for c in bot.fake.calls_to("editMessageText") if "reply_markup" in c.params]
+    assert len(finals) == 2 and finals[1].at - finals[0].at >= 1.0
+    assert len(bot.fake.sent(group["id"])) == 1
+
+
 async def test_a_blocked_chat_is_recorded_and_not_retried(start_bot, caplog) -> None:  # type: ignore[no-untyped-def]
     bot = await start_bot()
     chat = bot.fake.private()
