@@ -161,6 +161,19 @@ class ConversationCore:
 
     async def handle(self, msg: InboundMessage, sink: ReplySink) -> TurnResult:
         """Answer one inbound message exactly once, whatever the platform redelivers."""
+        accepted = await self.accept(msg, sink)
+        if isinstance(accepted, TurnResult):
+            return accepted
+        return await self.answer(accepted, sink)
+
+    async def accept(self, msg: InboundMessage, sink: ReplySink) -> Accepted | TurnResult:
+        """Record a question with its delivery id; channels that must acknowledge before
+        answering (Slack) call this before the ack and `answer` after it.
+
+        Commands, bad input, rate limits and duplicates end here (a TurnResult). A recorded
+        question's redelivery is a duplicate, and a crash before its answer leaves it to
+        `resume`.
+        """
         text = msg.text.strip()
         if text.startswith("/"):
             return await self._command(msg, text, sink)
@@ -172,36 +185,6 @@ class ConversationCore:
                 f"That message is too long ({len(text)} characters; the limit is "
                 f"{self._limits.max_input_chars}). Please shorten it.",
             )
-        if not self._rate.allow(f"{msg.channel}:{msg.user_id}"):
-            return await self._reject(
-                msg, sink, "You are sending messages too quickly. Please wait a minute."
-            )
-        key = (msg.channel, msg.chat_id, msg.thread_id)
-        async with self._conversation_locks.hold(key):  # per-conversation ordering
-            async with self.sessions() as s:
-                conv = await repo.current_conversation(
-                    s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id
-                )
-                turn = await repo.begin_turn(
-                    s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
-                    text=text, author_id=msg.user_id, external_message_id=msg.message_id,
-                    payload=dataclasses.asdict(msg),
-                )
-            if turn is None:
-                log.info("duplicate %s event %s ignored", msg.channel, msg.event_id)
-                return TurnResult(Outcome.DUPLICATE)
-            return await self.run_turn(turn, text, sink)
-
-    async def accept(self, msg: InboundMessage, sink: ReplySink) -> Accepted | TurnResult:
-        """The first half of `handle`, for channels that must acknowledge before answering.
-
-        Commands, bad input, rate limits and duplicates end here as in `handle` (a
-        TurnResult). A question is recorded with its delivery id, so a redelivery is a
-        duplicate and a crash leaves it to `resume`, and returned to be answered by `answer`.
-        """
-        text = msg.text.strip()
-        if text.startswith("/") or not text or len(text) > self._limits.max_input_chars:
-            return await self.handle(msg, sink)  # nothing to generate: handled right away
         if not self._rate.allow(f"{msg.channel}:{msg.user_id}"):
             return await self._reject(
                 msg, sink, "You are sending messages too quickly. Please wait a minute."
@@ -221,7 +204,8 @@ class ConversationCore:
         return Accepted(turn, text, (msg.channel, msg.chat_id, msg.thread_id))
 
     async def answer(self, accepted: Accepted, sink: ReplySink) -> TurnResult:
-        """Answer a question recorded by `accept`; one turn at a time per conversation."""
+        """Answer a question recorded by `accept`; one turn at a time per conversation, and
+        each turn's history holds only the questions recorded before it."""
         async with self._conversation_locks.hold(accepted.key):
             return await self.run_turn(accepted.turn, accepted.question, sink)
 

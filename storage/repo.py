@@ -133,14 +133,26 @@ async def record_event(
 
 async def history(session: AsyncSession, *, conversation_id: int, before_id: int,
                   limit: int) -> list[Message]:
-    """The last `limit` messages before `before_id`, without failed answers or their questions."""
-    stmt = (select(Message).where(Message.conversation_id == conversation_id,
-                                  Message.id < before_id)
-            .order_by(Message.id.desc()).limit(limit * 2 + 2))
-    rows = list((await session.execute(stmt)).scalars())[::-1]
-    failed = {m.reply_to_id for m in rows if m.status == AnswerStatus.FAILED}
-    kept = [m for m in rows if m.status != AnswerStatus.FAILED and m.id not in failed]
-    return kept[-limit:] if limit else []
+    """The last `limit` messages of the exchanges asked before `before_id`, in order.
+
+    Only answered exchanges count: a failed answer and its question are left out, and so is a
+    question still being answered (two messages in one thread can be recorded before either
+    is answered; the later one then sees the earlier exchange once its answer is stored).
+    """
+    if limit <= 0:
+        return []
+    asked_before = Message.id < before_id
+    answer_to_earlier = (Message.role == Role.ASSISTANT) & (Message.reply_to_id < before_id)
+    stmt = (select(Message)
+            .where(Message.conversation_id == conversation_id, asked_before | answer_to_earlier)
+            .order_by(Message.id.desc()).limit(limit * 2 + 4))
+    rows = list((await session.execute(stmt)).scalars())
+    answers = {m.reply_to_id: m for m in rows
+               if m.role == Role.ASSISTANT and m.status == AnswerStatus.OK}
+    questions = sorted((m for m in rows if m.role == Role.USER and m.id in answers),
+                       key=lambda m: m.id or 0)
+    kept = [msg for q in questions for msg in (q, answers[q.id])]
+    return kept[-limit:]
 
 
 async def finish_turn(

@@ -166,3 +166,16 @@ async def test_resume_answers_a_recorded_but_unfinished_event(sessions, tokenize
     assert await make_core(sessions, tokenizer, ScriptedBackend()).resume("test", sink_for) == 1
     assert sinks[0].final == "Echo: slow question"
     assert await core.resume("test", sink_for) == 0
+
+
+async def test_concurrent_messages_in_one_chat_are_answered_in_order_with_history(
+    sessions, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    backend = ScriptedBackend(delay=0.02)
+    core = make_core(sessions, tokenizer, backend)
+    first = asyncio.create_task(core.handle(msg("first question", "e1"), RecordingSink()))
+    await asyncio.sleep(0)  # the first is on its way
+    second = await core.handle(msg("second question", "e2"), RecordingSink())
+    assert (await first).outcome == second.outcome == Outcome.ANSWERED
+    contents = [m.content for m in backend.requests[1].messages]
+    assert contents[1:] == ["first question", "Echo: first question", "second question"]

@@ -146,3 +146,24 @@ async def test_feedback_on_a_question_or_unknown_id_is_refused(sessions) -> None
                                    source="test")
         with pytest.raises(repo.UnknownAnswer):
             await repo.record_vote(s, answer_id=99999, voter_id="v", rating=1, source="test")
+
+
+async def test_history_of_interleaved_turns_pairs_each_answer_with_its_question(sessions) -> None:  # type: ignore[no-untyped-def]
+    t1 = await _turn(sessions, "e1", text="q1")
+    t2 = await _turn(sessions, "e2", text="q2")  # recorded before q1 is answered
+    async with sessions() as s:
+        assert await repo.history(s, conversation_id=t2.conversation_id,
+                                  before_id=t2.question_id, limit=10) == []  # q1 is unanswered
+    await _answer(sessions, t1, "a1")
+    await _answer(sessions, t2, "a2")
+    t3 = await _turn(sessions, "e3", text="q3")
+    async with sessions() as s:
+        for_t2 = await repo.history(s, conversation_id=t2.conversation_id,
+                                    before_id=t2.question_id, limit=10)
+        for_t3 = await repo.history(s, conversation_id=t3.conversation_id,
+                                    before_id=t3.question_id, limit=10)
+        last_two = await repo.history(s, conversation_id=t3.conversation_id,
+                                      before_id=t3.question_id, limit=2)
+    assert [m.text for m in for_t2] == ["q1", "a1"]
+    assert [m.text for m in for_t3] == ["q1", "a1", "q2", "a2"]
+    assert [m.text for m in last_two] == ["q2", "a2"]
