@@ -100,10 +100,15 @@ class _Stream:
 
 
 class _Typing:
-    """Keeps "typing…" on until the first text shows (Telegram clears it after ~5 s)."""
+    """Keeps "typing…" on until the first text shows (Telegram clears it after ~5 s).
 
-    def __init__(self, api: TelegramApi, where: Target, every: float = 4.5) -> None:
-        self._api, self._where, self._every = api, where, every
+    It starts after `after` seconds of silence: a model that answers at once needs none,
+    which saves a Bot API call per answer.
+    """
+
+    def __init__(self, api: TelegramApi, where: Target, *, after: float = 0.25,
+                 every: float = 4.5) -> None:
+        self._api, self._where, self._after, self._every = api, where, after, every
         self._task: asyncio.Task[None] | None = None
         self._busy = self._halted = False
 
@@ -111,6 +116,7 @@ class _Typing:
         self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        await asyncio.sleep(self._after)
         while not self._halted:
             self._busy = True
             try:

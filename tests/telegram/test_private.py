@@ -12,7 +12,8 @@ ANSWER = "Our opening hours are nine to five on weekdays, and ten to two on Satu
 
 
 async def test_private_answer_streams_drafts_then_exact_final_text(start_bot) -> None:  # type: ignore[no-untyped-def]
-    bot = await start_bot(ScriptedBackend(answer=lambda r: ANSWER, chunk=6, delay=0.02))
+    bot = await start_bot(ScriptedBackend(answer=lambda r: ANSWER, chunk=6, delay=0.02,
+                                          first_token_delay=0.5))
     chat = bot.fake.private()
     bot.fake.say(chat, "When are you open?")
     [final] = await eventually(lambda: bot.fake.answers(chat["id"]))
@@ -21,7 +22,8 @@ async def test_private_answer_streams_drafts_then_exact_final_text(start_bot) ->
     assert len(drafts) >= 2 and len({d["draft_id"] for d in drafts}) == 1
     assert all(ANSWER.startswith(d["text"]) for d in drafts)
     assert [d["text"] for d in drafts] == sorted((d["text"] for d in drafts), key=len)
-    assert bot.fake.calls_to("sendChatAction")[0].params["action"] == "typing"
+    [typing] = bot.fake.calls_to("sendChatAction")  # while the model thought, then no more
+    assert typing.params["action"] == "typing" and typing.at < drafts[0]["at"]
     buttons = [b["callback_data"] for b in final["reply_markup"]["inline_keyboard"][0]]
     async with bot.sessions() as s:
         answer = (await s.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
