@@ -1,24 +1,24 @@
 """The Telegram channel: intake (polling or webhook), ordered lanes, core turns, feedback.
 
-Every update is recorded (its turn started in the core, or its vote or correction stored)
-before it is confirmed to Telegram: by the polling offset, or by the webhook's 200.
+Every update is recorded (its question accepted by the core, or its vote or correction
+stored) before it is confirmed to Telegram: by the polling offset, or by the webhook's 200.
+Recording runs in order per conversation and is quick; answers then run in order per
+conversation too, so a long answer never holds back the confirmation of later updates.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
 from aiogram import Bot
 from aiogram.types import BotCommand, Update, User
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi import APIRouter
 
-from bots.core import ConversationCore, InboundMessage, ReplySink
+from bots.core import Accepted, ConversationCore, InboundMessage, ReplySink
 from bots.telegram import convert
 from bots.telegram.convert import CHANNEL, Action, Ask, Correct, StaleButton, TextOnly, Vote
 from bots.telegram.feedback import Feedback
@@ -26,10 +26,9 @@ from bots.telegram.lanes import Lanes
 from bots.telegram.outbound import DeliveryError, RetryPolicy, Target, TelegramApi, call
 from bots.telegram.polling import poll_forever
 from bots.telegram.sink import Pacer, TelegramSink
+from bots.telegram.webhook import webhook_router
 
 log = logging.getLogger(__name__)
-WEBHOOK_PATH = "/telegram/webhook"
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 COMMANDS = [BotCommand(command="start", description="What this bot does"),
             BotCommand(command="help", description="How to ask and rate answers"),
             BotCommand(command="reset", description="Start a new conversation")]
@@ -44,7 +43,7 @@ class TelegramOptions:
     edit_interval_s: float = 3.0  # groups: editMessageText, ~20 per minute per group
     poll_timeout_s: int = 25
     settle_s: float = 0.2  # polling: wait this long for recording before polling again
-    webhook_ack_timeout_s: float = 20.0  # then 503, and Telegram delivers it again
+    webhook_ack_timeout_s: float = 10.0  # then 503, and Telegram delivers it again
     drain_s: float = 20.0  # on stop: let answers in progress finish
 
 
@@ -63,7 +62,8 @@ class TelegramChannel:
         self.core, self.bot, self.options = core, bot, options
         self.api = TelegramApi(bot, retry)
         self._pacer = Pacer()
-        self._lanes = Lanes()
+        self._intake = Lanes()  # recording: accept a question, store a vote or a correction
+        self._answers = Lanes()  # generating and streaming answers
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._ready = asyncio.Event()  # set once unfinished turns have been resumed
         self._runner: asyncio.Task[None] | None = None
@@ -73,10 +73,9 @@ class TelegramChannel:
     def routes(self) -> APIRouter | None:
         if self.options.mode != "webhook":
             return None
-        router = APIRouter()
-        router.add_api_route(WEBHOOK_PATH, self._webhook, methods=["POST"],
-                             include_in_schema=False)
-        return router
+        return webhook_router(bot=self.bot, secret=self.options.webhook_secret or "",
+                              submit=self.submit, started=lambda: self._me is not None,
+                              ack_timeout_s=self.options.webhook_ack_timeout_s)
 
     async def start(self) -> None:
         self._me = await call(self.bot.me, RetryPolicy(attempts=3))
@@ -117,10 +116,11 @@ class TelegramChannel:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
-        if not await self._lanes.join(self.options.drain_s):
-            log.warning("telegram: %s jobs still running after %ss: cancelling them",
-                        len(self._lanes), self.options.drain_s)
-            await self._lanes.cancel()
+        for lanes in (self._intake, self._answers):  # answers are queued by the intake
+            if not await lanes.join(self.options.drain_s):
+                log.warning("telegram: %s jobs still running after %ss: cancelling them",
+                            len(lanes), self.options.drain_s)
+                await lanes.cancel()
         await self.bot.session.close()
 
     def submit(self, update: Update) -> asyncio.Future[None]:
@@ -140,14 +140,14 @@ class TelegramChannel:
             recorded.set_result(None)
             return recorded
         self._inflight[update.update_id] = recorded
-        self._lanes.submit(key, lambda: self._perform(update.update_id, action, recorded))
+        self._intake.submit(key, lambda: self._record(update.update_id, key, action, recorded))
         return recorded
 
-    async def _perform(self, update_id: int, action: Action,
-                       recorded: asyncio.Future[None]) -> None:
+    async def _record(self, update_id: int, key: Hashable, action: Action,
+                      recorded: asyncio.Future[None]) -> None:
         try:
             await self._ready.wait()
-            await self._act(action, recorded)
+            answer = await self._act(action, recorded)
         except BaseException as exc:
             if not recorded.done():
                 recorded.set_exception(exc if isinstance(exc, Exception) else RuntimeError(exc))
@@ -156,12 +156,18 @@ class TelegramChannel:
             if not recorded.done():
                 recorded.set_result(None)
             self._inflight.pop(update_id, None)
+        if answer is not None:
+            self._answers.submit(key, answer)
 
-    async def _act(self, action: Action, recorded: asyncio.Future[None]) -> None:
+    async def _act(self, action: Action, recorded: asyncio.Future[None]
+                   ) -> Callable[[], Awaitable[None]] | None:
+        """Record the action (and do what needs no model); return the answer job, if any."""
         assert self._feedback is not None
         if isinstance(action, Ask):
             sink = _Recorded(self._sink(action.where), recorded)
-            await self.core.handle(action.message, sink)
+            accepted = await self.core.accept(action.message, sink)
+            if isinstance(accepted, Accepted):
+                return lambda: self._answer(accepted, sink)
         elif isinstance(action, Vote):
             await self._feedback.vote(action)
         elif isinstance(action, Correct):
@@ -171,6 +177,10 @@ class TelegramChannel:
                 await self._sink(action.where).notice(convert.TEXT_ONLY)
         elif isinstance(action, StaleButton):
             await self._feedback.stale_button(action.query_id)
+        return None
+
+    async def _answer(self, accepted: Accepted, sink: ReplySink) -> None:
+        await self.core.answer(accepted, sink)
 
     def _sink(self, where: Target) -> TelegramSink:
         return TelegramSink(self.api, where, self._pacer,
@@ -179,27 +189,6 @@ class TelegramChannel:
 
     async def _sink_for(self, msg: InboundMessage) -> ReplySink:
         return self._sink(convert.target_for(msg))
-
-    async def _webhook(self, request: Request) -> JSONResponse:
-        given = request.headers.get(SECRET_HEADER, "").encode()
-        secret = (self.options.webhook_secret or "").encode()
-        if not hmac.compare_digest(given, secret):
-            return JSONResponse({"ok": False, "description": "Unauthorized"}, status_code=401)
-        if self._me is None:
-            return JSONResponse({"ok": False, "description": "starting"}, status_code=503)
-        try:
-            update = Update.model_validate(await request.json(), context={"bot": self.bot})
-        except (ValueError, ValidationError) as exc:
-            log.warning("malformed telegram update: %s", exc)
-            return JSONResponse({"ok": False, "description": "bad update"}, status_code=400)
-        recorded = self.submit(update)
-        try:  # shielded: a timeout answers Telegram, it does not cancel the turn
-            await asyncio.wait_for(asyncio.shield(recorded), self.options.webhook_ack_timeout_s)
-        except TimeoutError:
-            return JSONResponse({"ok": False, "description": "busy"}, status_code=503)
-        except Exception:
-            return JSONResponse({"ok": False, "description": "not recorded"}, status_code=500)
-        return JSONResponse({})
 
 
 class _Recorded:

@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -138,6 +138,7 @@ class FakeTelegram:
         self.latencies: list[float] = []
         self.finals: Counter[int] = Counter()
         self.load = Load()
+        self.on_confirm: Callable[[list[int]], Awaitable[None]] | None = None  # test hook
         self._update_ids = itertools.count(10001)
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._callbacks: set[str] = set()
@@ -301,6 +302,9 @@ class FakeTelegram:
         self._poller += 1
         me = self._poller
         if (offset := p.get("offset")) is not None and offset > 0:
+            confirmed = [u["update_id"] for u in self.updates if u["update_id"] < offset]
+            if confirmed and self.on_confirm is not None:
+                await self.on_confirm(confirmed)
             self.updates = [u for u in self.updates if u["update_id"] >= offset]
         deadline = time.monotonic() + float(p.get("timeout") or 0)
         while not self.updates and (left := deadline - time.monotonic()) > 0:

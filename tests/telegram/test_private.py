@@ -70,7 +70,9 @@ async def test_rate_limit_gets_a_polite_message(start_bot) -> None:  # type: ign
     bot.fake.say(chat, "two")
     sent = await eventually(lambda: len(bot.fake.sent(chat["id"])) == 2
                             and bot.fake.sent(chat["id"]))
-    assert "too quickly" in sent[1]["text"] and len(bot.backend.requests) == 1
+    assert sorted(m["text"] for m in sent) == [
+        "Echo: one", "You are sending messages too quickly. Please wait a minute."]
+    assert len(bot.backend.requests) == 1
 
 
 async def test_inference_failure_gives_an_apology_and_a_failed_turn(start_bot) -> None:  # type: ignore[no-untyped-def]
