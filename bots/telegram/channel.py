@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from bots.telegram.sink import Pacer, TelegramSink
 from bots.telegram.webhook import webhook_router
 
 log = logging.getLogger(__name__)
+_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 COMMANDS = [BotCommand(command="start", description="What this bot does"),
             BotCommand(command="help", description="How to ask and rate answers"),
             BotCommand(command="reset", description="Start a new conversation")]
@@ -59,6 +61,9 @@ class TelegramChannel:
         if options.mode == "webhook" and not (options.webhook_url and options.webhook_secret):
             raise ValueError("telegram webhook mode needs CHATLOOP_TELEGRAM_WEBHOOK_URL and "
                              "CHATLOOP_TELEGRAM_WEBHOOK_SECRET")
+        if options.webhook_secret and not _SECRET.fullmatch(options.webhook_secret):
+            raise ValueError("CHATLOOP_TELEGRAM_WEBHOOK_SECRET must be 1-256 characters of "
+                             "A-Z, a-z, 0-9, _ and -")
         self.core, self.bot, self.options = core, bot, options
         self.api = TelegramApi(bot, retry)
         self._pacer = Pacer()

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 from sqlalchemy import func, select
 
+from bots.telegram import TelegramChannel, TelegramOptions, make_bot
 from chatloop.app import build_app, build_services
 from chatloop.settings import Settings
 from storage.models import InboundEvent
@@ -97,3 +99,14 @@ async def test_a_webhook_update_delivered_twice_is_answered_once(fake, db_url, m
         assert [r.status_code for r in again] == [200, 200, 200]
         await asyncio.sleep(0.2)
         assert len(fake.answers(chat["id"])) == 1 and len(backend.requests) == 1
+
+
+def test_webhook_mode_needs_a_url_and_a_valid_secret() -> None:
+    bot = make_bot(TOKEN)
+    for options in (TelegramOptions(mode="webhook", webhook_secret=SECRET),
+                    TelegramOptions(mode="webhook", webhook_url="https://x/telegram/webhook"),
+                    TelegramOptions(mode="webhook", webhook_url="https://x/telegram/webhook",
+                                    webhook_secret="has spaces"),
+                    TelegramOptions(mode="carrier-pigeon")):
+        with pytest.raises(ValueError):
+            TelegramChannel(core=None, bot=bot, options=options)  # type: ignore[arg-type]
