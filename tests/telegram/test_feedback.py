@@ -84,3 +84,20 @@ async def test_a_vote_in_a_group_is_per_user(start_bot) -> None:  # type: ignore
     async with bot.sessions() as s:
         votes = (await s.execute(select(Feedback).order_by(Feedback.voter_id))).scalars().all()
     assert [(v.voter_id, v.rating) for v in votes] == [("43", 1), ("44", -1)]
+
+
+async def test_a_correction_in_a_group_is_stored_not_answered(start_bot) -> None:  # type: ignore[no-untyped-def]
+    bot = await start_bot()
+    group = bot.fake.group()
+    bot.fake.mention(group, "question")
+    [answer] = await eventually(lambda: bot.fake.answers(group["id"]))
+    down = answer["reply_markup"]["inline_keyboard"][0][1]["callback_data"]
+    bot.fake.press(answer, down, user=bot.fake.user(44, "Cy"))
+    prompt = await eventually(lambda: [m for m in bot.fake.sent(group["id"])
+                                       if "better one" in m["text"]])
+    bot.fake.say(group, "The right answer.", user=bot.fake.user(44, "Cy"), reply_to=prompt[0])
+    await eventually(lambda: bot.fake.sent(group["id"])[-1]["text"].startswith("Thanks!"))
+    async with bot.sessions() as s:
+        fb = (await s.execute(select(Feedback))).scalar_one()
+    assert (fb.voter_id, fb.rating, fb.correction) == ("44", -1, "The right answer.")
+    assert len(bot.backend.requests) == 1

@@ -55,27 +55,28 @@ async def test_killed_mid_answer_and_restarted(fake, db_url, model_dir, tmp_path
     env = {**os.environ, "CHATLOOP_DATABASE_URL": db_url, "CHATLOOP_MODEL": str(model_dir),
            "TELEGRAM_BOT_TOKEN": TOKEN, "CHATLOOP_TELEGRAM_API_BASE": fake.base_url,
            "CHATLOOP_PORT": str(port), "CHATLOOP_TELEGRAM_DRAFT_INTERVAL_S": "0.05",
+           "CHATLOOP_TELEGRAM_EDIT_INTERVAL_S": "0.05",
            "CHATLOOP_TELEGRAM_POLL_TIMEOUT_S": "1", "SCRIPTED_DELAY": "0.06"}
-    ann, bob = fake.private(42, "Ann"), fake.private(43, "Bob")
+    ann, team = fake.private(42, "Ann"), fake.group()
     log = tmp_path / "gateway.log"
     with gateway_process(env, log) as first:
         await _healthy(port, first)
         fake.say(ann, "q1")
         await eventually(lambda: fake.answers(ann["id"]), within=30)
         fake.say(ann, "q2")
-        fake.say(bob, "q3")
-        await eventually(lambda: {d["chat_id"] for d in fake.drafts} >= {ann["id"], bob["id"]}
-                         and len([d for d in fake.drafts if "q2" in d["text"]]) > 0)
+        fake.mention(team, "q3")
+        await eventually(lambda: any("q2" in d["text"] for d in fake.drafts)
+                         and fake.sent(team["id"]))  # both answers are streaming
         os.killpg(first.pid, signal.SIGKILL)  # mid-answer: no clean shutdown at all
         first.wait(timeout=30)
-    assert len(fake.answers(ann["id"])) == 1 and not fake.answers(bob["id"])
+    assert len(fake.answers(ann["id"])) == 1 and not fake.answers(team["id"])
     fake.say(ann, "q4")  # arrives while the gateway is down
     with gateway_process(env, log) as second:
         await _healthy(port, second)
-        await eventually(lambda: len(fake.answers(ann["id"])) == 3 and fake.answers(bob["id"]),
+        await eventually(lambda: len(fake.answers(ann["id"])) == 3 and fake.answers(team["id"]),
                          within=60)
         await eventually(lambda: not fake.updates, within=10)  # everything confirmed
-    heads = [m["text"].split(":")[0] for m in fake.answers(ann["id"]) + fake.answers(bob["id"])]
+    heads = [m["text"].split(":")[0] for m in fake.answers(ann["id"]) + fake.answers(team["id"])]
     assert heads == ["Answer to q1", "Answer to q2", "Answer to q4", "Answer to q3"]
     engine = make_engine(db_url)
     async with session_factory(engine)() as s:
