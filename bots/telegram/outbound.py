@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from aiogram import Bot
 from aiogram.exceptions import (
+    ClientDecodeError,
     TelegramAPIError,
     TelegramBadRequest,
     TelegramEntityTooLarge,
@@ -97,9 +98,9 @@ async def call(op: Callable[[], Awaitable[T]], policy: RetryPolicy) -> T:
             await asyncio.sleep(exc.retry_after)
         except TelegramEntityTooLarge as exc:  # a subclass of the network error: never retried
             raise translate(exc) from exc
-        except (TelegramNetworkError, TelegramServerError) as exc:
-            if last:
-                raise DeliveryError(f"gave up after {attempt} attempts: {exc.message}") from exc
+        except (TelegramNetworkError, TelegramServerError, ClientDecodeError) as exc:
+            if last:  # ClientDecodeError: not JSON, e.g. a proxy's error page
+                raise DeliveryError(f"gave up after {attempt} attempts: {exc}") from exc
             delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (attempt - 1))
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
         except TelegramAPIError as exc:

@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 TOKEN = "123456:TEST-fake-token"
@@ -52,6 +52,12 @@ class ApiError(Exception):
     def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
         super().__init__(description)
         self.code, self.description, self.retry_after = code, description, retry_after
+
+
+class _Raw(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(body)
+        self.status, self.body = status, body
 
 
 def u16(text: str) -> int:
@@ -112,6 +118,7 @@ class Fault:
     times: int = 1
     delay: float = 0.0
     when: Callable[[dict[str, Any]], bool] | None = None
+    raw: str | None = None  # answer this non-JSON body instead (a proxy's error page)
 
 
 @dataclass
@@ -231,6 +238,10 @@ class FakeTelegram:
         self.fail(method, 429, f"Too Many Requests: retry after {retry_after}",
                   retry_after=retry_after, **kw)
 
+    def garble(self, method: str, status: int = 502, body: str = "<html>Bad Gateway</html>",
+               times: int = 1) -> None:
+        self.faults.append(Fault(method, status, "", times=times, raw=body))
+
     def slow(self, method: str, seconds: float, times: int = 1,
              when: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.faults.append(Fault(method, None, "", times=times, delay=seconds, when=when))
@@ -258,7 +269,7 @@ class FakeTelegram:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
 
-    async def _endpoint(self, request: Request) -> JSONResponse:
+    async def _endpoint(self, request: Request) -> Response:
         method = request.path_params["method"]
         params = await _params(request)
         call = Call(method, params, time.perf_counter())
@@ -271,6 +282,9 @@ class FakeTelegram:
                 raise ApiError(404, "Not Found")
             await self._inject(method, params)
             result = await handler(params)
+        except _Raw as raw:
+            call.status = raw.status
+            return PlainTextResponse(raw.body, status_code=raw.status)
         except ApiError as exc:
             call.status = exc.code
             body: dict[str, Any] = {"ok": False, "error_code": exc.code,
@@ -287,6 +301,8 @@ class FakeTelegram:
                 fault.times -= 1
                 if fault.delay:
                     await asyncio.sleep(fault.delay)
+                if fault.raw is not None:
+                    raise _Raw(fault.code or 502, fault.raw)
                 if fault.code is not None:
                     raise ApiError(fault.code, fault.description, fault.retry_after)
                 return
