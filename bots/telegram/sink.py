@@ -165,8 +165,9 @@ class TelegramSink:
     async def finish(self, text: str, answer_id: int) -> str | None:
         await self._typing.stop()
         await self._stream.close()
-        parts = [p.strip() for p in split_text(text) if p.strip()]
+        parts = _parts(text)
         keyboard = vote_keyboard(answer_id)
+        message_id = None
         try:
             for i, part in enumerate(parts):
                 last = i == len(parts) - 1
@@ -175,7 +176,7 @@ class TelegramSink:
         except DeliveryError as exc:
             self._undelivered(f"answer {answer_id}", exc)
             return None
-        return str(message_id)
+        return None if message_id is None else str(message_id)
 
     async def fail(self, text: str) -> None:
         await self._typing.stop()
@@ -195,14 +196,12 @@ class TelegramSink:
             self._undelivered("a notice", exc)
 
     async def _preview(self, text: str) -> None:
-        parts = [p.strip() for p in split_text(text)]
+        parts = _parts(text)
         if self._where.private:
-            if parts[-1]:
-                await self._api.draft(self._where, self._draft_id, parts[-1])
+            await self._api.draft(self._where, self._draft_id, parts[-1])
             return
         for i, part in enumerate(parts):
-            if part:
-                await self._show(i, part, formatted=False, keyboard=None, patient=False)
+            await self._show(i, part, formatted=False, keyboard=None, patient=False)
 
     async def _show(self, i: int, text: str, *, formatted: bool,
                     keyboard: InlineKeyboardMarkup | None, patient: bool) -> int:
@@ -224,3 +223,8 @@ class TelegramSink:
     def _undelivered(self, what: str, exc: DeliveryError) -> None:
         level = logging.WARNING if isinstance(exc, ChatUnreachable) else logging.ERROR
         log.log(level, "telegram chat %s: %s not delivered: %s", self._where.chat_id, what, exc)
+
+
+def _parts(text: str) -> list[str]:
+    """The messages `text` takes: split at natural boundaries, blank pieces dropped."""
+    return [p.strip() for p in split_text(text) if p.strip()]
