@@ -136,6 +136,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     out["f1_before"] = await held_out_f1(backend, intents, None, args.max_tokens)
     out["eval_seconds"] = time.perf_counter() - t
+    print(f"[{out['eval_seconds']:.0f}s] F1 before: {out['f1_before']:.3f}", file=sys.stderr)
 
     corrections, n = 0, 0
     for it in intents:  # simulated users ask two paraphrases; a reviewer corrects wrong answers
@@ -152,6 +153,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                                    text=it["answer"], source="bench")
                 corrections += 1
     out["corrections"] = corrections
+    print(f"{corrections} corrections written; waiting for the scheduler", file=sys.stderr)
     async with sessions() as s:
         eligible = await eligible_feedback(s, since=0)
     threshold_at = time.perf_counter()  # the threshold (= all this feedback) is reached now
@@ -162,7 +164,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         dataset=DatasetPolicy(heldout_percent=args.heldout_percent, system_prompt=SYSTEM),
         redactor=Redactor(allow=ALLOW),
         train=TrainJob(model_dir=str(MODEL), out_dir="", work_dir="", rank=args.rank,
-                       alpha=2 * args.rank, epochs=args.epochs, batch_size=8,
+                       alpha=2 * args.rank, epochs=args.epochs, batch_size=args.batch_size,
                        learning_rate=args.lr, max_length=128, kto_min_examples=args.kto_min),
         heartbeat_s=5)
     sched = LearningScheduler(
@@ -247,6 +249,7 @@ if __name__ == "__main__":
     p.add_argument("--epochs", type=float, default=6.0)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heldout-percent", type=int, default=20,
                    help="share of conversations held out for the gate (never trained on)")
     p.add_argument("--kto-min", type=int, default=10**6, help="KTO only with this many labels")
