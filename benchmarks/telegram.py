@@ -8,7 +8,8 @@ process), and for comparison the same load straight into the conversation core (
 ceiling the channel can reach on this machine). Reports updates/s handled, p50/p99 latency
 from an update being available to its final answer reaching the Bot API (gateway plus the
 fake's own handling), lost / doubled answers (checked in the fake and in the database), and
-Bot API calls per answer.
+Bot API calls per answer. At 200 users the latency is mostly queueing (200 questions in
+flight); a light run with 5 users shows the latency one message sees in the gateway.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tests.fakes.vllm_server import free_port  # noqa: E402
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
 SENDS = ("sendMessage", "editMessageText", "sendMessageDraft")
+LIGHT_USERS = 5
 
 
 async def _fresh_db(kind: str) -> str:
@@ -184,6 +186,9 @@ async def main(users: int, per_user: int, storages: list[str], deadline_s: float
         for mode in ("polling", "webhook"):
             results.append(await _run(mode, storage, users, per_user, tokenizer, deadline_s))
         results.append(await _core_only(storage, users, per_user, tokenizer))
+        for mode in ("polling", "webhook"):  # light load: latency without queueing
+            light = await _run(mode, storage, LIGHT_USERS, 10, tokenizer, deadline_s)
+            results.append({**light, "mode": f"{mode}, {LIGHT_USERS} users"})
     rows = [{k: r.get(k, "") for k in results[0] if k != "methods"} for r in results]
     print_table(f"telegram gateway: {users} users x {per_user} messages, instant model", rows)
     write_json("telegram", {"users": users, "per_user": per_user, "results": results,
