@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -46,7 +47,7 @@ async def _healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.poll() is None, "the gateway exited"
             if await ok():
                 return
-            await __import__("asyncio").sleep(0.1)
+            await asyncio.sleep(0.1)
     raise AssertionError("the gateway did not start")
 
 
