@@ -212,7 +212,8 @@ class ConversationCore:
     async def resume(
         self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
     ) -> int:
-        """Answer events recorded before a crash whose turn never finished; returns how many."""
+        """Finish what a crash or shutdown left open: generate the answers never stored and
+        deliver the ones stored but not shown. Returns how many events were resumed."""
         async with self.sessions() as s:
             pending = await repo.pending_events(s, channel=channel)
         for event in pending:
@@ -221,10 +222,15 @@ class ConversationCore:
             msg = InboundMessage(**event.payload)
             async with self.sessions() as s:
                 question = await repo.get_message(s, message_id=event.message_id)
+                stored = await repo.stored_answer(s, question_id=event.message_id)
             assert question is not None
             turn = repo.TurnStart(question.conversation_id, event.message_id, event.id or 0)
             log.info("resuming %s event %s after a restart", channel, event.external_event_id)
-            await self.run_turn(turn, question.text, await sink_for(msg))
+            sink = await sink_for(msg)
+            if stored is not None and stored.id is not None:
+                await self._deliver(turn, stored.id, stored.text, sink)
+            else:
+                await self.run_turn(turn, question.text, sink)
         return len(pending)
 
     async def run_turn(self, turn: repo.TurnStart, question: str, sink: ReplySink) -> TurnResult:
@@ -244,16 +250,19 @@ class ConversationCore:
             )
             async with self._generations:
                 done = await self._generate(messages, sink, progress)
-        except (InferenceError, asyncio.CancelledError) as exc:
-            kind = exc.kind if isinstance(exc, InferenceError) else "cancelled"
+        except asyncio.CancelledError:
+            # shutting down mid-answer: nothing is stored, the event stays open and the next
+            # start answers it (`resume`), like after a crash
+            log.info("turn %s cancelled: left to resume", turn.question_id)
+            raise
+        except InferenceError as exc:
+            kind = exc.kind
             log.warning("turn %s failed: %s: %s", turn.question_id, kind, exc)
             text = progress.text  # the partial answer is kept with the failed turn
             meta = repo.AnswerMeta(model=self.backend.model_name, adapter=progress.adapter,
                                    ttft_ms=progress.ttft_ms, error_kind=kind,
                                    latency_ms=progress.elapsed_ms())
-            answer_id = await asyncio.shield(self._store(turn, text, AnswerStatus.FAILED, meta))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            answer_id = await self._store(turn, text, AnswerStatus.FAILED, meta)
             await sink.fail(APOLOGIES.get(kind, APOLOGY))
             return TurnResult(Outcome.FAILED, answer_id, text, kind)
         text = progress.text
@@ -269,11 +278,15 @@ class ConversationCore:
             await sink.fail(APOLOGY)
             return TurnResult(Outcome.FAILED, answer_id, text, "empty_answer")
         answer_id = await self._store(turn, text, AnswerStatus.OK, meta)
+        return await self._deliver(turn, answer_id, text, sink)
+
+    async def _deliver(self, turn: repo.TurnStart, answer_id: int, text: str,
+                       sink: ReplySink) -> TurnResult:
+        """Show a stored answer, then close its event (a crash before that re-delivers it)."""
         external_id = await sink.finish(text, answer_id)
-        if external_id is not None:
-            async with self.sessions() as s:
-                await repo.set_external_message_id(s, message_id=answer_id,
-                                                   external_message_id=external_id)
+        async with self.sessions() as s:
+            await repo.mark_delivered(s, turn=turn, answer_id=answer_id,
+                                      external_message_id=external_id)
         return TurnResult(Outcome.ANSWERED, answer_id, text)
 
     async def _generate(

@@ -32,7 +32,8 @@ class AnswerStatus(StrEnum):
 
 
 class EventStatus(StrEnum):
-    RECEIVED = "received"  # recorded, turn not finished (resumable)
+    RECEIVED = "received"  # recorded, no answer yet (resumed after a crash: generated)
+    ANSWERED = "answered"  # answer stored, delivery not confirmed (resumed: re-delivered)
     DONE = "done"
     FAILED = "failed"
 

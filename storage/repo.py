@@ -164,14 +164,18 @@ async def finish_turn(
     meta: AnswerMeta,
     external_message_id: str | None = None,
 ) -> int:
-    """Store the answer (ok or failed, never an empty success) and close the inbound event."""
+    """Store the answer (ok or failed, never an empty success).
+
+    A failed turn closes its inbound event; an ok one leaves it "answered" until
+    `mark_delivered`, so a crash between storing and delivering re-delivers the stored answer.
+    """
     if status == AnswerStatus.OK and not text:
         raise ValueError("an ok answer needs text")
     answer = Message(conversation_id=turn.conversation_id, role=Role.ASSISTANT, text=text,
                      reply_to_id=turn.question_id, status=status,
                      external_message_id=external_message_id, **asdict(meta))
     session.add(answer)
-    ev_status = EventStatus.DONE if status == AnswerStatus.OK else EventStatus.FAILED
+    ev_status = EventStatus.ANSWERED if status == AnswerStatus.OK else EventStatus.FAILED
     await session.execute(update(InboundEvent).where(InboundEvent.id == turn.event_id)
                           .values(status=ev_status))
     await session.commit()
@@ -179,23 +183,36 @@ async def finish_turn(
     return answer.id
 
 
-async def set_external_message_id(session: AsyncSession, *, message_id: int,
-                                  external_message_id: str) -> None:
-    await session.execute(update(Message).where(Message.id == message_id)
-                          .values(external_message_id=external_message_id))
+async def mark_delivered(session: AsyncSession, *, turn: TurnStart, answer_id: int,
+                         external_message_id: str | None) -> None:
+    """The channel has shown the answer (or given up for good): close the inbound event."""
+    if external_message_id is not None:
+        await session.execute(update(Message).where(Message.id == answer_id)
+                              .values(external_message_id=external_message_id))
+    await session.execute(update(InboundEvent).where(InboundEvent.id == turn.event_id)
+                          .values(status=EventStatus.DONE))
     await session.commit()
 
 
 async def pending_events(session: AsyncSession, *, channel: str) -> list[InboundEvent]:
-    """Events recorded but whose turn never finished (the process died): to resume."""
+    """Events whose turn never finished or whose answer was never delivered: to resume."""
+    open_ = (EventStatus.RECEIVED, EventStatus.ANSWERED)
     stmt = (select(InboundEvent).where(InboundEvent.channel == channel,
-                                       InboundEvent.status == EventStatus.RECEIVED)
+                                       InboundEvent.status.in_(open_))
             .order_by(InboundEvent.id))
     return list((await session.execute(stmt)).scalars())
 
 
 async def get_message(session: AsyncSession, *, message_id: int) -> Message | None:
     return await session.get(Message, message_id)
+
+
+async def stored_answer(session: AsyncSession, *, question_id: int) -> Message | None:
+    """The ok answer stored for a question, if any."""
+    stmt = (select(Message).where(Message.reply_to_id == question_id,
+                                  Message.status == AnswerStatus.OK)
+            .order_by(Message.id.desc()).limit(1))
+    return (await session.execute(stmt)).scalar()
 
 
 def _upsert(session: AsyncSession) -> Any:

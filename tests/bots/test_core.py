@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -144,27 +145,55 @@ async def test_concurrency_bound_holds(sessions, tokenizer) -> None:  # type: ig
     assert peak == 2
 
 
-async def test_resume_answers_a_recorded_but_unfinished_event(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    backend = ScriptedBackend(delay=0.05)
-    core = make_core(sessions, tokenizer, backend)
-    task = asyncio.create_task(core.handle(msg("slow question", "e1"), RecordingSink()))
-    while not backend.requests:  # noqa: ASYNC110  (poll a plain list the backend appends to)
-        await asyncio.sleep(0.01)
-    task.cancel()  # stands in for the process dying mid-answer
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    async with sessions() as s:  # a kill leaves the event "received": undo the cancel's record
-        from sqlalchemy import update
-        await s.execute(update(InboundEvent).values(status="received"))
-        await s.commit()
+def collecting_sinks() -> tuple[list[RecordingSink], Any]:
     sinks: list[RecordingSink] = []
 
     async def sink_for(_: InboundMessage) -> RecordingSink:
         sinks.append(RecordingSink())
         return sinks[-1]
 
+    return sinks, sink_for
+
+
+async def test_a_turn_cancelled_mid_answer_is_answered_by_resume(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    backend = ScriptedBackend(delay=0.05)
+    core = make_core(sessions, tokenizer, backend)
+    task = asyncio.create_task(core.handle(msg("slow question", "e1"), RecordingSink()))
+    while not backend.requests:  # noqa: ASYNC110  (poll a plain list the backend appends to)
+        await asyncio.sleep(0.01)
+    task.cancel()  # a shutdown that could not wait for the answer
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with sessions() as s:  # nothing stored for the cancelled answer: the event stays open
+        assert (await s.execute(select(InboundEvent.status))).scalar_one() == "received"
+        assert (await s.execute(select(Message.role))).scalars().all() == ["user"]
+    assert (await core.handle(msg("slow question", "e1"), RecordingSink())).outcome == (
+        Outcome.DUPLICATE)  # a redelivery is still not answered twice
+    sinks, sink_for = collecting_sinks()
     assert await make_core(sessions, tokenizer, ScriptedBackend()).resume("test", sink_for) == 1
     assert sinks[0].final == "Echo: slow question"
+    assert await core.resume("test", sink_for) == 0
+
+
+async def test_an_answer_stored_but_not_delivered_is_delivered_by_resume(
+    sessions, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    class DyingSink(RecordingSink):
+        async def finish(self, text: str, answer_id: int) -> str | None:
+            raise asyncio.CancelledError  # the process dies while sending the final message
+
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, backend)
+    with pytest.raises(asyncio.CancelledError):
+        await core.handle(msg("question", "e1"), DyingSink())
+    sinks, sink_for = collecting_sinks()
+    assert await core.resume("test", sink_for) == 1
+    assert len(backend.requests) == 1  # re-delivered as stored, not generated again
+    async with sessions() as s:
+        answer = (await s.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
+        event = (await s.execute(select(InboundEvent))).scalar_one()
+    assert (sinks[0].final, sinks[0].answer_id) == ("Echo: question", answer.id)
+    assert (answer.external_message_id, event.status) == (f"ext-{answer.id}", "done")
     assert await core.resume("test", sink_for) == 0
 
 
@@ -174,7 +203,8 @@ async def test_concurrent_messages_in_one_chat_are_answered_in_order_with_histor
     backend = ScriptedBackend(delay=0.02)
     core = make_core(sessions, tokenizer, backend)
     first = asyncio.create_task(core.handle(msg("first question", "e1"), RecordingSink()))
-    await asyncio.sleep(0)  # the first is on its way
+    while not backend.requests:  # noqa: ASYNC110  (the first is being answered)
+        await asyncio.sleep(0.005)
     second = await core.handle(msg("second question", "e2"), RecordingSink())
     assert (await first).outcome == second.outcome == Outcome.ANSWERED
     contents = [m.content for m in backend.requests[1].messages]

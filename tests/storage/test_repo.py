@@ -59,7 +59,7 @@ async def test_concurrent_first_messages_share_one_conversation(sessions) -> Non
     assert current == max(ids)
 
 
-async def test_finished_turn_closes_event_and_keeps_metadata(sessions) -> None:  # type: ignore[no-untyped-def]
+async def test_stored_answer_keeps_metadata_and_event_closes_on_delivery(sessions) -> None:  # type: ignore[no-untyped-def]
     turn = await _turn(sessions)
     async with sessions() as s:
         meta = repo.AnswerMeta(model="m", adapter="fb-v1", prompt_tokens=10, completion_tokens=5,
@@ -70,7 +70,13 @@ async def test_finished_turn_closes_event_and_keeps_metadata(sessions) -> None: 
         event = await s.get(InboundEvent, turn.event_id)
         assert answer is not None and event is not None
         assert (answer.adapter, answer.completion_tokens, answer.ttft_ms) == ("fb-v1", 5, 12.5)
-        assert answer.reply_to_id == turn.question_id and event.status == EventStatus.DONE
+        assert answer.reply_to_id == turn.question_id and event.status == EventStatus.ANSWERED
+        assert [e.id for e in await repo.pending_events(s, channel="test")] == [turn.event_id]
+        assert (await repo.stored_answer(s, question_id=turn.question_id)).id == answer_id
+        await repo.mark_delivered(s, turn=turn, answer_id=answer_id, external_message_id="42")
+    async with sessions() as s:
+        assert (await s.get(InboundEvent, turn.event_id)).status == EventStatus.DONE
+        assert (await s.get(Message, answer_id)).external_message_id == "42"
         assert await repo.pending_events(s, channel="test") == []
 
 
