@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import platform
 import statistics
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,39 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
+
+
+@asynccontextmanager
+async def fresh_database(kind: str, prefix: str) -> AsyncIterator[str]:
+    """A migrated database for one run, removed afterwards: a SQLite file under var/bench, or
+    a new database on the PostgreSQL server at PG_URL."""
+    import asyncpg
+
+    from storage.migrate import upgrade_async
+
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    if kind == "sqlite":
+        path = ROOT / "var/bench" / f"{name}.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite+aiosqlite:///{path}"
+    else:
+        admin = await asyncpg.connect(PG_URL)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.close()
+        url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        await upgrade_async(url)
+        yield url
+    finally:
+        if kind == "sqlite":
+            for suffix in ("", "-wal", "-shm"):
+                await asyncio.to_thread(Path(f"{path}{suffix}").unlink, missing_ok=True)
+        else:
+            admin = await asyncpg.connect(PG_URL)
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            await admin.close()
 
 
 def pct(values: list[float], q: float) -> float:

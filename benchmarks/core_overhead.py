@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import (  # noqa: E402
-    ROOT,
+    MODEL_DIR,
+    fresh_database,
     median,
     pct,
     print_table,
@@ -31,12 +32,8 @@ from inference.base import ChatMessage, GenerationRequest  # noqa: E402
 from inference.openai_backend import OpenAIBackend  # noqa: E402
 from inference.prompt import PromptFitter  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
-from storage.migrate import upgrade_async  # noqa: E402
 from tests.fakes.sinks import RecordingSink  # noqa: E402
 from tests.fakes.vllm_server import free_port  # noqa: E402
-
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
 
 
 async def _direct(backend: OpenAIBackend, n: int) -> list[float]:
@@ -68,29 +65,12 @@ async def _core_turns(core: ConversationCore, n: int,
     return times, n / (time.perf_counter() - started)
 
 
-async def _fresh_db(kind: str, tmp: Path) -> str:
-    if kind == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp / f'bench-{uuid.uuid4().hex[:6]}.db'}"
-    else:
-        import asyncpg
-
-        name = f"chatloop_bench_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(PG_URL)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-        url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    await upgrade_async(url)
-    return url
-
-
 async def main(turns: int) -> None:
     from transformers import AutoTokenizer
 
     port = free_port()
     stub = start_process([sys.executable, "-m", "tests.fakes.openai_stub", "--port", str(port)],
                          f"http://127.0.0.1:{port}/health")
-    tmp = ROOT / "var/bench"
-    tmp.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     rows, out = [], {}
     try:
@@ -98,18 +78,18 @@ async def main(turns: int) -> None:
         await _direct(backend, 20)  # warm-up
         direct = await _direct(backend, turns)
         for kind in ("sqlite", "postgres"):
-            url = await _fresh_db(kind, tmp)
-            engine = make_engine(url)
-            core = ConversationCore(
-                sessions=session_factory(engine), backend=backend,
-                fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=32),
-                system_prompt="Be brief.",
-                limits=CoreLimits(max_tokens=32, rate_limit_per_minute=10**9),
-            )
-            await _core_turns(core, 20, 1)  # warm-up
-            serial, _ = await _core_turns(core, turns, 1)
-            _, rate32 = await _core_turns(core, turns, 32)
-            await engine.dispose()
+            async with fresh_database(kind, "chatloop_bench_core") as url:
+                engine = make_engine(url)
+                core = ConversationCore(
+                    sessions=session_factory(engine), backend=backend,
+                    fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=32),
+                    system_prompt="Be brief.",
+                    limits=CoreLimits(max_tokens=32, rate_limit_per_minute=10**9),
+                )
+                await _core_turns(core, 20, 1)  # warm-up
+                serial, _ = await _core_turns(core, turns, 1)
+                _, rate32 = await _core_turns(core, turns, 32)
+                await engine.dispose()
             over = [c - d for c, d in zip(sorted(serial), sorted(direct), strict=False)]
             row = {"storage": kind, "direct p50 ms": median(direct),
                    "core p50 ms": median(serial), "core p99 ms": pct(serial, 99),

@@ -29,20 +29,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from benchmarks._common import ROOT, pct, print_table, write_json  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    MODEL_DIR,
+    ROOT,
+    fresh_database,
+    pct,
+    print_table,
+    write_json,
+)
 from storage.db import make_engine, session_factory  # noqa: E402
-from storage.migrate import upgrade_async  # noqa: E402
 from storage.models import Message  # noqa: E402
 from tests.fakes.slack_api import FakeSlack  # noqa: E402
 from tests.fakes.vllm_server import free_port  # noqa: E402
 from tests.slack.conftest import sign  # noqa: E402
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
 ANSWER_S = 2.0
 RETRY_SHARE = 0.10
 
@@ -130,30 +133,6 @@ async def _burst(sender: Sender, seconds: float, first: int, workers: int = 64) 
             "ack_max_ms": max(latencies)}
 
 
-async def _database(kind: str, tmp: Path) -> tuple[str, str]:
-    if kind == "sqlite":
-        path = tmp / f"slack-bench-{uuid.uuid4().hex[:6]}.db"
-        await upgrade_async(f"sqlite+aiosqlite:///{path}")
-        return f"sqlite+aiosqlite:///{path}", str(path)
-    name = f"chatloop_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    await upgrade_async(url)
-    return url, name
-
-
-async def _drop(name: str) -> None:
-    if name.endswith(".db"):
-        for suffix in ("", "-wal", "-shm"):
-            await asyncio.to_thread(Path(name + suffix).unlink, missing_ok=True)
-    else:
-        admin = await asyncpg.connect(PG_URL)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 async def _gateway(db_url: str, fake: FakeSlack,
                    concurrency: int) -> tuple[asyncio.subprocess.Process, str]:
     port = free_port()
@@ -186,9 +165,8 @@ async def _count_answers(db_url: str) -> int:
 
 async def run(rates: list[float], step: float, db_kind: str, drain_s: float,
               concurrency: int) -> dict[str, Any]:
-    db_url, db_name = await _database(db_kind, ROOT / "var")
     rows: list[dict[str, Any]] = []
-    try:
+    async with fresh_database(db_kind, "chatloop_bench_slack") as db_url:
         async with FakeSlack().serve() as fake:
             proc, url = await _gateway(db_url, fake, concurrency)
             try:
@@ -209,8 +187,6 @@ async def run(rates: list[float], step: float, db_kind: str, drain_s: float,
                 await proc.wait()
             answers_stored = await _count_answers(db_url)
             calls = Counter(c.method for c in fake.calls if c.method != "auth.test")
-    finally:
-        await _drop(db_name)
     per_thread = Counter((m.channel, m.thread_ts) for m in answered)
     summary = {
         "events_accepted": len(threads), "answered": len(per_thread),

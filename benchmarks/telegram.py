@@ -19,7 +19,6 @@ import asyncio
 import logging
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ import uvicorn  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
-    ROOT,
+    MODEL_DIR,
+    fresh_database,
     median,
     pct,
     print_table,
@@ -42,42 +42,28 @@ from bots.gateway import create_app  # noqa: E402
 from bots.telegram import TelegramChannel, TelegramOptions, make_bot  # noqa: E402
 from inference.prompt import PromptFitter  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
-from storage.migrate import upgrade_async  # noqa: E402
 from storage.models import InboundEvent, Message  # noqa: E402
 from tests.fakes.inference import ScriptedBackend  # noqa: E402
 from tests.fakes.sinks import RecordingSink  # noqa: E402
 from tests.fakes.telegram_api import TOKEN  # noqa: E402
 from tests.fakes.vllm_server import free_port  # noqa: E402
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
-MODEL_DIR = ROOT / "var/models/SmolLM2-135M-Instruct"
 SENDS = ("sendMessage", "editMessageText", "sendMessageDraft")
 LIGHT_USERS = 5
 
 
-async def _fresh_db(kind: str) -> str:
-    if kind == "sqlite":
-        tmp = ROOT / "var/bench"
-        tmp.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite+aiosqlite:///{tmp / f'telegram-{uuid.uuid4().hex[:6]}.db'}"
-    else:
-        import asyncpg
-
-        name = f"chatloop_bench_tg_{uuid.uuid4().hex[:8]}"
-        admin = await asyncpg.connect(PG_URL)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        await admin.close()
-        url = PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    await upgrade_async(url)
-    return url
-
-
 async def _run(mode: str, storage: str, users: int, per_user: int, tokenizer: Any,
                deadline_s: float) -> dict[str, Any]:
+    async with fresh_database(storage, "chatloop_bench_tg") as url:
+        return await _run_on(url, mode, storage, users, per_user, tokenizer, deadline_s)
+
+
+async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: int,
+                  tokenizer: Any, deadline_s: float) -> dict[str, Any]:
     api_port, gw_port = free_port(), free_port()
     fake = start_process([sys.executable, "-m", "tests.fakes.telegram_api", "--port",
                           str(api_port)], f"http://127.0.0.1:{api_port}/_fake/stats")
-    engine = make_engine(await _fresh_db(storage))
+    engine = make_engine(db_url)
     core = _core(engine, tokenizer)
     options = TelegramOptions(mode=mode, webhook_url=f"http://127.0.0.1:{gw_port}/telegram/webhook",
                               webhook_secret="bench-secret", poll_timeout_s=5)
@@ -133,8 +119,14 @@ async def _run(mode: str, storage: str, users: int, per_user: int, tokenizer: An
 
 
 async def _core_only(storage: str, users: int, per_user: int, tokenizer: Any) -> dict[str, Any]:
+    async with fresh_database(storage, "chatloop_bench_tg") as url:
+        return await _core_only_on(url, storage, users, per_user, tokenizer)
+
+
+async def _core_only_on(db_url: str, storage: str, users: int, per_user: int,
+                        tokenizer: Any) -> dict[str, Any]:
     """The same load straight into the conversation core (no Telegram): the baseline."""
-    engine = make_engine(await _fresh_db(storage))
+    engine = make_engine(db_url)
     core = _core(engine, tokenizer)
     times: list[float] = []
 
