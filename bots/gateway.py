@@ -28,16 +28,26 @@ class Channel(Protocol):
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
 
 
+class ChannelStartError(RuntimeError):
+    """A channel could not start (its platform unreachable, a bad token); says which and why."""
+
+
 def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
                on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """`ready` returns {component: "ok" | reason}; /readyz is 200 only when all are "ok"."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started: list[Channel] = []
         try:
             for ch in channels:
-                await ch.start()
+                try:
+                    await ch.start()
+                except Exception as exc:  # reported in one line by `chatloop serve`
+                    app.state.startup_error = f"channel {ch.name} could not start: {exc}"
+                    with contextlib.suppress(Exception):
+                        await ch.stop()  # release what it opened (client sessions)
+                    raise ChannelStartError(app.state.startup_error) from None
                 started.append(ch)
                 log.info("channel %s started", ch.name)
             yield

@@ -124,26 +124,31 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
             services = await build_services(settings)
         except (DatabaseNotReady, ConfigError) as exc:
             _die(str(exc))
-        server = uvicorn.Server(uvicorn.Config(build_app(services, webchat=webchat),
-                                               host=settings.host, port=settings.port,
+        app = build_app(services, webchat=webchat)
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                                log_level="info"))
-        if not learning:
-            await server.serve()
-            return
-        from chatloop.app import loop_config, schedule_config
-        from feedback.scheduler import LearningScheduler
+        stop = asyncio.Event()
+        loop_task = None
+        if learning:  # the learning loop runs beside the gateway, in-process
+            from chatloop.app import loop_config, schedule_config
+            from feedback.scheduler import LearningScheduler
 
-        stop = asyncio.Event()  # the learning loop runs beside the gateway, in-process
-        sched = LearningScheduler(engine=services.engine, sessions=services.sessions,
-                                  backend=services.backend, loop=loop_config(settings),
-                                  schedule=schedule_config(settings),
-                                  database_url=settings.database_url)
-        loop_task = asyncio.create_task(sched.run(stop))
+            sched = LearningScheduler(engine=services.engine, sessions=services.sessions,
+                                      backend=services.backend, loop=loop_config(settings),
+                                      schedule=schedule_config(settings),
+                                      database_url=settings.database_url)
+            loop_task = asyncio.create_task(sched.run(stop))
         try:
             await server.serve()
+        except SystemExit:  # uvicorn's way out of a failed start-up
+            pass
         finally:
             stop.set()
-            await loop_task
+            if loop_task is not None:
+                await loop_task
+        if not server.started:
+            reason = getattr(app.state, "startup_error", None)
+            _die(reason or f"the gateway did not start on {settings.host}:{settings.port}")
 
     asyncio.run(main())
 

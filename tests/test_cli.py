@@ -127,3 +127,16 @@ def test_serve_reports_health_and_readiness_of_its_inference_server(
         stub.kill()
         gateway.terminate()
         gateway.wait(timeout=30)
+
+
+def test_serve_exits_with_one_line_when_a_channel_cannot_start(tmp_path: Path,
+                                                               model_dir: Path) -> None:
+    db = f"sqlite:///{tmp_path}/db.sqlite"
+    assert chatloop("db", "upgrade", env={"CHATLOOP_DATABASE_URL": db}).returncode == 0
+    done = chatloop("serve", env={"CHATLOOP_DATABASE_URL": db, "CHATLOOP_MODEL": str(model_dir),
+                                  "TELEGRAM_BOT_TOKEN": "123:abc",
+                                  "CHATLOOP_TELEGRAM_API_BASE": "http://127.0.0.1:9"})
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("chatloop: channel telegram could not start:"), last
+    assert "Unclosed client session" not in done.stderr
