@@ -226,6 +226,8 @@ def table(r: dict[str, Any]) -> str:
         return fmt.format(r[key]) if isinstance(r.get(key), int | float) else str(r.get(key, "-"))
 
     rows = [
+        ("run (gate)", f"{r.get('run_status')} {r.get('adapter') or ''}",
+         "; ".join(r.get("reasons", []))),
         ("token-F1 on unseen paraphrases, before", f("f1_before"), "naive ref 0.15"),
         ("token-F1 on unseen paraphrases, after", f("f1_after"), "goal >= 0.6"),
         ("golden-set loss change", f("golden_loss_change", "{:+.1%}"), "goal <= +5%"),
