@@ -100,7 +100,10 @@ async def build_services(settings: Settings, *,
         router = RegistryRouter(sessions, canary_percent=settings.learn_canary_percent,
                                 backend=backend,  # also re-loads adapters after restarts
                                 drain_grace=timedelta(seconds=settings.learn_drain_s))
-        await sync_adapters(sessions, backend)
+        try:
+            await sync_adapters(sessions, backend)
+        except InferenceError as exc:  # /readyz says so; the router syncs again on refresh
+            log.warning("inference not reachable at start-up (%s): adapters load later", exc)
     core = ConversationCore(
         sessions=sessions,
         backend=backend,

@@ -93,16 +93,16 @@ def test_serve_reports_health_and_readiness_of_its_inference_server(
     from tests.fakes.vllm_server import free_port
 
     stub_port, port = free_port(), free_port()
-    stub = start_process([sys.executable, "-m", "tests.fakes.openai_stub", "--port",
-                          str(stub_port)], f"http://127.0.0.1:{stub_port}/health")
     db = f"sqlite:///{tmp_path}/db.sqlite"
     assert chatloop("db", "upgrade", env={"CHATLOOP_DATABASE_URL": db}).returncode == 0
     env = {"CHATLOOP_DATABASE_URL": db, "CHATLOOP_PORT": str(port),
            "CHATLOOP_MODEL": str(model_dir), "CHATLOOP_MAX_RETRIES": "0",
            "CHATLOOP_INFERENCE_URL": f"http://127.0.0.1:{stub_port}/v1"}
+    # the inference server is not up yet: the gateway starts anyway and says it is not ready
     gateway = subprocess.Popen([sys.executable, "-m", "chatloop.cli", "serve"], cwd=ROOT,
                                env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
+    stub = None
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -115,6 +115,10 @@ def test_serve_reports_health_and_readiness_of_its_inference_server(
                 time.sleep(0.2)
         assert healthz.json() == {"status": "ok"}
         ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["inference"].startswith("unavailable")
+        stub = start_process([sys.executable, "-m", "tests.fakes.openai_stub", "--port",
+                              str(stub_port)], f"http://127.0.0.1:{stub_port}/health")
+        ready = httpx.get(f"{base}/readyz", timeout=10)
         assert ready.status_code == 200
         assert ready.json() == {"ready": True, "database": "ok", "inference": "ok"}
         assert httpx.get(f"{base}/chat", timeout=5).status_code == 404  # web chat is off
@@ -124,7 +128,8 @@ def test_serve_reports_health_and_readiness_of_its_inference_server(
         assert ready.status_code == 503 and ready.json()["inference"].startswith("unavailable")
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200  # alive all the same
     finally:
-        stub.kill()
+        if stub is not None:
+            stub.kill()
         gateway.terminate()
         gateway.wait(timeout=30)
 
