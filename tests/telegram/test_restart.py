@@ -77,11 +77,17 @@ async def test_killed_mid_answer_and_restarted(fake, db_url, model_dir, tmp_path
         await eventually(lambda: len(fake.answers(ann["id"])) == 3 and fake.answers(team["id"]),
                          within=60)
         await eventually(lambda: not fake.updates, within=10)  # everything confirmed
+        engine = make_engine(db_url)
+        sessions = session_factory(engine)
+        for _ in range(200):  # an event closes just after its answer is shown (mark_delivered)
+            async with sessions() as s:
+                events = (await s.execute(select(InboundEvent))).scalars().all()
+            if len(events) == 4 and all(e.status == "done" for e in events):
+                break
+            await asyncio.sleep(0.05)
     heads = [m["text"].split(":")[0] for m in fake.answers(ann["id"]) + fake.answers(team["id"])]
     assert heads == ["Answer to q1", "Answer to q2", "Answer to q4", "Answer to q3"]
-    engine = make_engine(db_url)
-    async with session_factory(engine)() as s:
-        events = (await s.execute(select(InboundEvent))).scalars().all()
+    async with sessions() as s:
         answers = (await s.execute(select(Message).where(Message.role == "assistant"))
                    ).scalars().all()
     await engine.dispose()
