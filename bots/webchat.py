@@ -148,7 +148,7 @@ class WebChat:
             elif task.result().outcome == Outcome.DUPLICATE:
                 yield (json.dumps({"type": "duplicate"}) + "\n").encode()
         finally:
-            if not task.done():  # the browser went away: stop generating, store it as failed
+            if not task.done():  # the browser went away: stop generating (left unanswered)
                 task.cancel()
 
     async def start(self) -> None:
