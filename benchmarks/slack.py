@@ -34,7 +34,6 @@ from sqlalchemy import func, select  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     MODEL_DIR,
-    ROOT,
     fresh_database,
     pct,
     print_table,
@@ -43,7 +42,7 @@ from benchmarks._common import (  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
 from storage.models import Message  # noqa: E402
 from tests.fakes.slack_api import FakeSlack  # noqa: E402
-from tests.fakes.vllm_server import free_port  # noqa: E402
+from tests.slack import gateway_proc  # noqa: E402
 from tests.slack.conftest import sign  # noqa: E402
 
 ANSWER_S = 2.0
@@ -135,22 +134,10 @@ async def _burst(sender: Sender, seconds: float, first: int, workers: int = 64) 
 
 async def _gateway(db_url: str, fake: FakeSlack,
                    concurrency: int) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    args = ["-m", "tests.slack.gateway_proc", "--db", db_url, "--slack-api", fake.url,
-            "--port", str(port), "--seconds", str(ANSWER_S), "--concurrency", str(concurrency)]
+    args = ["--seconds", str(ANSWER_S), "--concurrency", str(concurrency)]
     if (MODEL_DIR / "tokenizer.json").exists():
         args += ["--tokenizer", str(MODEL_DIR)]
-    proc = await asyncio.create_subprocess_exec(sys.executable, *args, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url) as http:
-        for _ in range(1200):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                await asyncio.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the gateway did not start")
+    return await gateway_proc.start(db_url, fake.url, *args, timeout_s=120)
 
 
 async def _count_answers(db_url: str) -> int:

@@ -9,16 +9,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+from asyncio.subprocess import Process
+from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
 from chatloop.app import build_app, build_services
 from chatloop.settings import Settings
 from tests.fakes.inference import ScriptedBackend
+from tests.fakes.vllm_server import free_port
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 TOKEN = "xoxb-test"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def start(db_url: str, slack_api: str, *args: str,
+                timeout_s: float = 60) -> tuple[Process, str]:
+    """Run this module as a gateway process (extra `args` as on its command line) and wait
+    until it answers /healthz; return the process and its base URL."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.slack.gateway_proc", "--db", db_url, "--slack-api",
+        slack_api, "--port", str(port), *args, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(int(timeout_s * 10)):
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            assert proc.returncode is None, "the gateway process died at start-up"
+            await asyncio.sleep(0.1)
+    proc.kill()
+    await proc.wait()
+    raise TimeoutError("the gateway process did not start")
 
 
 class CharTokenizer:

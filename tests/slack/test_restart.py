@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-from asyncio.subprocess import Process
 from pathlib import Path
 
 import httpx
@@ -13,37 +11,17 @@ from sqlalchemy import select
 
 from storage.models import InboundEvent, Message
 from tests.fakes.slack_api import FakeSlack
-from tests.fakes.vllm_server import free_port
+from tests.slack import gateway_proc
 from tests.slack.conftest import Launch, payload, sign, thread_of
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def _start_gateway(db_url: str, fake: FakeSlack) -> tuple[Process, str]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.slack.gateway_proc", "--db", db_url, "--slack-api",
-        fake.url, "--port", str(port), "--seconds", "60", cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url) as http:
-        for _ in range(600):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return proc, url
-            except httpx.TransportError:
-                pass
-            assert proc.returncode is None, "the gateway process died at start-up"
-            await asyncio.sleep(0.1)
-    proc.kill()
-    await proc.wait()
-    raise TimeoutError("the gateway process did not start")
 
 
 async def test_event_acknowledged_then_killed_is_answered_after_restart_once(
         launch: Launch, db_url: str, fake_slack: FakeSlack) -> None:
     body = payload("app_mention")
     raw = json.dumps(body).encode()
-    proc, url = await _start_gateway(db_url, fake_slack)
+    proc, url = await gateway_proc.start(db_url, fake_slack.url, "--seconds", "60")
     try:
         async with httpx.AsyncClient(base_url=url) as http:
             r = await http.post("/slack/events", content=raw,
