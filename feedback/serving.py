@@ -11,6 +11,7 @@ unloaded only after their in-flight requests have drained.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -99,9 +100,10 @@ class DrainingBackend:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         self.inflight[request.adapter] += 1
-        try:
-            async for event in self.inner.stream(request):
-                yield event
+        try:  # aclosing: closing this stream closes the inner one now, not at collection
+            async with contextlib.aclosing(self.inner.stream(request)) as inner:
+                async for event in inner:
+                    yield event
         finally:
             self.inflight[request.adapter] -= 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from feedback import registry
 from feedback.canary import CanaryPolicy, Decision, Votes, decide, evaluate_canary
 from feedback.serving import DrainingBackend, RegistryRouter, in_canary, sync_adapters
-from inference.base import ChatMessage, GenerationRequest
+from inference.base import ChatMessage, Finished, GenerationRequest
 from storage.models import AdapterStatus
 from tests.conftest import ROOT
 from tests.fakes.inference import ScriptedBackend
@@ -162,3 +163,23 @@ async def test_adapters_cli_lists_promotes_and_rolls_back(tmp_path) -> None:  # 
     assert bad.returncode == 2 and "no adapter named 'fb-v404'" in bad.stderr
     assert chatloop(url, "runs").returncode == 0
     await engine.dispose()
+
+
+async def test_draining_backend_closes_the_inner_stream_when_closed() -> None:
+    closed: list[bool] = []
+
+    class Tracking(ScriptedBackend):
+        async def stream(self, request):  # type: ignore[no-untyped-def]
+            try:
+                async for ev in super().stream(request):
+                    yield ev
+            finally:
+                closed.append(True)
+
+    backend = DrainingBackend(Tracking())
+    request = GenerationRequest([ChatMessage("user", "hello there")], max_tokens=8)
+    async with contextlib.aclosing(backend.stream(request)) as stream:
+        async for ev in stream:
+            if isinstance(ev, Finished):
+                break  # as the core does: stop at Finished, close the stream
+    assert closed == [True] and backend.inflight[None] == 0
