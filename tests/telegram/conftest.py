@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from transformers import AutoTokenizer
 
@@ -15,6 +16,7 @@ from bots.core import ConversationCore, CoreLimits
 from bots.telegram import TelegramChannel, TelegramOptions, make_bot
 from bots.telegram.outbound import RetryPolicy
 from inference.prompt import PromptFitter
+from storage.models import Message
 from tests.fakes.inference import ScriptedBackend
 from tests.fakes.servers import serve_app
 from tests.fakes.telegram_api import TOKEN, FakeTelegram
@@ -56,6 +58,18 @@ async def eventually(check: Callable[[], Any], within: float = 10.0) -> Any:
             raise AssertionError(f"timed out waiting for {check}")
         await asyncio.sleep(0.02)
     return result
+
+
+async def delivered_answer(session: Any) -> Message:
+    """The one stored answer, once its delivery is recorded (after the final message is sent)."""
+    for _ in range(500):
+        answer = (await session.execute(select(Message).where(Message.role == "assistant")
+                                        .execution_options(populate_existing=True))
+                  ).scalar_one_or_none()
+        if answer is not None and answer.external_message_id is not None:
+            return answer
+        await asyncio.sleep(0.02)
+    raise AssertionError("the answer never got its message id")
 
 
 def make_core(sessions: Any, tokenizer: Any, backend: ScriptedBackend, *,

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from storage.models import InboundEvent, Message
 from tests.fakes.inference import ScriptedBackend
 from tests.fakes.telegram_api import NOT_MODIFIED
-from tests.telegram.conftest import eventually
+from tests.telegram.conftest import delivered_answer, eventually
 
 
 def _offsets(fake) -> list[int]:  # type: ignore[no-untyped-def]
@@ -94,22 +94,11 @@ async def test_message_is_not_modified_is_a_no_op(start_bot) -> None:  # type: i
     bot.fake.mention(group, "go")
     await eventually(lambda: [c for c in bot.fake.calls_to("editMessageText") if c.status == 400])
     async with bot.sessions() as s:
-        answer = await eventually_answer(s)
+        answer = await delivered_answer(s)
     [message] = bot.fake.sent(group["id"])
     assert answer.external_message_id == str(message["message_id"])  # taken as delivered
     finals = [c for c in bot.fake.calls_to("editMessageText") if "reply_markup" in c.params]
     assert len(finals) == 1  # and not retried
-
-
-async def eventually_answer(session):  # type: ignore[no-untyped-def]
-    for _ in range(200):
-        answer = (await session.execute(select(Message).where(Message.role == "assistant")
-                                        .execution_options(populate_existing=True))
-                  ).scalar_one_or_none()
-        if answer is not None and answer.external_message_id is not None:
-            return answer
-        await asyncio.sleep(0.02)
-    raise AssertionError("the answer never got its message id")
 
 
 async def test_server_errors_are_retried(start_bot) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ from sqlalchemy import select
 
 from storage.models import Message
 from tests.fakes.inference import ScriptedBackend
-from tests.telegram.conftest import eventually
+from tests.telegram.conftest import delivered_answer, eventually
 
 ANSWER = "Our opening hours are nine to five on weekdays, and ten to two on Saturdays."
 
@@ -26,7 +26,7 @@ async def test_private_answer_streams_drafts_then_exact_final_text(start_bot) ->
     assert typing.params["action"] == "typing" and typing.at < drafts[0]["at"]
     buttons = [b["callback_data"] for b in final["reply_markup"]["inline_keyboard"][0]]
     async with bot.sessions() as s:
-        answer = (await s.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
+        answer = await delivered_answer(s)
     assert buttons == [f"v:{answer.id}:u", f"v:{answer.id}:d"]
     assert answer.text == ANSWER and answer.external_message_id == str(final["message_id"])
 

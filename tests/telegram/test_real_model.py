@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
 
 from bots.telegram import build_channel
 from chatloop.app import build_services
 from chatloop.settings import Settings
-from storage.models import Message
 from tests.fakes.telegram_api import TOKEN
-from tests.telegram.conftest import eventually
+from tests.telegram.conftest import delivered_answer, eventually
 
 
 @pytest.mark.slow
@@ -26,8 +24,7 @@ async def test_real_model_answer_streams_and_arrives_exactly(fake, db_url, model
         fake.say(chat, "What is the capital of France?")
         [final] = await eventually(lambda: fake.answers(chat["id"]), within=120)
         async with services.sessions() as s:
-            answer = (await s.execute(select(Message).where(Message.role == "assistant"))
-                      ).scalar_one()
+            answer = await delivered_answer(s)
     finally:
         await channel.stop()
         await services.aclose()
