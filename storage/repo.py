@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -31,6 +31,12 @@ class TurnStart:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    role: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class AnswerMeta:
     model: str
     adapter: str | None
@@ -42,23 +48,51 @@ class AnswerMeta:
     error_kind: str | None = None
 
 
+# The turn path runs these for every message: built once, with bound parameters, on the
+# tables (not the ORM classes), so a call costs an execute and not a statement build plus an
+# ORM flush (about half the CPU of a turn; benchmarks/core_overhead.py measures it).
+_messages = Message.__table__  # type: ignore[attr-defined]
+_events = InboundEvent.__table__  # type: ignore[attr-defined]
+_conversations = Conversation.__table__  # type: ignore[attr-defined]
+_INSERT_MESSAGE = insert(_messages).returning(_messages.c.id)
+_INSERT_EVENT = insert(_events).returning(_events.c.id)
+_SET_EVENT_STATUS = (update(_events).where(_events.c.id == bindparam("event_row"))
+                     .values(status=bindparam("new_status")))
+_SET_MESSAGE_EXTERNAL_ID = (update(_messages).where(_messages.c.id == bindparam("message_row"))
+                            .values(external_message_id=bindparam("external_id")))
+_CURRENT_CONVERSATION = (
+    select(_conversations.c.id)
+    .where(_conversations.c.channel == bindparam("channel"),
+           _conversations.c.external_chat_id == bindparam("chat_id"),
+           _conversations.c.external_thread_id == bindparam("thread_id"))
+    .order_by(_conversations.c.epoch.desc()).limit(1)
+)
+_HISTORY = (
+    select(_messages.c.id, _messages.c.role, _messages.c.text, _messages.c.reply_to_id,
+           _messages.c.status)
+    .where(_messages.c.conversation_id == bindparam("conversation_id"),
+           (_messages.c.id < bindparam("before_id"))
+           | ((_messages.c.role == Role.ASSISTANT)
+              & (_messages.c.reply_to_id < bindparam("before_id"))))
+    .order_by(_messages.c.id.desc()).limit(bindparam("rows"))
+)
+
+
 async def current_conversation(
     session: AsyncSession, *, channel: str, chat_id: str, thread_id: str = ""
 ) -> int:
     """The id of the chat's current conversation (latest epoch), created if there is none."""
-    key = (Conversation.channel == channel, Conversation.external_chat_id == chat_id,
-           Conversation.external_thread_id == thread_id)
-    stmt = select(Conversation.id).where(*key).order_by(Conversation.epoch.desc()).limit(1)
-    found = (await session.execute(stmt)).scalar()
+    key = dict(channel=channel, chat_id=chat_id, thread_id=thread_id)
+    found = (await session.execute(_CURRENT_CONVERSATION, key)).scalar()
     if found is not None:
-        return found
+        return int(found)
     conv = Conversation(channel=channel, external_chat_id=chat_id, external_thread_id=thread_id)
     session.add(conv)
     try:
         await session.commit()
     except IntegrityError:  # a concurrent first message created it: use that one
         await session.rollback()
-        return (await session.execute(stmt)).scalar_one()
+        return int((await session.execute(_CURRENT_CONVERSATION, key)).scalar_one())
     assert conv.id is not None
     return conv.id
 
@@ -100,20 +134,19 @@ async def begin_turn(
     payload: dict[str, Any] | None = None,
 ) -> TurnStart | None:
     """Record the inbound event and the question in one transaction; None if already seen."""
-    event = InboundEvent(channel=channel, external_event_id=event_id, payload=payload)
-    question = Message(conversation_id=conversation_id, role=Role.USER, text=text,
-                       author_id=author_id, external_message_id=external_message_id)
-    session.add(event)
-    session.add(question)
+    now = utcnow()
     try:
-        await session.flush()
-        event.message_id = question.id
+        question_id = (await session.execute(_INSERT_MESSAGE, dict(
+            conversation_id=conversation_id, role=Role.USER, text=text, author_id=author_id,
+            external_message_id=external_message_id, created_at=now))).scalar_one()
+        event_row = (await session.execute(_INSERT_EVENT, dict(
+            channel=channel, external_event_id=event_id, payload=payload, message_id=question_id,
+            status=EventStatus.RECEIVED, received_at=now))).scalar_one()
         await session.commit()
-    except IntegrityError:
+    except IntegrityError:  # the event is already recorded: the question goes with the rollback
         await session.rollback()
         return None
-    assert question.id is not None and event.id is not None
-    return TurnStart(conversation_id, question.id, event.id)
+    return TurnStart(conversation_id, int(question_id), int(event_row))
 
 
 async def record_event(
@@ -132,7 +165,7 @@ async def record_event(
 
 
 async def history(session: AsyncSession, *, conversation_id: int, before_id: int,
-                  limit: int) -> list[Message]:
+                  limit: int) -> list[HistoryMessage]:
     """The last `limit` messages of the exchanges asked before `before_id`, in order.
 
     Only answered exchanges count: a failed answer and its question are left out, and so is a
@@ -141,17 +174,13 @@ async def history(session: AsyncSession, *, conversation_id: int, before_id: int
     """
     if limit <= 0:
         return []
-    asked_before = Message.id < before_id
-    answer_to_earlier = (Message.role == Role.ASSISTANT) & (Message.reply_to_id < before_id)
-    stmt = (select(Message)
-            .where(Message.conversation_id == conversation_id, asked_before | answer_to_earlier)
-            .order_by(Message.id.desc()).limit(limit * 2 + 4))
-    rows = list((await session.execute(stmt)).scalars())
+    rows = (await session.execute(_HISTORY, dict(conversation_id=conversation_id,
+                                                 before_id=before_id, rows=limit * 2 + 4))).all()
     answers = {m.reply_to_id: m for m in rows
                if m.role == Role.ASSISTANT and m.status == AnswerStatus.OK}
     questions = sorted((m for m in rows if m.role == Role.USER and m.id in answers),
-                       key=lambda m: m.id or 0)
-    kept = [msg for q in questions for msg in (q, answers[q.id])]
+                       key=lambda m: m.id)
+    kept = [HistoryMessage(msg.role, msg.text) for q in questions for msg in (q, answers[q.id])]
     return kept[-limit:]
 
 
@@ -171,26 +200,24 @@ async def finish_turn(
     """
     if status == AnswerStatus.OK and not text:
         raise ValueError("an ok answer needs text")
-    answer = Message(conversation_id=turn.conversation_id, role=Role.ASSISTANT, text=text,
-                     reply_to_id=turn.question_id, status=status,
-                     external_message_id=external_message_id, **asdict(meta))
-    session.add(answer)
+    answer_id = (await session.execute(_INSERT_MESSAGE, dict(
+        conversation_id=turn.conversation_id, role=Role.ASSISTANT, text=text,
+        reply_to_id=turn.question_id, status=status, external_message_id=external_message_id,
+        created_at=utcnow(), **asdict(meta)))).scalar_one()
     ev_status = EventStatus.ANSWERED if status == AnswerStatus.OK else EventStatus.FAILED
-    await session.execute(update(InboundEvent).where(InboundEvent.id == turn.event_id)
-                          .values(status=ev_status))
+    await session.execute(_SET_EVENT_STATUS, dict(event_row=turn.event_id, new_status=ev_status))
     await session.commit()
-    assert answer.id is not None
-    return answer.id
+    return int(answer_id)
 
 
 async def mark_delivered(session: AsyncSession, *, turn: TurnStart, answer_id: int,
                          external_message_id: str | None) -> None:
     """The channel has shown the answer (or given up for good): close the inbound event."""
     if external_message_id is not None:
-        await session.execute(update(Message).where(Message.id == answer_id)
-                              .values(external_message_id=external_message_id))
-    await session.execute(update(InboundEvent).where(InboundEvent.id == turn.event_id)
-                          .values(status=EventStatus.DONE))
+        await session.execute(_SET_MESSAGE_EXTERNAL_ID,
+                              dict(message_row=answer_id, external_id=external_message_id))
+    await session.execute(_SET_EVENT_STATUS,
+                          dict(event_row=turn.event_id, new_status=EventStatus.DONE))
     await session.commit()
 
 
