@@ -43,6 +43,7 @@ class TelegramOptions:
     webhook_secret: str | None = None
     draft_interval_s: float = 1.0  # private chats: sendMessageDraft
     edit_interval_s: float = 3.0  # groups: editMessageText, ~20 per minute per group
+    preview_after_s: float = 0.25  # no preview before: an answer done by then is sent once
     poll_timeout_s: int = 25
     settle_s: float = 0.2  # polling: wait this long for recording before polling again
     webhook_ack_timeout_s: float = 10.0  # then 503, and Telegram delivers it again
@@ -190,7 +191,8 @@ class TelegramChannel:
     def _sink(self, where: Target) -> TelegramSink:
         return TelegramSink(self.api, where, self._pacer,
                             draft_interval=self.options.draft_interval_s,
-                            edit_interval=self.options.edit_interval_s)
+                            edit_interval=self.options.edit_interval_s,
+                            preview_after=self.options.preview_after_s)
 
     async def _sink_for(self, msg: InboundMessage) -> ReplySink:
         return self._sink(convert.target_for(msg))

@@ -52,11 +52,17 @@ class Pacer:
 
 
 class _Stream:
-    """Pushes the newest text, at most once per interval per chat, without blocking the model."""
+    """Pushes the newest text, at most once per interval per chat, without blocking the model.
+
+    The first push waits `first_after` seconds: an answer finished by then goes out once, as
+    the final message, instead of as a preview and then the final (half the Bot API calls of a
+    fast answer; a bot may send only about 30 messages a second in all).
+    """
 
     def __init__(self, push: Callable[[str], Awaitable[None]], pacer: Pacer, chat_id: int,
-                 interval: float) -> None:
+                 interval: float, first_after: float) -> None:
         self._push, self._pacer, self._chat, self._interval = push, pacer, chat_id, interval
+        self._first_after = first_after
         self._latest = ""
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -69,6 +75,7 @@ class _Stream:
             self._task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
+        await asyncio.sleep(self._first_after)
         while not self._closing:
             await self._dirty.wait()
             await asyncio.sleep(self._pacer.wait_time(self._chat))
@@ -145,13 +152,13 @@ class TelegramSink:
     """One reply in one chat (or forum topic)."""
 
     def __init__(self, api: TelegramApi, where: Target, pacer: Pacer, *,
-                 draft_interval: float, edit_interval: float) -> None:
+                 draft_interval: float, edit_interval: float, preview_after: float) -> None:
         self._api, self._where = api, where
         self._draft_id = random.randint(1, 2**31 - 1)
         self._messages: list[int] = []  # groups: the message showing each part
         self._shown: list[tuple[str, bool, bool]] = []  # (text, formatted, keyboard) per part
         interval = draft_interval if where.private else edit_interval
-        self._stream = _Stream(self._preview, pacer, where.chat_id, interval)
+        self._stream = _Stream(self._preview, pacer, where.chat_id, interval, preview_after)
         self._typing = _Typing(api, where)
 
     async def begin(self) -> None:

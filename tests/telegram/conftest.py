@@ -21,8 +21,8 @@ from tests.fakes.inference import ScriptedBackend
 from tests.fakes.servers import serve_app
 from tests.fakes.telegram_api import TOKEN, FakeTelegram
 
-FAST = dict(draft_interval_s=0.05, edit_interval_s=0.05, poll_timeout_s=1, settle_s=0.05,
-            drain_s=2.0)
+FAST = dict(draft_interval_s=0.05, edit_interval_s=0.05, preview_after_s=0.0, poll_timeout_s=1,
+            settle_s=0.05, drain_s=2.0)
 
 
 @pytest.fixture(scope="session")

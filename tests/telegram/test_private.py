@@ -31,6 +31,19 @@ async def test_private_answer_streams_drafts_then_exact_final_text(start_bot) ->
     assert answer.text == ANSWER and answer.external_message_id == str(final["message_id"])
 
 
+async def test_a_fast_answer_is_sent_once_without_previews(start_bot) -> None:  # type: ignore[no-untyped-def]
+    bot = await start_bot(ScriptedBackend(answer=lambda r: ANSWER, chunk=6, delay=0.005),
+                          preview_after_s=0.25)  # the default
+    private, group = bot.fake.private(), bot.fake.group()
+    bot.fake.say(private, "When are you open?")
+    bot.fake.mention(group, "When are you open?")
+    [final] = await eventually(lambda: bot.fake.answers(private["id"]))
+    [in_group] = await eventually(lambda: bot.fake.answers(group["id"]))
+    assert final["text"] == in_group["text"] == ANSWER
+    assert not bot.fake.drafts and not bot.fake.calls_to("editMessageText")
+    assert len(bot.fake.calls_to("sendMessage")) == 2
+
+
 async def test_commands_are_registered_and_reset_starts_a_new_conversation(start_bot) -> None:  # type: ignore[no-untyped-def]
     bot = await start_bot()
     assert [c["command"] for c in bot.fake.commands] == ["start", "help", "reset"]
