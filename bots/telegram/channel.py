@@ -28,6 +28,7 @@ from bots.telegram.outbound import DeliveryError, RetryPolicy, Target, TelegramA
 from bots.telegram.polling import poll_forever
 from bots.telegram.sink import Pacer, TelegramSink
 from bots.telegram.webhook import webhook_router
+from storage import repo
 
 log = logging.getLogger(__name__)
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -170,10 +171,11 @@ class TelegramChannel:
         """Record the action (and do what needs no model); return the answer job, if any."""
         assert self._feedback is not None
         if isinstance(action, Ask):
-            sink = _Recorded(self._sink(action.where), recorded)
+            shown = self._sink(action.where)
+            sink = _Recorded(shown, recorded)
             accepted = await self.core.accept(action.message, sink)
             if isinstance(accepted, Accepted):
-                return lambda: self._answer(accepted, sink)
+                return lambda: self._answer(accepted, sink, shown)
         elif isinstance(action, Vote):
             await self._feedback.vote(action)
         elif isinstance(action, Correct):
@@ -185,8 +187,12 @@ class TelegramChannel:
             await self._feedback.stale_button(action.query_id)
         return None
 
-    async def _answer(self, accepted: Accepted, sink: ReplySink) -> None:
-        await self.core.answer(accepted, sink)
+    async def _answer(self, accepted: Accepted, sink: ReplySink, shown: TelegramSink) -> None:
+        result = await self.core.answer(accepted, sink)
+        if shown.error is not None and result.answer_id is not None:
+            async with self.core.sessions() as s:  # kept, not retried: Telegram refused it
+                await repo.set_error_kind(s, message_id=result.answer_id,
+                                          error_kind=f"telegram:{shown.error}")
 
     def _sink(self, where: Target) -> TelegramSink:
         return TelegramSink(self.api, where, self._pacer,

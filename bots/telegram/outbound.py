@@ -21,6 +21,7 @@ from aiogram.exceptions import (
     TelegramBadRequest,
     TelegramEntityTooLarge,
     TelegramForbiddenError,
+    TelegramMigrateToChat,
     TelegramNetworkError,
     TelegramRetryAfter,
     TelegramServerError,
@@ -41,6 +42,12 @@ class DeliveryError(Exception):
 class ChatUnreachable(DeliveryError):
     """The bot was blocked or kicked, or the chat does not exist: retrying cannot help."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        text = message.lower()
+        self.kind = next((k for k in ("blocked", "kicked", "deactivated") if k in text),
+                         "chat_not_found" if "chat not found" in text else "forbidden")
+
 
 class FloodWait(DeliveryError):
     """Telegram's flood control outlasted our retries (or there were none)."""
@@ -58,6 +65,14 @@ class MessageMissing(DeliveryError):
     """The message to edit is gone (deleted by a user)."""
 
 
+class ChatMigrated(DeliveryError):
+    """The group became a supergroup: the chat now has another id."""
+
+    def __init__(self, message: str, new_chat_id: int) -> None:
+        super().__init__(message)
+        self.new_chat_id = new_chat_id
+
+
 class Unparseable(DeliveryError):
     """Telegram rejected the formatting (`can't parse entities`)."""
 
@@ -65,6 +80,8 @@ class Unparseable(DeliveryError):
 def translate(exc: TelegramAPIError) -> DeliveryError:
     """The one place where Bot API error descriptions are read."""
     text = exc.message.lower()
+    if isinstance(exc, TelegramMigrateToChat):
+        return ChatMigrated(exc.message, exc.migrate_to_chat_id)
     if isinstance(exc, TelegramForbiddenError) or "chat not found" in text:
         return ChatUnreachable(exc.message)
     if isinstance(exc, TelegramBadRequest):
@@ -127,6 +144,7 @@ class TelegramApi:
     def __init__(self, bot: Bot, policy: RetryPolicy | None = None) -> None:
         self.bot = bot
         self.policy = policy or RetryPolicy()
+        self._moved: dict[int, int] = {}  # groups upgraded to supergroups: old id -> new id
 
     async def put(self, where: Target, text: str, *, keyboard: InlineKeyboardMarkup | None = None,
                   edit: int | None = None, formatted: bool = True, quote: bool = False,
@@ -148,6 +166,24 @@ class TelegramApi:
     async def _put(self, where: Target, text: str, parse_mode: str | None,
                    keyboard: InlineKeyboardMarkup | None, edit: int | None, quote: bool,
                    policy: RetryPolicy) -> int:
+        where = self._current(where)
+        try:
+            return await self._put_in(where, text, parse_mode, keyboard, edit, quote, policy)
+        except ChatMigrated as exc:
+            # a group upgraded to a supergroup: its messages so far stay behind in the old chat
+            log.info("chat %s is now supergroup %s: sending there", where.chat_id,
+                     exc.new_chat_id)
+            self._moved[where.chat_id] = exc.new_chat_id
+            return await self._put_in(self._current(where), text, parse_mode, keyboard, None,
+                                      False, policy)
+
+    def _current(self, where: Target) -> Target:
+        new_id = self._moved.get(where.chat_id)
+        return where if new_id is None else Target(new_id, where.thread_id)
+
+    async def _put_in(self, where: Target, text: str, parse_mode: str | None,
+                      keyboard: InlineKeyboardMarkup | None, edit: int | None, quote: bool,
+                      policy: RetryPolicy) -> int:
         if edit is not None:
             try:
                 await call(lambda: self.bot.edit_message_text(
@@ -168,6 +204,7 @@ class TelegramApi:
 
     async def draft(self, where: Target, draft_id: int, text: str) -> None:
         """One streaming preview in a private chat (sendMessageDraft); a single attempt."""
+        where = self._current(where)
         await call(lambda: self.bot.send_message_draft(
             chat_id=where.chat_id, draft_id=draft_id, text=text,
             message_thread_id=where.thread_id, parse_mode=None), _ONCE)
@@ -180,6 +217,7 @@ class TelegramApi:
         return await self._put(where, html, "HTML", None, None, quote, self.policy)
 
     async def typing(self, where: Target) -> None:
+        where = self._current(where)
         await call(lambda: self.bot.send_chat_action(
             chat_id=where.chat_id, action="typing", message_thread_id=where.thread_id), _ONCE)
 

@@ -160,6 +160,7 @@ class TelegramSink:
         interval = draft_interval if where.private else edit_interval
         self._stream = _Stream(self._preview, pacer, where.chat_id, interval, preview_after)
         self._typing = _Typing(api, where)
+        self.error: str | None = None  # why the final answer was not delivered, if it was not
 
     async def begin(self) -> None:
         self._typing.start()  # in the background: the model starts at once
@@ -181,6 +182,7 @@ class TelegramSink:
                 message_id = await self._show(i, part, formatted=True,
                                               keyboard=keyboard if last else None, patient=True)
         except DeliveryError as exc:
+            self.error = exc.kind if isinstance(exc, ChatUnreachable) else "undelivered"
             self._undelivered(f"answer {answer_id}", exc)
             return None
         return None if message_id is None else str(message_id)

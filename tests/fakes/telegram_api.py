@@ -36,6 +36,7 @@ BOT = {"id": 123456, "is_bot": True, "first_name": "TestBot", "username": "test_
 NOT_MODIFIED = ("Bad Request: message is not modified: specified new message content and reply "
                 "markup are exactly the same as a current content and reply markup of the message")
 BLOCKED = "Forbidden: bot was blocked by the user"
+MIGRATED = "Bad Request: group chat was upgraded to a supergroup chat"
 KICKED = "Forbidden: bot was kicked from the group chat"
 _INT = {"chat_id", "message_id", "offset", "limit", "timeout", "draft_id", "message_thread_id",
         "max_connections", "cache_time"}
@@ -49,9 +50,11 @@ _TOKEN = re.compile(r"<(/?)([a-zA-Z][\w-]*)([^<>]*)>|&(lt|gt|amp|quot|#\d+|#x[\d
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, description: str, retry_after: int | None = None) -> None:
+    def __init__(self, code: int, description: str, retry_after: int | None = None,
+                 migrate_to_chat_id: int | None = None) -> None:
         super().__init__(description)
         self.code, self.description, self.retry_after = code, description, retry_after
+        self.migrate_to_chat_id = migrate_to_chat_id
 
 
 class _Raw(Exception):
@@ -136,6 +139,7 @@ class FakeTelegram:
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}
         self.chats: dict[int, dict[str, Any]] = {}
         self.blocked: set[int] = set()
+        self.migrated: dict[int, int] = {}  # a group upgraded to a supergroup: old id -> new
         self.drafts: list[dict[str, Any]] = []
         self.faults: list[Fault] = []
         self.webhook: dict[str, Any] | None = None
@@ -166,6 +170,11 @@ class FakeTelegram:
         chat = {"id": chat_id, "type": "supergroup", "title": "Team", "is_forum": forum}
         self.chats[chat_id] = chat
         return chat
+
+    def upgrade(self, group: dict[str, Any], new_id: int) -> dict[str, Any]:
+        """The group becomes a supergroup with a new id; its old id is refused from now on."""
+        self.migrated[group["id"]] = new_id
+        return self.group(new_id)
 
     @staticmethod
     def user(user_id: int = 42, name: str = "Ann", *, bot: bool = False) -> dict[str, Any]:
@@ -291,6 +300,8 @@ class FakeTelegram:
                                     "description": exc.description}
             if exc.retry_after is not None:
                 body["parameters"] = {"retry_after": exc.retry_after}
+            if exc.migrate_to_chat_id is not None:
+                body["parameters"] = {"migrate_to_chat_id": exc.migrate_to_chat_id}
             return JSONResponse(body, status_code=exc.code)
         return JSONResponse({"ok": True, "result": result})
 
@@ -417,6 +428,8 @@ class FakeTelegram:
         chat = self.chats.get(p.get("chat_id"))  # type: ignore[arg-type]
         if chat is None:
             raise ApiError(400, "Bad Request: chat not found")
+        if chat["id"] in self.migrated:
+            raise ApiError(400, MIGRATED, migrate_to_chat_id=self.migrated[chat["id"]])
         if chat["id"] in self.blocked:
             raise ApiError(403, BLOCKED if chat["type"] == "private" else KICKED)
         return chat

@@ -135,15 +135,16 @@ async def test_a_blocked_chat_is_recorded_and_not_retried(start_bot, caplog) -> 
         await eventually(lambda: "not delivered" in caplog.text)
     assert "blocked" in caplog.text
     assert len(bot.fake.calls_to("sendMessage")) == 1
-    for _ in range(200):  # the event closes just after the delivery is given up
+    for _ in range(200):  # recorded just after the delivery is given up
         async with bot.sessions() as s:
             event = (await s.execute(select(InboundEvent))).scalar_one()
-        if event.status == "done":
+            answer = (await s.execute(select(Message).where(Message.role == "assistant"))
+                      ).scalar_one_or_none()
+        if answer is not None and answer.error_kind is not None:
             break
         await asyncio.sleep(0.02)
-    async with bot.sessions() as s:
-        answer = (await s.execute(select(Message).where(Message.role == "assistant"))).scalar_one()
     assert (answer.status, answer.external_message_id, event.status) == ("ok", None, "done")
+    assert answer.error_kind == "telegram:blocked"
 
 
 @pytest.mark.parametrize("kind", ["private", "group"])

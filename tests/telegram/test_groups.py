@@ -64,3 +64,17 @@ async def test_forum_topics_are_separate_conversations(start_bot) -> None:  # ty
     await eventually(lambda: len(bot.fake.answers(forum["id"], thread=7)) == 2)
     assert [m.content for m in bot.backend.requests[-1].messages] == [
         "Be brief.", "topic seven question", "Echo: topic seven question", "follow-up"]
+
+
+async def test_an_answer_follows_a_group_upgraded_to_a_supergroup(start_bot) -> None:  # type: ignore[no-untyped-def]
+    bot = await start_bot(ScriptedBackend(chunk=4, delay=0.1))
+    old = bot.fake.group(-4001)
+    bot.fake.mention(old, "first question")
+    await eventually(lambda: bot.fake.sent(old["id"]))  # a preview is shown in the old group
+    new = bot.fake.upgrade(old, -1004001)  # then the group is upgraded, mid-answer
+    [answer] = await eventually(lambda: bot.fake.answers(new["id"]))
+    assert answer["text"] == "Echo: first question"
+    bot.fake.mention(old, "second question")  # an update from before the upgrade
+    await eventually(lambda: len(bot.fake.answers(new["id"])) == 2)
+    refused = [c for c in bot.fake.calls if c.status == 400]
+    assert len(refused) == 1  # the move is remembered: one refusal, not one per call
