@@ -12,6 +12,7 @@ from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 
 from bots.telegram.channel import TelegramChannel, TelegramOptions
+from bots.telegram.outbound import HoldResponseTypes
 
 if TYPE_CHECKING:
     from chatloop.app import Services
@@ -26,6 +27,7 @@ def make_bot(token: str, *, api_base: str | None = None, timeout_s: float = 30.0
     connection becomes a retried network error instead of a stuck conversation.
     """
     session = AiohttpSession(timeout=timeout_s)
+    session.middleware(HoldResponseTypes())
     if api_base:
         session.api = TelegramAPIServer.from_base(api_base)
     return Bot(token, session=session)

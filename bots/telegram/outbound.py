@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from aiogram import Bot
+from aiogram.client.session.middlewares.base import (
+    BaseRequestMiddleware,
+    NextRequestMiddlewareType,
+)
 from aiogram.exceptions import (
     ClientDecodeError,
     TelegramAPIError,
@@ -26,6 +30,7 @@ from aiogram.exceptions import (
     TelegramRetryAfter,
     TelegramServerError,
 )
+from aiogram.methods import Response, TelegramMethod
 from aiogram.types import InlineKeyboardMarkup, LinkPreviewOptions, ReplyParameters
 
 from bots.telegram.render import is_plain, to_html
@@ -92,6 +97,24 @@ def translate(exc: TelegramAPIError) -> DeliveryError:
         if "can't parse entities" in text or "can't find end" in text:
             return Unparseable(exc.message)
     return DeliveryError(f"{type(exc).__name__}: {exc.message}")
+
+
+class HoldResponseTypes(BaseRequestMiddleware):
+    """Keeps the `Response[T]` type aiogram builds for each call alive.
+
+    aiogram parametrizes the pydantic model `Response[T]` on every call; pydantic caches that
+    class only weakly, so after each garbage collection the next call builds it again (1-4 ms
+    of CPU, measured: about 5% of a busy gateway's time). Holding one per method stops that.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[type, type] = {}
+
+    async def __call__(self, make_request: NextRequestMiddlewareType[T], bot: Bot,
+                       method: TelegramMethod[T]) -> Response[T]:
+        if type(method) not in self._held:
+            self._held[type(method)] = Response[method.__returning__]  # type: ignore[name-defined]
+        return await make_request(bot, method)
 
 
 @dataclass(frozen=True, slots=True)

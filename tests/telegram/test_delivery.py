@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import weakref
 
 import pytest
 from sqlalchemy import func, select
@@ -184,3 +186,17 @@ async def test_markdown_is_sent_as_html_when_accepted(start_bot) -> None:  # typ
     [answer] = await eventually(lambda: bot.fake.answers(chat["id"]))
     assert answer["text"] == "Use bold & <tags>."
     assert answer["entities"] == [{"type": "bold", "offset": 4, "length": 4}]
+
+
+async def test_response_types_survive_garbage_collection(start_bot) -> None:  # type: ignore[no-untyped-def]
+    # aiogram builds Response[T] per call and pydantic caches it weakly: without the bot
+    # holding it, every garbage collection makes the next call rebuild it (1-4 ms)
+    from aiogram.methods import Response, SendMessage
+
+    bot = await start_bot()
+    chat = bot.fake.private()
+    bot.fake.say(chat, "hi")
+    await eventually(lambda: bot.fake.answers(chat["id"]))
+    held = weakref.ref(Response[SendMessage.__returning__])  # type: ignore[name-defined]
+    gc.collect()
+    assert held() is not None
