@@ -39,6 +39,8 @@ class Services:
     extra: dict[str, Any] = field(default_factory=dict)
 
     async def aclose(self) -> None:
+        if isinstance(self.core.router, RegistryRouter):
+            await self.core.router.aclose()  # its background refresh uses both below
         await self.backend.aclose()
         await self.engine.dispose()
 

@@ -38,7 +38,13 @@ def in_canary(conversation_id: int, canary: str, percent: float) -> bool:
 
 
 class RegistryRouter:
-    """Routes conversations from the registry's active/canary state, cached for `refresh_s`."""
+    """Routes conversations from the registry's active/canary state, refreshed every `refresh_s`.
+
+    Only the first request waits for the registry. Later refreshes run in the background
+    while requests keep the routes they have: reading the registry and syncing the backend
+    (listing adapters, loading a new one into vLLM) is never on a request's path. A new
+    adapter is routed to only once the backend has loaded it.
+    """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, canary_percent: float,
                  refresh_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
@@ -53,6 +59,7 @@ class RegistryRouter:
         self._state: tuple[str | None, str | None] = (None, None)
         self._loaded_at: float | None = None
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def route(self, conversation_id: int) -> str | None:
         active, canary = await self._current()
@@ -63,6 +70,41 @@ class RegistryRouter:
     def invalidate(self) -> None:
         self._loaded_at = None
 
+    async def aclose(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+
+    async def _current(self) -> tuple[str | None, str | None]:
+        if self._loaded_at is None:
+            async with self._lock:
+                if self._loaded_at is None:
+                    await self._refresh()
+        elif (self._clock() - self._loaded_at >= self._refresh_s
+              and self._background is None):
+            self._background = asyncio.create_task(self._refresh_in_background())
+        return self._state
+
+    async def _refresh(self) -> None:
+        async with self._sessions() as s:
+            state = await registry.serving(s)
+        if self._backend is not None:
+            await self._sync()  # before routing to a new adapter
+        self._state = (state.active.name if state.active else None,
+                       state.canary.name if state.canary else None)
+        self._loaded_at = self._clock()
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            async with self._lock:
+                await self._refresh()
+        except Exception as exc:  # the routes stay as they are; tried again after refresh_s
+            log.warning("adapter routes not refreshed: %s", exc)
+            self._loaded_at = self._clock()
+        finally:
+            self._background = None
+
     async def _sync(self) -> None:
         """Load what the registry serves (after a restart of vLLM too); a failure only logs."""
         assert self._backend is not None
@@ -70,21 +112,6 @@ class RegistryRouter:
             await sync_adapters(self._sessions, self._backend, drain_grace=self._drain_grace)
         except InferenceError as exc:
             log.warning("adapter sync failed: %s", exc)
-
-    async def _current(self) -> tuple[str | None, str | None]:
-        now = self._clock()
-        if self._loaded_at is not None and now - self._loaded_at < self._refresh_s:
-            return self._state
-        async with self._lock:
-            if self._loaded_at is None or now - self._loaded_at >= self._refresh_s:
-                async with self._sessions() as s:
-                    state = await registry.serving(s)
-                self._state = (state.active.name if state.active else None,
-                               state.canary.name if state.canary else None)
-                self._loaded_at = now
-                if self._backend is not None:
-                    await self._sync()
-        return self._state
 
 
 @dataclass

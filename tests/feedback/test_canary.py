@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -55,6 +56,38 @@ async def test_canary_slice_is_sticky_and_sized(sessions) -> None:  # type: igno
     assert 0.16 < routes.count("fb-v2") / len(routes) < 0.24
     assert [await router.route(c) for c in range(2000)] == routes  # sticky
     assert all((r == "fb-v2") == in_canary(c, "fb-v2", 20) for c, r in enumerate(routes))
+
+
+class GatedBackend(ScriptedBackend):
+    """list_adapters waits until the test opens the gate (a slow vLLM during a refresh)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def list_adapters(self) -> list[str]:
+        await self.gate.wait()
+        return await super().list_adapters()
+
+
+async def test_a_refresh_never_holds_up_routing(sessions) -> None:  # type: ignore[no-untyped-def]
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    backend = GatedBackend()
+    backend.gate.set()
+    router = RegistryRouter(sessions, canary_percent=100, refresh_s=0, backend=backend)
+    assert await router.route(1) == "fb-v1"  # the first request waits for the registry
+    assert backend.adapters == {"fb-v1"}
+    backend.gate.clear()  # the backend now hangs on every list_adapters
+    await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
+    for _ in range(3):  # routed at once, on the routes the router has, while it refreshes
+        assert await asyncio.wait_for(router.route(1), timeout=5) == "fb-v1"
+    backend.gate.set()
+    for _ in range(200):  # once the refresh has loaded fb-v2, requests go there
+        if await router.route(1) == "fb-v2":
+            break
+        await asyncio.sleep(0.01)
+    assert await router.route(1) == "fb-v2" and "fb-v2" in backend.adapters
+    await router.aclose()
 
 
 async def _simulate(sessions, tokenizer, *, canary_down: float, active_down: float,  # type: ignore[no-untyped-def]
