@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -24,7 +27,7 @@ from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBa
 from inference.errors import AdapterNotFound, InferenceError
 from inference.prompt import PromptFitter
 from storage import repo
-from storage.models import AnswerStatus, Role
+from storage.models import AnswerStatus, Role, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,12 @@ class CoreLimits:
     history_messages: int = 20
     rate_limit_per_minute: int = 20
     max_concurrent_generations: int = 32
+    event_lease_s: float = 30.0  # a crashed process's turns are resumed elsewhere after this
+
+
+def default_owner() -> str:
+    """This process, as the owner of the events it works on (host and process id)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class ConversationCore:
@@ -147,6 +156,7 @@ class ConversationCore:
         limits: CoreLimits,
         router: Router | None = None,
         reviewer_ids: frozenset[str] = frozenset(),
+        owner: str | None = None,
     ) -> None:
         self.sessions = sessions
         self.backend = backend
@@ -158,6 +168,11 @@ class ConversationCore:
         self._rate = RateLimiter(per_minute=limits.rate_limit_per_minute)
         self._generations = asyncio.Semaphore(limits.max_concurrent_generations)
         self._conversation_locks = KeyedLocks()
+        # events this process works on: their leases are renewed until the turn ends, so
+        # another replica's `resume` never takes a live turn but does take a crashed one's
+        self.owner = owner or default_owner()
+        self._held: set[int] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
 
     async def handle(self, msg: InboundMessage, sink: ReplySink) -> TurnResult:
         """Answer one inbound message exactly once, whatever the platform redelivers."""
@@ -196,42 +211,118 @@ class ConversationCore:
             turn = await repo.begin_turn(
                 s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
                 text=text, author_id=msg.user_id, external_message_id=msg.message_id,
-                payload=dataclasses.asdict(msg),
+                payload=dataclasses.asdict(msg), owner=self.owner, lease_until=self._lease_end(),
             )
         if turn is None:
             log.info("duplicate %s event %s ignored", msg.channel, msg.event_id)
             return TurnResult(Outcome.DUPLICATE)
+        self._hold(turn.event_id)
         return Accepted(turn, text, (msg.channel, msg.chat_id, msg.thread_id))
 
     async def answer(self, accepted: Accepted, sink: ReplySink) -> TurnResult:
         """Answer a question recorded by `accept`; one turn at a time per conversation, and
         each turn's history holds only the questions recorded before it."""
-        async with self._conversation_locks.hold(accepted.key):
+        async with self._holding(accepted.turn.event_id), \
+                self._conversation_locks.hold(accepted.key):
             return await self.run_turn(accepted.turn, accepted.question, sink)
 
     async def resume(
         self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
     ) -> int:
         """Finish what a crash or shutdown left open: generate the answers never stored and
-        deliver the ones stored but not shown. Returns how many events were resumed."""
+        deliver the ones stored but not shown. Only events no live process holds are taken
+        (each by one process: `repo.claim_event`). Returns how many events were resumed."""
         async with self.sessions() as s:
             pending = await repo.pending_events(s, channel=channel)
+        resumed = 0
         for event in pending:
-            if event.payload is None or event.message_id is None:
+            if event.payload is None or event.message_id is None or event.id is None:
                 continue
-            msg = InboundMessage(**event.payload)
             async with self.sessions() as s:
+                if not await repo.claim_event(s, event_id=event.id, owner=self.owner,
+                                              lease_until=self._lease_end()):
+                    continue  # another process took it meanwhile
                 question = await repo.get_message(s, message_id=event.message_id)
                 stored = await repo.stored_answer(s, question_id=event.message_id)
             assert question is not None
-            turn = repo.TurnStart(question.conversation_id, event.message_id, event.id or 0)
-            log.info("resuming %s event %s after a restart", channel, event.external_event_id)
-            sink = await sink_for(msg)
-            if stored is not None and stored.id is not None:
-                await self._deliver(turn, stored.id, stored.text, sink)
-            else:
-                await self.run_turn(turn, question.text, sink)
-        return len(pending)
+            self._hold(event.id)
+            async with self._holding(event.id):
+                msg = InboundMessage(**event.payload)
+                turn = repo.TurnStart(question.conversation_id, event.message_id, event.id)
+                log.info("resuming %s event %s", channel, event.external_event_id)
+                sink = await sink_for(msg)
+                if stored is not None and stored.id is not None:
+                    await self._deliver(turn, stored.id, stored.text, sink)
+                else:
+                    await self.run_turn(turn, question.text, sink)
+            resumed += 1
+        return resumed
+
+    async def resume_forever(
+        self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
+    ) -> None:
+        """Resume, every lease period, what crashed processes (other replicas) left open."""
+        while True:
+            await asyncio.sleep(self._limits.event_lease_s)
+            try:
+                if resumed := await self.resume(channel, sink_for):
+                    log.info("answered %s %s events another process left open", resumed,
+                             channel)
+            except Exception:  # the database may be away for a while: try again later
+                log.exception("resuming %s events failed", channel)
+
+    async def aclose(self) -> None:
+        """Stop renewing leases and give up those still held (turns cut short by a shutdown),
+        so the next start resumes them at once instead of after the lease."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+        if self._held:
+            async with self.sessions() as s:
+                await repo.renew_leases(s, event_ids=self._held, owner=self.owner,
+                                        lease_until=None)
+            self._held.clear()
+
+    def _lease_end(self) -> datetime:
+        return utcnow() + timedelta(seconds=self._limits.event_lease_s)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, event_id: int) -> AsyncIterator[None]:
+        """The turn of a held event: once it ends, its lease is no longer renewed (an error
+        leaves the event to be resumed when the lease runs out). A turn cancelled by a
+        shutdown stays held, and `aclose` gives its lease up for the next start."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self._release(event_id)
+            raise
+        self._release(event_id)
+
+    def _release(self, event_id: int) -> None:
+        self._held.discard(event_id)
+        if not self._held and self._heartbeat is not None:  # nothing left to renew
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
+    def _hold(self, event_id: int) -> None:
+        self._held.add(event_id)
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._renew_leases())
+
+    async def _renew_leases(self) -> None:
+        """While this process holds events, renew their leases (three times per lease)."""
+        while True:
+            await asyncio.sleep(self._limits.event_lease_s / 3)
+            try:
+                async with self.sessions() as s:
+                    await repo.renew_leases(s, event_ids=set(self._held), owner=self.owner,
+                                            lease_until=self._lease_end())
+            except Exception as exc:  # noqa: BLE001 (the next beat tries again)
+                log.warning("renewing event leases failed: %s", exc)
 
     async def run_turn(self, turn: repo.TurnStart, question: str, sink: ReplySink) -> TurnResult:
         """Generate, stream and store the answer to a recorded question."""

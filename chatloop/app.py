@@ -39,6 +39,7 @@ class Services:
     extra: dict[str, Any] = field(default_factory=dict)
 
     async def aclose(self) -> None:
+        await self.core.aclose()  # gives up the leases of turns cut short
         if isinstance(self.core.router, RegistryRouter):
             await self.core.router.aclose()  # its background refresh uses both below
         await self.backend.aclose()
@@ -117,9 +118,11 @@ async def build_services(settings: Settings, *,
             history_messages=settings.history_messages,
             rate_limit_per_minute=settings.rate_limit_per_minute,
             max_concurrent_generations=settings.max_concurrent_generations,
+            event_lease_s=settings.event_lease_s,
         ),
         router=router,
         reviewer_ids=frozenset(settings.reviewer_ids),
+        owner=settings.replica_id,
     )
     return Services(settings, engine, sessions, backend, core)
 

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=20, ge=1)
     max_concurrent_generations: int = Field(default=32, ge=1)
     reviewer_ids: list[str] = Field(default_factory=list)
+    # replicas: a process holds the events it works on for this long, renewed while it runs;
+    # a crashed process's unfinished turns are taken over by another after it
+    event_lease_s: float = Field(default=30.0, gt=0)
+    replica_id: str | None = None  # default: host name and process id
 
     # learning loop (feedback -> dataset -> LoRA -> gate -> canary -> promotion / rollback)
     adapters_dir: Path = Path("var/adapters")  # shared with vLLM in production

@@ -100,7 +100,8 @@ class Message(SQLModel, table=True):
 class InboundEvent(SQLModel, table=True):
     """The idempotency record: one row per platform delivery, written with the turn it starts."""
 
-    __table_args__ = (UniqueConstraint("channel", "external_event_id"),)
+    __table_args__ = (UniqueConstraint("channel", "external_event_id"),
+                      Index("ix_inboundevent_channel_status", "channel", "status"))
     id: int | None = Field(default=None, primary_key=True)
     channel: str = Field(max_length=32)
     external_event_id: str = Field(max_length=128)
@@ -108,6 +109,9 @@ class InboundEvent(SQLModel, table=True):
     payload: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     message_id: int | None = Field(default=None, foreign_key="message.id")
     received_at: datetime = _ts(nullable=False)
+    # the gateway process working on the event, until when: another may resume it after that
+    owner: str | None = Field(default=None, max_length=128)
+    lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 class Feedback(SQLModel, table=True):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -132,8 +134,14 @@ async def begin_turn(
     author_id: str | None,
     external_message_id: str | None = None,
     payload: dict[str, Any] | None = None,
+    owner: str | None = None,
+    lease_until: datetime | None = None,
 ) -> TurnStart | None:
-    """Record the inbound event and the question in one transaction; None if already seen."""
+    """Record the inbound event and the question in one transaction; None if already seen.
+
+    `owner` holds the event until `lease_until` (renewed while the turn runs); no other
+    process resumes it before that.
+    """
     now = utcnow()
     try:
         question_id = (await session.execute(_INSERT_MESSAGE, dict(
@@ -141,7 +149,8 @@ async def begin_turn(
             external_message_id=external_message_id, created_at=now))).scalar_one()
         event_row = (await session.execute(_INSERT_EVENT, dict(
             channel=channel, external_event_id=event_id, payload=payload, message_id=question_id,
-            status=EventStatus.RECEIVED, received_at=now))).scalar_one()
+            status=EventStatus.RECEIVED, received_at=now, owner=owner,
+            lease_until=lease_until))).scalar_one()
         await session.commit()
     except IntegrityError:  # the event is already recorded: the question goes with the rollback
         await session.rollback()
@@ -221,13 +230,45 @@ async def mark_delivered(session: AsyncSession, *, turn: TurnStart, answer_id: i
     await session.commit()
 
 
-async def pending_events(session: AsyncSession, *, channel: str) -> list[InboundEvent]:
-    """Events whose turn never finished or whose answer was never delivered: to resume."""
+async def pending_events(session: AsyncSession, *, channel: str,
+                         now: datetime | None = None) -> list[InboundEvent]:
+    """Events whose turn never finished or whose answer was never delivered, and that no live
+    process holds (no lease, or an expired one): to resume, after `claim_event`."""
+    now = now or utcnow()
     open_ = (EventStatus.RECEIVED, EventStatus.ANSWERED)
     stmt = (select(InboundEvent).where(InboundEvent.channel == channel,
-                                       InboundEvent.status.in_(open_))
+                                       InboundEvent.status.in_(open_),
+                                       _free(now))
             .order_by(InboundEvent.id))
     return list((await session.execute(stmt)).scalars())
+
+
+def _free(now: datetime) -> Any:
+    return or_(_events.c.lease_until.is_(None), _events.c.lease_until < now)
+
+
+async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
+                      lease_until: datetime, now: datetime | None = None) -> bool:
+    """Take an open event that no live process holds; False if another took it first."""
+    open_ = (EventStatus.RECEIVED, EventStatus.ANSWERED)
+    result = await session.execute(
+        update(_events).where(_events.c.id == event_id, _events.c.status.in_(open_),
+                              _free(now or utcnow()))
+        .values(owner=owner, lease_until=lease_until))
+    await session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], owner: str,
+                       lease_until: datetime | None) -> int:
+    """Extend (or, with None, give up) `owner`'s leases on these events; returns how many."""
+    if not event_ids:
+        return 0
+    result = await session.execute(
+        update(_events).where(_events.c.id.in_(list(event_ids)), _events.c.owner == owner)
+        .values(lease_until=lease_until))
+    await session.commit()
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def get_message(session: AsyncSession, *, message_id: int) -> Message | None:

@@ -10,6 +10,7 @@ answered once, and a crash after the acknowledgement is answered by `resume` at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -48,6 +49,7 @@ class SlackChannel:
         self._app_token = app_token
         self._socket: AsyncSocketModeHandler | None = None  # made in start(), inside the loop
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.bot_user_id: str | None = None
         self.team_id: str | None = None
         app.event("app_mention")(self._on_event)
@@ -76,6 +78,8 @@ class SlackChannel:
         except SlackError as exc:  # bolt checks again on the first request
             log.warning("slack: auth.test failed at start-up: %s", exc.code)
         await self._start_resume()
+        # later: what another replica left when it crashed
+        self._sweeper = asyncio.create_task(self._core.resume_forever(CHANNEL, self._sink_for))
         if self._app_token is not None:
             self._socket = AsyncSocketModeHandler(self._app, self._app_token,
                                                   web_client=self._api.client)
@@ -91,13 +95,20 @@ class SlackChannel:
 
         async def sink_for(msg: InboundMessage) -> SlackSink:
             listed.set()  # resume lists every pending event before it asks for a sink
-            return self._sink(msg.chat_id, msg.thread_id, msg.user_id, self.team_id)
+            return await self._sink_for(msg)
 
         task = self._spawn(self._core.resume(CHANNEL, sink_for))
         task.add_done_callback(lambda _: listed.set())
         await listed.wait()
 
+    async def _sink_for(self, msg: InboundMessage) -> SlackSink:
+        return self._sink(msg.chat_id, msg.thread_id, msg.user_id, self.team_id)
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._socket is not None:
             await self._socket.close_async()
         if self._tasks:

@@ -74,6 +74,7 @@ class TelegramChannel:
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._ready = asyncio.Event()  # set once unfinished turns have been resumed
         self._runner: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._me: User | None = None
         self._feedback: Feedback | None = None
 
@@ -109,6 +110,8 @@ class TelegramChannel:
         except Exception:
             log.exception("resuming unfinished telegram turns failed")
         self._ready.set()
+        # later: what another replica (webhook mode) left when it crashed
+        self._sweeper = asyncio.create_task(self.core.resume_forever(CHANNEL, self._sink_for))
         while self.options.mode == "polling":
             try:
                 await poll_forever(self.bot, self.submit, timeout_s=self.options.poll_timeout_s,
@@ -119,10 +122,11 @@ class TelegramChannel:
                 await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+        for task in (self._runner, self._sweeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for lanes in (self._intake, self._answers):  # answers are queued by the intake
             if not await lanes.join(self.options.drain_s):
                 log.warning("telegram: %s jobs still running after %ss: cancelling them",

@@ -9,7 +9,14 @@ import pytest
 from sqlalchemy import select
 from transformers import AutoTokenizer
 
-from bots.core import ConversationCore, CoreLimits, InboundMessage, Outcome, StaticRouter
+from bots.core import (
+    Accepted,
+    ConversationCore,
+    CoreLimits,
+    InboundMessage,
+    Outcome,
+    StaticRouter,
+)
 from inference.errors import BackendUnavailable
 from inference.prompt import PromptFitter
 from storage.models import InboundEvent, Message
@@ -22,13 +29,13 @@ def tokenizer(model_dir):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def make_core(sessions, tokenizer, backend=None, adapter=None, **limits):  # type: ignore[no-untyped-def]
+def make_core(sessions, tokenizer, backend=None, adapter=None, owner=None, **limits):  # type: ignore[no-untyped-def]
     backend = backend or ScriptedBackend()
     return ConversationCore(
         sessions=sessions, backend=backend,
         fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=128),
         system_prompt="Be brief.", limits=CoreLimits(max_tokens=128, **limits),
-        router=StaticRouter(adapter),
+        router=StaticRouter(adapter), owner=owner,
     )
 
 
@@ -169,6 +176,7 @@ async def test_a_turn_cancelled_mid_answer_is_answered_by_resume(sessions, token
         assert (await s.execute(select(Message.role))).scalars().all() == ["user"]
     assert (await core.handle(msg("slow question", "e1"), RecordingSink())).outcome == (
         Outcome.DUPLICATE)  # a redelivery is still not answered twice
+    await core.aclose()  # the shutdown gives up the event's lease: the next start takes it
     sinks, sink_for = collecting_sinks()
     assert await make_core(sessions, tokenizer, ScriptedBackend()).resume("test", sink_for) == 1
     assert sinks[0].final == "Echo: slow question"
@@ -187,6 +195,8 @@ async def test_an_answer_stored_but_not_delivered_is_delivered_by_resume(
     with pytest.raises(asyncio.CancelledError):
         await core.handle(msg("question", "e1"), DyingSink())
     sinks, sink_for = collecting_sinks()
+    assert await core.resume("test", sink_for) == 0  # still held: this process is alive
+    await core.aclose()
     assert await core.resume("test", sink_for) == 1
     assert len(backend.requests) == 1  # re-delivered as stored, not generated again
     async with sessions() as s:
@@ -195,6 +205,31 @@ async def test_an_answer_stored_but_not_delivered_is_delivered_by_resume(
     assert (sinks[0].final, sinks[0].answer_id) == ("Echo: question", answer.id)
     assert (answer.external_message_id, event.status) == (f"ext-{answer.id}", "done")
     assert await core.resume("test", sink_for) == 0
+
+
+async def test_replicas_never_resume_a_live_turn_and_take_a_given_up_one_once(
+    sessions, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    slow = ScriptedBackend(delay=0.1)
+    a = make_core(sessions, tokenizer, slow, owner="replica-a", event_lease_s=0.3)
+    b = make_core(sessions, tokenizer, owner="replica-b", event_lease_s=0.3)
+    c = make_core(sessions, tokenizer, owner="replica-c", event_lease_s=0.3)
+    answering = asyncio.create_task(a.handle(msg("a slow question", "e1"), RecordingSink()))
+    sinks, sink_for = collecting_sinks()
+    for _ in range(4):  # across more than one lease period: a renews while it answers
+        assert await b.resume("test", sink_for) == 0
+        await asyncio.sleep(0.15)
+    assert (await answering).outcome == Outcome.ANSWERED and not sinks
+    accepted = await a.accept(msg("left open", "e2"), RecordingSink())
+    assert isinstance(accepted, Accepted)
+    assert await b.resume("test", sink_for) == 0
+    await a.aclose()  # a stops before answering it: it gives the event up
+    results = await asyncio.gather(b.resume("test", sink_for), c.resume("test", sink_for))
+    assert sorted(results) == [0, 1] and [s.final for s in sinks] == ["Echo: left open"]
+    async with sessions() as s:
+        event = (await s.execute(select(InboundEvent).where(
+            InboundEvent.external_event_id == "e2"))).scalar_one()
+    assert event.status == "done" and event.owner in ("replica-b", "replica-c")
 
 
 async def test_concurrent_messages_in_one_chat_are_answered_in_order_with_history(

@@ -72,7 +72,8 @@ def slack_settings(db_url: str, api_base: str, **kw: Any) -> Settings:
     values: dict[str, Any] = dict(
         database_url=db_url, slack_bot_token=TOKEN, slack_signing_secret=SECRET,
         slack_api_base=api_base, slack_update_interval_s=0.02, reviewer_ids=["UREV"],
-        rate_limit_per_minute=1000, max_tokens=64)
+        rate_limit_per_minute=1000, max_tokens=64,
+        event_lease_s=1.0)  # a killed gateway's events are taken over after a second
     values.update(kw)
     return Settings(**values)
 

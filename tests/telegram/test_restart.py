@@ -57,7 +57,8 @@ async def test_killed_mid_answer_and_restarted(fake, db_url, model_dir, tmp_path
            "TELEGRAM_BOT_TOKEN": TOKEN, "CHATLOOP_TELEGRAM_API_BASE": fake.base_url,
            "CHATLOOP_PORT": str(port), "CHATLOOP_TELEGRAM_DRAFT_INTERVAL_S": "0.05",
            "CHATLOOP_TELEGRAM_EDIT_INTERVAL_S": "0.05",
-           "CHATLOOP_TELEGRAM_POLL_TIMEOUT_S": "1", "SCRIPTED_DELAY": "0.06"}
+           "CHATLOOP_TELEGRAM_POLL_TIMEOUT_S": "1", "SCRIPTED_DELAY": "0.06",
+           "CHATLOOP_EVENT_LEASE_S": "1"}  # the killed gateway's events: taken over after 1 s
     ann, team = fake.private(42, "Ann"), fake.group()
     log = tmp_path / "gateway.log"
     with gateway_process(env, log) as first:
