@@ -280,9 +280,12 @@ class ConversationCore:
                 await self._heartbeat
             self._heartbeat = None
         if self._held:
-            async with self.sessions() as s:
-                await repo.renew_leases(s, event_ids=self._held, owner=self.owner,
-                                        lease_until=None)
+            try:
+                async with self.sessions() as s:
+                    await repo.renew_leases(s, event_ids=self._held, owner=self.owner,
+                                            lease_until=None)
+            except Exception as exc:  # they are taken over when the leases run out instead
+                log.warning("could not give up %s event leases: %s", len(self._held), exc)
             self._held.clear()
 
     def _lease_end(self) -> datetime:
@@ -321,7 +324,7 @@ class ConversationCore:
                 async with self.sessions() as s:
                     await repo.renew_leases(s, event_ids=set(self._held), owner=self.owner,
                                             lease_until=self._lease_end())
-            except Exception as exc:  # noqa: BLE001 (the next beat tries again)
+            except Exception as exc:  # the next beat tries again
                 log.warning("renewing event leases failed: %s", exc)
 
     async def run_turn(self, turn: repo.TurnStart, question: str, sink: ReplySink) -> TurnResult:
