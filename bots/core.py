@@ -226,6 +226,22 @@ class ConversationCore:
                 self._conversation_locks.hold(accepted.key):
             return await self.run_turn(accepted.turn, accepted.question, sink)
 
+    async def abandon(self, accepted: Accepted, why: str) -> None:
+        """Close a turn nobody waits for any more (its answer task was cancelled first): the
+        answer if stored is left undelivered, else the turn is stored as failed (`why`)."""
+        turn = accepted.turn
+        async with self.sessions() as s:
+            stored = await repo.stored_answer(s, question_id=turn.question_id)
+            if stored is not None and stored.id is not None:
+                await repo.mark_delivered(s, turn=turn, answer_id=stored.id,
+                                          external_message_id=None)
+            else:
+                meta = repo.AnswerMeta(model=self.backend.model_name, adapter=None,
+                                       error_kind=why)
+                await repo.finish_turn(s, turn=turn, text="", status=AnswerStatus.FAILED,
+                                       meta=meta)
+        self._release(turn.event_id)
+
     async def resume(
         self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
     ) -> int:

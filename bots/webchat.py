@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from bots.core import APOLOGY, ConversationCore, InboundMessage, Outcome
+from bots.core import APOLOGY, Accepted, ConversationCore, InboundMessage, Outcome, TurnResult
 from storage.repo import UnknownAnswer
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ class QueueSink:
 
     async def notice(self, text: str) -> None:
         self.events.put_nowait({"type": "notice", "text": text})
+
+
+@dataclass
+class _WebTurn:
+    accepted: Accepted | None = None  # set once the question is recorded
 
 
 class WebChat:
@@ -135,10 +141,9 @@ class WebChat:
 
     async def _stream(self, msg: InboundMessage) -> AsyncIterator[bytes]:
         sink = QueueSink()
-        task = asyncio.create_task(self._core.handle(msg, sink))
+        turn = _WebTurn()
+        task = self._track(asyncio.create_task(self._turn(msg, sink, turn)))
         task.add_done_callback(lambda _: sink.events.put_nowait(None))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
         try:
             while (event := await sink.events.get()) is not None:
                 yield (json.dumps(event) + "\n").encode()
@@ -148,8 +153,26 @@ class WebChat:
             elif task.result().outcome == Outcome.DUPLICATE:
                 yield (json.dumps({"type": "duplicate"}) + "\n").encode()
         finally:
-            if not task.done():  # the browser went away: stop generating (left unanswered)
+            if not task.done():  # the browser went away: stop generating, close the turn
                 task.cancel()
+                self._track(asyncio.create_task(self._give_up(task, turn)))
+
+    async def _turn(self, msg: InboundMessage, sink: QueueSink, turn: _WebTurn) -> TurnResult:
+        accepted = await self._core.accept(msg, sink)
+        if isinstance(accepted, TurnResult):
+            return accepted
+        turn.accepted = accepted
+        return await self._core.answer(accepted, sink)
+
+    async def _give_up(self, task: asyncio.Task[TurnResult], turn: _WebTurn) -> None:
+        await asyncio.gather(task, return_exceptions=True)
+        if turn.accepted is not None:
+            await self._core.abandon(turn.accepted, "client_gone")
+
+    def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def start(self) -> None:
         return None

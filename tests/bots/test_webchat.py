@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 
 from chatloop.app import build_app, build_services
 from chatloop.settings import Settings
-from storage.models import Feedback, Message
+from storage.models import Feedback, InboundEvent, Message
 from tests.fakes.inference import ScriptedBackend
 from tests.fakes.servers import serve_app
 
@@ -85,3 +86,28 @@ async def test_feedback_on_unknown_answer_is_404(db_url: str, model_dir: Path) -
         assert r.status_code == 404
         r = await client.post("/api/vote", json={"answer_id": 1, "user_id": "u", "rating": 5})
         assert r.status_code == 422
+
+
+async def test_a_tab_closed_mid_answer_stops_it_and_closes_the_turn(db_url: str,
+                                                                     model_dir: Path) -> None:
+    backend = ScriptedBackend(answer=lambda r: "one two three four five six seven eight",
+                              chunk=4, delay=0.2)
+    services = await build_services(settings_for(db_url, model_dir), backend=backend)
+    body = {"event_id": "ev-1", "chat_id": "tab1", "user_id": "visitor1", "text": "hello?"}
+    async with serve_app(build_app(services, webchat=True)) as url, \
+            httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async with client.stream("POST", "/api/chat", json=body) as r:
+            async for line in r.aiter_lines():
+                if line and json.loads(line)["type"] == "delta":
+                    break  # the first words arrive, then the tab is closed
+        for _ in range(200):
+            async with services.sessions() as s:
+                event = (await s.execute(select(InboundEvent))).scalar_one()
+            if event.status != "received":
+                break
+            await asyncio.sleep(0.05)
+    await services.aclose()
+    async with services.sessions() as s:
+        answer = (await s.execute(select(Message).where(Message.role == "assistant"))
+                  ).scalar_one()
+    assert (event.status, answer.status, answer.error_kind) == ("failed", "failed", "client_gone")
