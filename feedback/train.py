@@ -1,7 +1,9 @@
 """The training worker: `python -m feedback.train JOB.json`, always in its own process.
 
-SFT (TRL, completion-only loss) on corrections and liked answers, then KTO on
-binary labels when there are enough; LoRA continued from the parent adapter or
+SFT (TRL, completion-only loss) on corrections and liked answers, kept close to
+the base model by a KL term on its own answers to shipped general prompts
+(self-distillation anchors against forgetting), then KTO on binary labels when
+there are enough; LoRA continued from the parent adapter or
 started from the base model; seeded. The adapter and its evaluation report are
 written to a temporary directory that is renamed into place only when complete,
 so a crash or kill leaves nothing half-written where the registry looks.
@@ -9,12 +11,15 @@ so a crash or kill leaves nothing half-written where the registry looks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +32,14 @@ class TrainJob:
     out_dir: str  # final adapter directory (must not exist yet)
     work_dir: str  # dataset files, logs, TensorBoard events
     parent_path: str | None = None  # continue this adapter; None = a new LoRA on the base model
-    rank: int = 8
-    alpha: int = 16
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj",
-                                                                 "o_proj"])
-    learning_rate: float = 2e-4
-    epochs: float = 3.0
+    # Defaults measured with benchmarks/feedback_loop.py (README, "Measured figures"): the MLP
+    # projections hold the new facts; the KL anchors below keep the golden set within its margin.
+    rank: int = 16
+    alpha: int = 32
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    learning_rate: float = 2e-3
+    epochs: float = 6.0
     batch_size: int = 8
     max_length: int = 384
     seed: int = 0
@@ -41,6 +48,15 @@ class TrainJob:
     kto_epochs: float = 1.0
     eval_max_examples: int = 64
     system_prompt: str = ""
+    # Self-distillation anchors against forgetting: the base model's own greedy answers to
+    # shipped general prompts (feedback/data/general_prompts.jsonl, not the golden set),
+    # generated once per base model + system prompt and cached beside the run directories.
+    # Each SFT step adds the KL divergence of the trained model from the base model on one
+    # batch of them ("kl"), or they are mixed in as ordinary SFT examples ("sft").
+    anchors: int = 48  # how many general prompts to use (0: none)
+    anchor_loss: str = "kl"
+    anchor_weight: float = 1.0  # weight of the KL term against the SFT loss
+    anchor_max_tokens: int = 64
     parity_prompts: list[str] = field(default_factory=list)
     parity_max_tokens: int = 24
 
@@ -100,12 +116,18 @@ def train(job: TrainJob) -> dict[str, Any]:
     model, tokenizer = _model(job)
     stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0}
     started = time.perf_counter()
+    anchors = anchor_examples(model, tokenizer, job) if sft else []
+    stats["anchor_examples"] = len(anchors)
+    stats["anchor_seconds"] = time.perf_counter() - started
     if sft:
-        data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft])
+        hard = anchors if job.anchor_loss == "sft" else []
+        data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + hard])
         args = SFTConfig(**_common_args(job, "sft"), learning_rate=job.learning_rate,
                          num_train_epochs=job.epochs, completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data,
-                             processing_class=tokenizer)
+        kl = _anchor_batches(tokenizer, anchors, job.batch_size) if not hard else []
+        trainer = _anchored(SFTTrainer)(model=model, args=args, train_dataset=data,
+                                        processing_class=tokenizer, anchor_batches=kl,
+                                        anchor_weight=job.anchor_weight)
         stats["sft_loss"] = trainer.train().training_loss
         stats["sft_tokens"] = int(sum(len(x) for x in trainer.train_dataset["input_ids"])
                                   * job.epochs)
@@ -122,10 +144,147 @@ def train(job: TrainJob) -> dict[str, Any]:
             model.delete_adapter("ref")
     stats["train_seconds"] = time.perf_counter() - started
     stats["tokens_per_s"] = stats.get("sft_tokens", 0) / max(stats["train_seconds"], 1e-9)
-    stats["examples_per_s"] = len(sft) * job.epochs / max(stats["train_seconds"], 1e-9)
+    examples = len(sft) + (len(anchors) if job.anchor_loss == "sft" else 0)
+    stats["examples_per_s"] = examples * job.epochs / max(stats["train_seconds"], 1e-9)
     report = {"train": stats, **evaluate(model, tokenizer, job)}
     _write_atomically(model, report, Path(job.out_dir))
     return report
+
+
+def _anchored(base: type) -> type:
+    """SFTTrainer plus KL(base model || trained model) on anchor answers, one batch a step."""
+    import torch
+
+    class AnchoredSFTTrainer(base):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, anchor_batches: list[dict[str, Any]],
+                     anchor_weight: float, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._anchor_batches, self._anchor_weight, self._anchor_step = (
+                anchor_batches, anchor_weight, 0)
+            peft_model = self.accelerator.unwrap_model(self.model)
+            device = next(peft_model.parameters()).device
+            with torch.no_grad(), peft_model.disable_adapter():
+                for batch in anchor_batches:  # the base model's distribution, computed once
+                    for key in ("input_ids", "attention_mask", "mask"):
+                        batch[key] = batch[key].to(device)
+                    logits = peft_model(input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"]).logits
+                    batch["ref"] = torch.log_softmax(logits[batch["mask"]].float(),
+                                                     dim=-1).half()
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if not self._anchor_batches or not model.training:
+                return out
+            batch = self._anchor_batches[self._anchor_step % len(self._anchor_batches)]
+            self._anchor_step += 1
+            ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
+            ref = batch["ref"].float()
+            cur = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits[mask]
+                                    .float(), dim=-1)
+            kl = (ref.exp() * (ref - cur)).sum(-1).mean()
+            self._metrics["train"]["anchor_kl"].append(float(kl.detach()))
+            if return_outputs:
+                return out[0] + self._anchor_weight * kl, out[1]
+            return out + self._anchor_weight * kl
+
+    return AnchoredSFTTrainer
+
+
+def _anchor_batches(tokenizer: Any, anchors: list[Example], size: int) -> list[dict[str, Any]]:
+    """Right-padded batches; `mask` marks the positions that predict the answer's tokens."""
+    import torch
+
+    rows = []
+    for e in anchors:
+        prompt = tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(
+            [*e.prompt, {"role": "assistant", "content": e.completion}], tokenize=True,
+            return_dict=True)["input_ids"]
+        rows.append((list(full), len(prompt)))
+    batches = []
+    for i in range(0, len(rows), size):
+        chunk = rows[i:i + size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id or 0)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for j, (row, start) in enumerate(chunk):
+            ids[j, :len(row)] = torch.tensor(row)
+            attn[j, :len(row)] = 1
+            mask[j, start - 1:len(row) - 1] = True
+        batches.append({"input_ids": ids, "attention_mask": attn, "mask": mask})
+    return batches
+
+
+def general_prompts() -> list[str]:
+    text = (resources.files("feedback.data").joinpath("general_prompts.jsonl")
+            .read_text(encoding="utf-8"))
+    return [json.loads(line)["question"] for line in text.splitlines() if line.strip()]
+
+
+def anchor_examples(model: Any, tokenizer: Any, job: TrainJob) -> list[Example]:
+    """The base model's greedy answers to up to `job.anchors` general prompts (cached)."""
+    if job.anchors <= 0:
+        return []
+    system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
+    prompts = general_prompts()
+    prompts = random.Random(job.seed).sample(prompts, min(job.anchors, len(prompts)))
+    key = hashlib.sha256(json.dumps([_model_fingerprint(job.model_dir), system, prompts,
+                                     job.anchor_max_tokens]).encode()).hexdigest()[:16]
+    cache = Path(job.work_dir).parent / ".anchors" / f"{key}.jsonl"
+    if cache.exists():
+        answers = [json.loads(line) for line in cache.read_text().splitlines()]
+    else:
+        with model.disable_adapter():
+            answers = _greedy_batch(model, tokenizer, [system + [{"role": "user", "content": p}]
+                                                       for p in prompts], job.anchor_max_tokens)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(a) + "\n" for a in answers))
+        os.rename(tmp, cache)
+    return [Example(0, 0, system + [{"role": "user", "content": p}], a["text"], "anchor")
+            for p, a in zip(prompts, answers, strict=True)
+            if a["finished"] and a["text"].strip()]  # a cut-off answer would teach rambling
+
+
+def _model_fingerprint(model_dir: str) -> str:
+    files = sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]
+    return json.dumps([(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files
+                       if f.exists()])
+
+
+def _greedy_batch(model: Any, tokenizer: Any, chats: list[list[dict[str, str]]],
+                  max_tokens: int, batch: int = 16) -> list[dict[str, Any]]:
+    """Greedy answers, left-padded batches; `finished` says whether the model stopped itself."""
+    import torch
+
+    out: list[dict[str, Any]] = []
+    eos = tokenizer.eos_token_id
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model.eval()
+    try:
+        for i in range(0, len(chats), batch):
+            texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                     for c in chats[i:i + batch]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            with torch.inference_mode():
+                gen = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                     top_p=None, top_k=None, temperature=None,
+                                     pad_token_id=eos)
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                finished = eos in row
+                row = row[:row.index(eos)] if finished else row
+                out.append({"text": tokenizer.decode(row, skip_special_tokens=True).strip(),
+                            "finished": finished})
+    finally:
+        tokenizer.padding_side = side
+        model.train()
+    return out
 
 
 def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, ma
 pytestmark = pytest.mark.slow
 COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
 TINY = dict(rank=4, alpha=8, epochs=2.0, batch_size=4, max_length=96, learning_rate=1e-3,
-            kto_min_examples=4, kto_epochs=0.5, parity_max_tokens=12)
+            kto_min_examples=4, kto_epochs=0.5, parity_max_tokens=12, anchors=4)
 
 
 @dataclass
@@ -112,6 +112,7 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     assert (result.status, result.adapter) == ("succeeded", "fb-v2"), result.reasons
     report = result.metrics
     assert report["train"]["sft_examples"] == 4 and report["train"]["kto_examples"] == 8
+    assert 1 <= report["train"]["anchor_examples"] <= 4  # KL anchors on general prompts
     assert report["heldout_examples"] == 2
     assert report["candidate"]["heldout_loss"] < report["parent"]["heldout_loss"]
     async with trained.sessions() as s:
