@@ -42,6 +42,7 @@ APOLOGIES = {
     "context_too_long": "Sorry, that is too long for me to read. Please send a shorter message.",
 }
 APOLOGY = "Sorry, something went wrong while answering. Please try again."
+MAX_RESUMES = 5  # a turn resumed this often without finishing is closed as failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +230,10 @@ class ConversationCore:
     async def abandon(self, accepted: Accepted, why: str) -> None:
         """Close a turn nobody waits for any more (its answer task was cancelled first): the
         answer if stored is left undelivered, else the turn is stored as failed (`why`)."""
-        turn = accepted.turn
+        await self._close(accepted.turn, why)
+        self._release(accepted.turn.event_id)
+
+    async def _close(self, turn: repo.TurnStart, why: str) -> None:
         async with self.sessions() as s:
             stored = await repo.stored_answer(s, question_id=turn.question_id)
             if stored is not None and stored.id is not None:
@@ -240,7 +244,6 @@ class ConversationCore:
                                        error_kind=why)
                 await repo.finish_turn(s, turn=turn, text="", status=AnswerStatus.FAILED,
                                        meta=meta)
-        self._release(turn.event_id)
 
     async def resume(
         self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
@@ -261,10 +264,15 @@ class ConversationCore:
                 question = await repo.get_message(s, message_id=event.message_id)
                 stored = await repo.stored_answer(s, question_id=event.message_id)
             assert question is not None
+            turn = repo.TurnStart(question.conversation_id, event.message_id, event.id)
+            if event.attempts >= MAX_RESUMES:  # this claim would be one more: it keeps failing
+                log.error("%s event %s failed %s resumes: given up", channel,
+                          event.external_event_id, event.attempts)
+                await self._close(turn, "gave_up")
+                continue
             self._hold(event.id)
             async with self._holding(event.id):
                 msg = InboundMessage(**event.payload)
-                turn = repo.TurnStart(question.conversation_id, event.message_id, event.id)
                 log.info("resuming %s event %s", channel, event.external_event_id)
                 sink = await sink_for(msg)
                 if stored is not None and stored.id is not None:

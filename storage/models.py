@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint, text
+from sqlalchemy import JSON, Column, DateTime, Index, Integer, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -112,6 +112,8 @@ class InboundEvent(SQLModel, table=True):
     # the gateway process working on the event, until when: another may resume it after that
     owner: str | None = Field(default=None, max_length=128)
     lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False,
+                                                      server_default="0"))  # resumes so far
 
 
 class Feedback(SQLModel, table=True):

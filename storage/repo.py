@@ -249,12 +249,13 @@ def _free(now: datetime) -> Any:
 
 async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
                       lease_until: datetime, now: datetime | None = None) -> bool:
-    """Take an open event that no live process holds; False if another took it first."""
+    """Take an open event that no live process holds (counting the attempt); False if another
+    took it first."""
     open_ = (EventStatus.RECEIVED, EventStatus.ANSWERED)
     result = await session.execute(
         update(_events).where(_events.c.id == event_id, _events.c.status.in_(open_),
                               _free(now or utcnow()))
-        .values(owner=owner, lease_until=lease_until))
+        .values(owner=owner, lease_until=lease_until, attempts=_events.c.attempts + 1))
     await session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
 

@@ -232,6 +232,33 @@ async def test_replicas_never_resume_a_live_turn_and_take_a_given_up_one_once(
     assert event.status == "done" and event.owner in ("replica-b", "replica-c")
 
 
+async def test_a_turn_that_keeps_failing_is_given_up_after_bounded_resumes(
+    sessions, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    from bots.core import MAX_RESUMES
+
+    class BrokenSink(RecordingSink):
+        async def finish(self, text: str, answer_id: int) -> str | None:
+            raise RuntimeError("a bug in the channel")
+
+    async def broken(_: InboundMessage) -> BrokenSink:
+        return BrokenSink()
+
+    core = make_core(sessions, tokenizer, event_lease_s=0.05)
+    with pytest.raises(RuntimeError):
+        await core.handle(msg("question", "e1"), BrokenSink())
+    for _ in range(MAX_RESUMES):  # each lease period another try, each failing
+        await asyncio.sleep(0.1)
+        with pytest.raises(RuntimeError):
+            await core.resume("test", broken)
+    await asyncio.sleep(0.1)
+    assert await core.resume("test", broken) == 0  # not tried again: closed as failed
+    async with sessions() as s:
+        event = (await s.execute(select(InboundEvent))).scalar_one()
+    assert (event.status, event.attempts) == ("done", MAX_RESUMES + 1)
+    assert await core.resume("test", broken) == 0
+
+
 async def test_concurrent_messages_in_one_chat_are_answered_in_order_with_history(
     sessions, tokenizer  # type: ignore[no-untyped-def]
 ) -> None:
