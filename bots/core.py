@@ -58,6 +58,17 @@ class InboundMessage:
     message_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What `resume` tells a channel about the turn it asks a sink for."""
+
+    event_id: int
+    shown_ref: str | None  # the message already showing the answer before a crash, if any
+
+
+SinkFor = Callable[[InboundMessage, Resumed], Awaitable["ReplySink"]]
+
+
 class ReplySink(Protocol):
     """How the core talks to one reply on one platform (streaming-aware)."""
 
@@ -227,6 +238,12 @@ class ConversationCore:
                 self._conversation_locks.hold(accepted.key):
             return await self.run_turn(accepted.turn, accepted.question, sink)
 
+    async def note_shown(self, event_id: int, ref: str) -> None:
+        """A channel showing an answer as one growing message records it, so that the turn,
+        resumed after a crash, continues that message instead of starting another."""
+        async with self.sessions() as s:
+            await repo.note_shown(s, event_id=event_id, ref=ref)
+
     async def abandon(self, accepted: Accepted, why: str) -> None:
         """Close a turn nobody waits for any more (its answer task was cancelled first): the
         answer if stored is left undelivered, else the turn is stored as failed (`why`)."""
@@ -245,9 +262,7 @@ class ConversationCore:
                 await repo.finish_turn(s, turn=turn, text="", status=AnswerStatus.FAILED,
                                        meta=meta)
 
-    async def resume(
-        self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
-    ) -> int:
+    async def resume(self, channel: str, sink_for: SinkFor) -> int:
         """Finish what a crash or shutdown left open: generate the answers never stored and
         deliver the ones stored but not shown. Only events no live process holds are taken
         (each by one process: `repo.claim_event`). Returns how many events were resumed."""
@@ -274,7 +289,7 @@ class ConversationCore:
             async with self._holding(event.id):
                 msg = InboundMessage(**event.payload)
                 log.info("resuming %s event %s", channel, event.external_event_id)
-                sink = await sink_for(msg)
+                sink = await sink_for(msg, Resumed(event.id, event.shown_ref))
                 if stored is not None and stored.id is not None:
                     await self._deliver(turn, stored.id, stored.text, sink)
                 else:
@@ -282,9 +297,7 @@ class ConversationCore:
             resumed += 1
         return resumed
 
-    async def resume_forever(
-        self, channel: str, sink_for: Callable[[InboundMessage], Awaitable[ReplySink]]
-    ) -> None:
+    async def resume_forever(self, channel: str, sink_for: SinkFor) -> None:
         """Resume, every lease period, what crashed processes (other replicas) left open."""
         while True:
             await asyncio.sleep(self._limits.event_lease_s)

@@ -114,6 +114,8 @@ class InboundEvent(SQLModel, table=True):
     lease_until: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False,
                                                       server_default="0"))  # resumes so far
+    # the platform message already showing the answer as it streams (a resumed turn edits it)
+    shown_ref: str | None = Field(default=None, max_length=128)
 
 
 class Feedback(SQLModel, table=True):

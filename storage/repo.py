@@ -260,6 +260,13 @@ async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+async def note_shown(session: AsyncSession, *, event_id: int, ref: str) -> None:
+    """Remember the platform message showing this event's answer while it streams."""
+    await session.execute(update(_events).where(_events.c.id == event_id)
+                          .values(shown_ref=ref))
+    await session.commit()
+
+
 async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], owner: str,
                        lease_until: datetime | None) -> int:
     """Extend (or, with None, give up) `owner`'s leases on these events; returns how many."""

@@ -20,7 +20,7 @@ from slack_bolt.adapter.fastapi.async_handler import AsyncSlackRequestHandler
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 
-from bots.core import Accepted, ConversationCore, InboundMessage
+from bots.core import Accepted, ConversationCore, InboundMessage, Resumed
 from bots.slack import convert, render
 from bots.slack.api import SlackApi, SlackError
 from bots.slack.convert import CHANNEL, Kind
@@ -93,15 +93,15 @@ class SlackChannel:
         """
         listed = asyncio.Event()
 
-        async def sink_for(msg: InboundMessage) -> SlackSink:
+        async def sink_for(msg: InboundMessage, resumed: Resumed) -> SlackSink:
             listed.set()  # resume lists every pending event before it asks for a sink
-            return await self._sink_for(msg)
+            return await self._sink_for(msg, resumed)
 
         task = self._spawn(self._core.resume(CHANNEL, sink_for))
         task.add_done_callback(lambda _: listed.set())
         await listed.wait()
 
-    async def _sink_for(self, msg: InboundMessage) -> SlackSink:
+    async def _sink_for(self, msg: InboundMessage, _: Resumed) -> SlackSink:
         return self._sink(msg.chat_id, msg.thread_id, msg.user_id, self.team_id)
 
     async def stop(self) -> None:

@@ -19,7 +19,7 @@ from aiogram import Bot
 from aiogram.types import BotCommand, Update, User
 from fastapi import APIRouter
 
-from bots.core import Accepted, ConversationCore, InboundMessage, ReplySink
+from bots.core import Accepted, ConversationCore, InboundMessage, ReplySink, Resumed
 from bots.telegram import convert
 from bots.telegram.convert import CHANNEL, Action, Ask, Correct, StaleButton, TextOnly, Vote
 from bots.telegram.feedback import Feedback
@@ -179,6 +179,7 @@ class TelegramChannel:
             sink = _Recorded(shown, recorded)
             accepted = await self.core.accept(action.message, sink)
             if isinstance(accepted, Accepted):
+                shown.on_showing = self._note_showing(accepted.turn.event_id)
                 return lambda: self._answer(accepted, sink, shown)
         elif isinstance(action, Vote):
             await self._feedback.vote(action)
@@ -198,14 +199,22 @@ class TelegramChannel:
                 await repo.set_error_kind(s, message_id=result.answer_id,
                                           error_kind=f"telegram:{shown.error}")
 
-    def _sink(self, where: Target) -> TelegramSink:
+    def _sink(self, where: Target, showing: int | None = None) -> TelegramSink:
         return TelegramSink(self.api, where, self._pacer,
                             draft_interval=self.options.draft_interval_s,
                             edit_interval=self.options.edit_interval_s,
-                            preview_after=self.options.preview_after_s)
+                            preview_after=self.options.preview_after_s, showing=showing)
 
-    async def _sink_for(self, msg: InboundMessage) -> ReplySink:
-        return self._sink(convert.target_for(msg))
+    def _note_showing(self, event_id: int) -> Callable[[int], Awaitable[None]]:
+        async def note(message_id: int) -> None:
+            await self.core.note_shown(event_id, str(message_id))
+        return note
+
+    async def _sink_for(self, msg: InboundMessage, resumed: Resumed) -> ReplySink:
+        showing = int(resumed.shown_ref) if resumed.shown_ref else None
+        sink = self._sink(convert.target_for(msg), showing)
+        sink.on_showing = self._note_showing(resumed.event_id)
+        return sink
 
 
 class _Recorded:

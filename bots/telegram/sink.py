@@ -152,11 +152,15 @@ class TelegramSink:
     """One reply in one chat (or forum topic)."""
 
     def __init__(self, api: TelegramApi, where: Target, pacer: Pacer, *,
-                 draft_interval: float, edit_interval: float, preview_after: float) -> None:
+                 draft_interval: float, edit_interval: float, preview_after: float,
+                 showing: int | None = None) -> None:
         self._api, self._where = api, where
         self._draft_id = random.randint(1, 2**31 - 1)
-        self._messages: list[int] = []  # groups: the message showing each part
-        self._shown: list[tuple[str, bool, bool]] = []  # (text, formatted, keyboard) per part
+        # groups: the message showing each part; `showing` is one already on screen (a turn
+        # resumed after a crash continues it), and `on_showing` learns of a new one
+        self._messages: list[int] = [] if showing is None else [showing]
+        self._shown: list[tuple[str, bool, bool]] = [("", False, False)] * len(self._messages)
+        self.on_showing: Callable[[int], Awaitable[None]] | None = None
         interval = draft_interval if where.private else edit_interval
         self._stream = _Stream(self._preview, pacer, where.chat_id, interval, preview_after)
         self._typing = _Typing(api, where)
@@ -210,7 +214,10 @@ class TelegramSink:
             await self._api.draft(self._where, self._draft_id, parts[-1])
             return
         for i, part in enumerate(parts):
+            first = not self._messages
             await self._show(i, part, formatted=False, keyboard=None, patient=False)
+            if first and self.on_showing is not None:
+                await self.on_showing(self._messages[0])
 
     async def _show(self, i: int, text: str, *, formatted: bool,
                     keyboard: InlineKeyboardMarkup | None, patient: bool) -> int:

@@ -15,6 +15,7 @@ from bots.core import (
     CoreLimits,
     InboundMessage,
     Outcome,
+    Resumed,
     StaticRouter,
 )
 from inference.errors import BackendUnavailable
@@ -155,7 +156,7 @@ async def test_concurrency_bound_holds(sessions, tokenizer) -> None:  # type: ig
 def collecting_sinks() -> tuple[list[RecordingSink], Any]:
     sinks: list[RecordingSink] = []
 
-    async def sink_for(_: InboundMessage) -> RecordingSink:
+    async def sink_for(_: InboundMessage, __: Resumed) -> RecordingSink:
         sinks.append(RecordingSink())
         return sinks[-1]
 
@@ -241,7 +242,7 @@ async def test_a_turn_that_keeps_failing_is_given_up_after_bounded_resumes(
         async def finish(self, text: str, answer_id: int) -> str | None:
             raise RuntimeError("a bug in the channel")
 
-    async def broken(_: InboundMessage) -> BrokenSink:
+    async def broken(_: InboundMessage, __: Resumed) -> BrokenSink:
         return BrokenSink()
 
     core = make_core(sessions, tokenizer, event_lease_s=0.05)

@@ -51,6 +51,22 @@ async def _healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("the gateway did not start")
 
 
+async def _group_message_recorded(db_url: str) -> None:
+    """Wait until the gateway has recorded which message shows the group answer (it does
+    just after sending it; a crash in between leaves that message behind)."""
+    engine = make_engine(db_url)
+    try:
+        for _ in range(200):
+            async with session_factory(engine)() as s:
+                refs = (await s.execute(select(InboundEvent.shown_ref))).scalars().all()
+            if any(refs):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the group answer's message was never recorded")
+    finally:
+        await engine.dispose()
+
+
 async def test_killed_mid_answer_and_restarted(fake, db_url, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     env = {**os.environ, "CHATLOOP_DATABASE_URL": db_url, "CHATLOOP_MODEL": str(model_dir),
@@ -69,6 +85,7 @@ async def test_killed_mid_answer_and_restarted(fake, db_url, model_dir, tmp_path
         fake.mention(team, "q3")
         await eventually(lambda: any("q2" in d["text"] for d in fake.drafts)
                          and fake.sent(team["id"]))  # both answers are streaming
+        await _group_message_recorded(db_url)
         os.killpg(first.pid, signal.SIGKILL)  # mid-answer: no clean shutdown at all
         first.wait(timeout=30)
     assert len(fake.answers(ann["id"])) == 1 and not fake.answers(team["id"])
@@ -88,6 +105,7 @@ async def test_killed_mid_answer_and_restarted(fake, db_url, model_dir, tmp_path
             await asyncio.sleep(0.05)
     heads = [m["text"].split(":")[0] for m in fake.answers(ann["id"]) + fake.answers(team["id"])]
     assert heads == ["Answer to q1", "Answer to q2", "Answer to q4", "Answer to q3"]
+    assert len(fake.sent(team["id"])) == 1  # the half-streamed group answer was continued
     async with sessions() as s:
         answers = (await s.execute(select(Message).where(Message.role == "assistant"))
                    ).scalars().all()
