@@ -71,9 +71,11 @@ class Settings(BaseSettings):
     learn_replay_fraction: float = Field(default=0.5, ge=0)
     learn_redact_patterns: dict[str, str] = Field(default_factory=dict)  # NAME -> regex
     learn_redact_allow: list[str] = Field(default_factory=list)  # strings / @domains to keep
-    learn_rank: int = Field(default=8, ge=1)
-    learn_epochs: float = Field(default=3.0, gt=0)
-    learn_learning_rate: float = Field(default=2e-4, gt=0)
+    # the defaults are the training job's (feedback/train.py), as benchmarks/feedback_loop.py
+    # measured them
+    learn_rank: int = Field(default=16, ge=1)
+    learn_epochs: float = Field(default=6.0, gt=0)
+    learn_learning_rate: float = Field(default=2e-3, gt=0)
     learn_batch_size: int = Field(default=8, ge=1)
     learn_max_length: int = Field(default=384, ge=32)
     learn_kto_min_examples: int = Field(default=16, ge=1)
