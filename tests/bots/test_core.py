@@ -211,15 +211,15 @@ async def test_an_answer_stored_but_not_delivered_is_delivered_by_resume(
 async def test_replicas_never_resume_a_live_turn_and_take_a_given_up_one_once(
     sessions, tokenizer  # type: ignore[no-untyped-def]
 ) -> None:
-    slow = ScriptedBackend(delay=0.1)
-    a = make_core(sessions, tokenizer, slow, owner="replica-a", event_lease_s=0.3)
-    b = make_core(sessions, tokenizer, owner="replica-b", event_lease_s=0.3)
-    c = make_core(sessions, tokenizer, owner="replica-c", event_lease_s=0.3)
+    slow = ScriptedBackend(delay=0.6)  # about 2 s: two lease periods
+    a = make_core(sessions, tokenizer, slow, owner="replica-a", event_lease_s=1.0)
+    b = make_core(sessions, tokenizer, owner="replica-b", event_lease_s=1.0)
+    c = make_core(sessions, tokenizer, owner="replica-c", event_lease_s=1.0)
     answering = asyncio.create_task(a.handle(msg("a slow question", "e1"), RecordingSink()))
     sinks, sink_for = collecting_sinks()
     for _ in range(4):  # across more than one lease period: a renews while it answers
         assert await b.resume("test", sink_for) == 0
-        await asyncio.sleep(0.15)
+        await asyncio.sleep(0.4)
     assert (await answering).outcome == Outcome.ANSWERED and not sinks
     accepted = await a.accept(msg("left open", "e2"), RecordingSink())
     assert isinstance(accepted, Accepted)

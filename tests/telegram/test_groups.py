@@ -67,7 +67,7 @@ async def test_forum_topics_are_separate_conversations(start_bot) -> None:  # ty
 
 
 async def test_an_answer_follows_a_group_upgraded_to_a_supergroup(start_bot) -> None:  # type: ignore[no-untyped-def]
-    bot = await start_bot(ScriptedBackend(chunk=4, delay=0.1))
+    bot = await start_bot(ScriptedBackend(chunk=4, delay=0.2))  # 1 s: time to upgrade mid-way
     old = bot.fake.group(-4001)
     bot.fake.mention(old, "first question")
     await eventually(lambda: bot.fake.sent(old["id"]))  # a preview is shown in the old group

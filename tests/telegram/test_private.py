@@ -33,7 +33,7 @@ async def test_private_answer_streams_drafts_then_exact_final_text(start_bot) ->
 
 async def test_a_fast_answer_is_sent_once_without_previews(start_bot) -> None:  # type: ignore[no-untyped-def]
     bot = await start_bot(ScriptedBackend(answer=lambda r: ANSWER, chunk=6, delay=0.005),
-                          preview_after_s=0.25)  # the default
+                          preview_after_s=2.0)  # ample, even on a loaded machine (default 0.25)
     private, group = bot.fake.private(), bot.fake.group()
     bot.fake.say(private, "When are you open?")
     bot.fake.mention(group, "When are you open?")
