@@ -230,31 +230,29 @@ async def mark_delivered(session: AsyncSession, *, turn: TurnStart, answer_id: i
     await session.commit()
 
 
-async def pending_events(session: AsyncSession, *, channel: str,
-                         now: datetime | None = None) -> list[InboundEvent]:
+async def pending_events(session: AsyncSession, *, channel: str) -> list[InboundEvent]:
     """Events whose turn never finished or whose answer was never delivered, and that no live
     process holds (no lease, or an expired one): to resume, after `claim_event`."""
-    now = now or utcnow()
-    open_ = (EventStatus.RECEIVED, EventStatus.ANSWERED)
     stmt = (select(InboundEvent).where(InboundEvent.channel == channel,
-                                       InboundEvent.status.in_(open_),
-                                       _free(now))
+                                       InboundEvent.status.in_(_OPEN), _free())
             .order_by(InboundEvent.id))
     return list((await session.execute(stmt)).scalars())
 
 
-def _free(now: datetime) -> Any:
-    return or_(_events.c.lease_until.is_(None), _events.c.lease_until < now)
+_OPEN = (EventStatus.RECEIVED, EventStatus.ANSWERED)  # a turn still to answer or to deliver
+
+
+def _free() -> Any:
+    """No process holds the event: no lease, or one that has run out."""
+    return or_(_events.c.lease_until.is_(None), _events.c.lease_until < utcnow())
 
 
 async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
-                      lease_until: datetime, now: datetime | None = None) -> bool:
+                      lease_until: datetime) -> bool:
     """Take an open event that no live process holds (counting the attempt); False if another
     took it first."""
-    open_ = (EventStatus.RECEIVED, EventStatus.ANSWERED)
     result = await session.execute(
-        update(_events).where(_events.c.id == event_id, _events.c.status.in_(open_),
-                              _free(now or utcnow()))
+        update(_events).where(_events.c.id == event_id, _events.c.status.in_(_OPEN), _free())
         .values(owner=owner, lease_until=lease_until, attempts=_events.c.attempts + 1))
     await session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
