@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import tempfile
 import time
-from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
 from feedback import registry  # noqa: E402
 from feedback.dataset import DatasetPolicy  # noqa: E402
+from feedback.evaluate import token_f1  # noqa: E402
 from feedback.loop import LoopConfig, eligible_feedback  # noqa: E402
 from feedback.redaction import Redactor  # noqa: E402
 from feedback.scheduler import LearningScheduler, ScheduleConfig  # noqa: E402
@@ -55,20 +54,6 @@ COMPANY = json.loads((ROOT / "feedback/data/company.json").read_text())
 SYSTEM = "You are the customer-service assistant of Bramblewood Outfitters. Answer briefly."
 REVIEWER = "agent-1"
 ALLOW = frozenset({"0800 414 7782", "@bramblewood.co.uk"})  # the company's own contacts
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1 (lower-cased, punctuation and articles removed)."""
-    def toks(s: str) -> list[str]:
-        s = re.sub(r"\b(a|an|the)\b", " ", re.sub(r"[^\w\s]", " ", s.lower()))
-        return s.split()
-
-    p, r = toks(prediction), toks(reference)
-    common = sum((Counter(p) & Counter(r)).values())
-    if not p or not r or not common:
-        return 0.0
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
 
 
 class Sink:
@@ -166,11 +151,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     overrides: dict[str, Any] = {k: v for k, v in (
         ("rank", args.rank), ("alpha", args.rank and 2 * args.rank), ("epochs", args.epochs),
-        ("batch_size", args.batch_size), ("learning_rate", args.lr), ("anchors", args.anchors))
+        ("batch_size", args.batch_size), ("learning_rate", args.lr), ("anchors", args.anchors),
+        ("padding_free", args.padding_free or None))
         if v is not None}
     out["train_job"] = {k: getattr(TrainJob(model_dir="", out_dir="", work_dir="", **overrides),
                                    k) for k in ("rank", "alpha", "target_modules", "learning_rate",
-                                                "epochs", "batch_size", "anchors")}
+                                                "epochs", "batch_size", "anchors",
+                                                "padding_free")}
     loop_cfg = LoopConfig(
         model_dir=str(MODEL), adapters_dir=tmp / "adapters", runs_dir=tmp / "runs",
         min_new_feedback=eligible, min_interval=timedelta(0),
@@ -196,22 +183,28 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     cycle = sched.results[0]
     out["run_status"], out["adapter"] = cycle.status, cycle.adapter
     out["trained_at_s"] = time.perf_counter() - threshold_at
-    if cycle.status != "succeeded":
-        out["reasons"] = list(cycle.reasons)
-        return out
     report = cycle.metrics
-    for k in range(1000):  # a new user whose conversation falls in the canary slice
-        msg = InboundMessage(channel="bench", event_id=f"canary{k}", chat_id=f"canary{k}",
-                             user_id="newcomer", text=intents[0]["questions"][0])
-        result = await core.handle(msg, Sink())  # type: ignore[arg-type]
+    if cycle.status == "succeeded":
+        for k in range(1000):  # a new user whose conversation falls in the canary slice
+            msg = InboundMessage(channel="bench", event_id=f"canary{k}", chat_id=f"canary{k}",
+                                 user_id="newcomer", text=intents[0]["questions"][0])
+            result = await core.handle(msg, Sink())  # type: ignore[arg-type]
+            async with sessions() as s:
+                served = await s.get(Message, result.answer_id)
+            if served is not None and served.adapter == cycle.adapter:
+                break
+        out["threshold_to_serving_s"] = time.perf_counter() - threshold_at
         async with sessions() as s:
-            served = await s.get(Message, result.answer_id)
-        if served is not None and served.adapter == cycle.adapter:
-            break
-    out["threshold_to_serving_s"] = time.perf_counter() - threshold_at
-    async with sessions() as s:
-        await registry.promote(s, name=cycle.adapter)  # the canary earns promotion (see tests)
-    out["f1_after"] = await held_out_f1(backend, intents, cycle.adapter, args.max_tokens)
+            await registry.promote(s, name=cycle.adapter)  # the canary earns it (see tests)
+        out["f1_after"] = await held_out_f1(backend, intents, cycle.adapter, args.max_tokens)
+    else:
+        out["reasons"] = list(cycle.reasons)
+        if not report or cycle.adapter is None:  # the run failed: nothing to measure
+            return out
+        # Never served; measured anyway, to show what the gate kept from users.
+        name = f"{cycle.adapter}-rejected"
+        await backend.load_adapter(name, str(tmp / f"runs/run-{cycle.run_id}/rejected-adapter"))
+        out["f1_after_rejected"] = await held_out_f1(backend, intents, name, args.max_tokens)
     golden_before = report["parent"]["golden_loss"]
     golden_after = report["candidate"]["golden_loss"]
     out.update(
@@ -219,6 +212,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         golden_loss_change=golden_after / golden_before - 1,
         heldout_loss_before=report["parent"]["heldout_loss"],
         heldout_loss_after=report["candidate"]["heldout_loss"],
+        gate_accuracy_before=report["parent"]["heldout_accuracy"],
+        gate_accuracy_after=report["candidate"]["heldout_accuracy"],
+        gate_f1_before=report["parent"]["heldout_f1"],
+        gate_f1_after=report["candidate"]["heldout_f1"],
+        gate_wrong_after=report["candidate"]["heldout_wrong"],
         train_seconds=report["train"]["train_seconds"],
         train_examples=report["train"]["sft_examples"],
         anchor_examples=report["train"].get("anchor_examples", 0),
@@ -243,9 +241,17 @@ def table(r: dict[str, Any]) -> str:
          "; ".join(r.get("reasons", []))),
         ("token-F1 on unseen paraphrases, before", f("f1_before"), "naive ref 0.15"),
         ("token-F1 on unseen paraphrases, after", f("f1_after"), "goal >= 0.6"),
+        ("  the rejected adapter's, never served", f("f1_after_rejected"), ""),
         ("golden-set loss change", f("golden_loss_change", "{:+.1%}"), "goal <= +5%"),
         ("held-out loss before -> after",
          f"{f('heldout_loss_before')} -> {f('heldout_loss_after')}", ""),
+        ("gate: held-out answer accuracy before -> after",
+         f"{f('gate_accuracy_before', '{:.2f}')} -> {f('gate_accuracy_after', '{:.2f}')}",
+         "must rise"),
+        ("gate: held-out answers another question's, after", f("gate_wrong_after", "{:.2f}"),
+         "must be < accuracy"),
+        ("gate: held-out answer token-F1 before -> after",
+         f"{f('gate_f1_before', '{:.2f}')} -> {f('gate_f1_after', '{:.2f}')}", "may not fall"),
         ("threshold -> adapter serving a user (s)", f("threshold_to_serving_s", "{:.0f}"),
          "goal < 600"),
         ("training time (s) / examples + anchors", f"{f('train_seconds', '{:.0f}')} / "
@@ -269,6 +275,8 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--anchors", type=int, default=None,
                    help="self-distillation anchor examples per run (loop default if omitted)")
+    p.add_argument("--padding-free", action="store_true",
+                   help="SFT batches as one unpadded sequence (TRL padding_free)")
     p.add_argument("--heldout-percent", type=int, default=20,
                    help="share of conversations held out for the gate (never trained on)")
     p.add_argument("--kto-min", type=int, default=10**6, help="KTO only with this many labels")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -171,6 +172,7 @@ def loop_config(settings: Settings) -> Any:
     from feedback.train import TrainJob
 
     s = settings
+    command = {"train_command": shlex.split(s.learn_train_command)} if s.learn_train_command else {}
     return LoopConfig(
         model_dir=s.model, adapters_dir=s.adapters_dir.resolve(),
         runs_dir=s.learn_runs_dir.resolve(), adapter_prefix=s.learn_adapter_prefix,
@@ -191,6 +193,7 @@ def loop_config(settings: Settings) -> Any:
         min_new_feedback=s.learn_min_feedback,
         min_interval=timedelta(seconds=s.learn_min_interval_s),
         incremental=s.learn_incremental,
+        **command,
     )
 
 

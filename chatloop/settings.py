@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -79,6 +81,10 @@ class Settings(BaseSettings):
     learn_batch_size: int = Field(default=8, ge=1)
     learn_max_length: int = Field(default=384, ge=32)
     learn_kto_min_examples: int = Field(default=16, ge=1)
+    # The training worker's command line (the job file is appended); empty: this Python's
+    # `-m feedback.train`. On a GPU host, e.g. "accelerate launch --num_processes 1
+    # -m feedback.train" (one process: the worker does not shard).
+    learn_train_command: str = ""
     learn_golden_margin: float = Field(default=0.05, ge=0)
     learn_canary_percent: float = Field(default=10.0, ge=0, le=100)
     learn_canary_min_votes: int = Field(default=30, ge=1)
@@ -115,6 +121,14 @@ class Settings(BaseSettings):
     def _url_has_scheme(cls, v: str) -> str:
         if "://" not in v:
             raise ValueError("must be a URL such as sqlite:///var/chatloop.db or postgresql://...")
+        return v
+
+    @field_validator("learn_train_command")
+    @classmethod
+    def _command_exists(cls, v: str) -> str:
+        words = shlex.split(v)
+        if words and shutil.which(words[0]) is None:
+            raise ValueError(f"{words[0]!r} is not an executable on PATH")
         return v
 
     @field_validator("max_tokens")

@@ -120,7 +120,9 @@ def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None
         m = r.metrics or {}
         cand, parent = m.get("candidate", {}), m.get("parent", {})
         metrics = (f"heldout {parent.get('heldout_loss') or 0:.3f}->"
-                   f"{cand.get('heldout_loss') or 0:.3f} golden "
+                   f"{cand.get('heldout_loss') or 0:.3f} accuracy "
+                   f"{parent.get('heldout_accuracy') or 0:.2f}->"
+                   f"{cand.get('heldout_accuracy') or 0:.2f} golden "
                    f"{parent.get('golden_loss') or 0:.3f}->{cand.get('golden_loss') or 0:.3f}"
                    if cand else "-")
         typer.echo(f"#{r.id} {r.status:<9} {r.trigger:<9} {r.adapter_name or '-':<10} "

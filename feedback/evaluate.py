@@ -2,14 +2,23 @@
 
 The metrics (computed with peft in the training process) are losses on the
 completion tokens of held-out corrections and of the shipped golden regression
-set, and preference accuracy (mean log-prob of the correction above the answer
-it replaced). `gate` decides from the stored report alone; `parity` compares the
-inference backend's greedy output with peft's.
+set, preference accuracy (mean log-prob of the correction above the answer it
+replaced), and two measured on the model's own greedy answers to the held-out
+questions: token-F1 against the corrected answer, answer accuracy (the answer
+is nearer to its own reference than to any other answer the run knows), and
+the share of wrong answers (another question's answer, reproduced).
+Teacher-forced loss alone cannot tell a model that learned the right answers
+from one that learned the company's answers attached to the wrong questions
+(once the first tokens of any memorised answer are given, the rest is cheap);
+the greedy answers can. `gate` decides from the stored report alone; `parity`
+compares the inference backend's greedy output with peft's.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -22,6 +31,7 @@ class GatePolicy:
     min_improvement: float = 0.0  # relative held-out loss improvement required (> this)
     golden_margin: float = 0.05  # golden-set loss may rise by at most 5 %
     pref_tolerance: float = 0.0  # preference accuracy may drop by at most this
+    f1_tolerance: float = 0.0  # held-out answer token-F1 may drop by at most this
     parity_min: float = 0.9  # mean prefix agreement between backend and peft outputs
 
 
@@ -37,9 +47,22 @@ def gate(report: dict[str, Any], policy: GatePolicy) -> list[str]:
     if report["heldout_examples"] < policy.min_heldout:
         reasons.append(f"only {report['heldout_examples']} held-out examples "
                        f"(need {policy.min_heldout})")
-    elif not cand["heldout_loss"] < base["heldout_loss"] * (1 - policy.min_improvement):
-        reasons.append(f"held-out loss {cand['heldout_loss']:.4f} does not beat "
-                       f"{base['heldout_loss']:.4f}")
+    else:
+        if not cand["heldout_loss"] < base["heldout_loss"] * (1 - policy.min_improvement):
+            reasons.append(f"held-out loss {cand['heldout_loss']:.4f} does not beat "
+                           f"{base['heldout_loss']:.4f}")
+        # Accuracy must rise (or stay perfect): an adapter that answers unseen paraphrases with
+        # the wrong company answer scores below a base model that answers vaguely.
+        if not (cand["heldout_accuracy"] > base["heldout_accuracy"]
+                or cand["heldout_accuracy"] == base["heldout_accuracy"] == 1.0):
+            reasons.append(f"held-out answer accuracy {cand['heldout_accuracy']:.3f} does not "
+                           f"beat {base['heldout_accuracy']:.3f}")
+        if cand["heldout_wrong"] and cand["heldout_wrong"] >= cand["heldout_accuracy"]:
+            reasons.append(f"{cand['heldout_wrong']:.0%} of held-out questions get another "
+                           f"question's answer, {cand['heldout_accuracy']:.0%} their own")
+        if cand["heldout_f1"] < base["heldout_f1"] - policy.f1_tolerance:
+            reasons.append(f"held-out answer token-F1 fell from {base['heldout_f1']:.3f} to "
+                           f"{cand['heldout_f1']:.3f}")
     if cand["golden_loss"] > base["golden_loss"] * (1 + policy.golden_margin):
         reasons.append(f"golden-set loss rose from {base['golden_loss']:.4f} to "
                        f"{cand['golden_loss']:.4f} (margin {policy.golden_margin:.0%})")
@@ -48,6 +71,43 @@ def gate(report: dict[str, Any], policy: GatePolicy) -> list[str]:
             reasons.append(f"preference accuracy fell from {base['pref_accuracy']:.3f} to "
                            f"{cand['pref_accuracy']:.3f}")
     return reasons
+
+
+def _tokens(text: str) -> list[str]:
+    return re.sub(r"\b(a|an|the)\b", " ", re.sub(r"[^\w\s]", " ", text.lower())).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 (lower-cased, punctuation and articles removed)."""
+    p, r = _tokens(prediction), _tokens(reference)
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answer_scores(answers: Sequence[str], references: Sequence[str],
+                  known: Sequence[str]) -> dict[str, float]:
+    """How the greedy answers to held-out questions compare with their references.
+
+    `f1`: mean token-F1 against the reference. `accuracy`: share nearer to their own reference
+    than to any other answer the run knows (`known` plus the references). `wrong`: share that
+    reproduce another question's answer (token-F1 >= 0.5 with it, and nearer to it than to
+    their own): confidently wrong, unlike a vague answer.
+    """
+    if not answers:
+        return {"f1": 0.0, "accuracy": 0.0, "wrong": 0.0}
+    others = sorted(set(known) | set(references))
+    f1s, right, wrong = [], 0, 0
+    for answer, reference in zip(answers, references, strict=True):
+        own = token_f1(answer, reference)
+        best_other = max((token_f1(answer, o) for o in others if o != reference), default=0.0)
+        f1s.append(own)
+        right += own > 0 and best_other < own
+        wrong += best_other >= 0.5 and best_other > own
+    n = len(answers)
+    return {"f1": sum(f1s) / n, "accuracy": right / n, "wrong": wrong / n}
 
 
 def prefix_agreement(a: str, b: str) -> float:

@@ -42,11 +42,13 @@ class TrainJob:
     epochs: float = 6.0
     batch_size: int = 8
     max_length: int = 384
+    padding_free: bool = False  # SFT batches as one unpadded sequence (block-diagonal attention)
     seed: int = 0
     kto_min_examples: int = 16  # fewer binary labels than this: SFT only
     kto_learning_rate: float = 5e-5
     kto_epochs: float = 1.0
     eval_max_examples: int = 64
+    eval_max_tokens: int = 96  # greedy answers to held-out questions (answer F1 and accuracy)
     system_prompt: str = ""
     # Self-distillation anchors against forgetting: the base model's own greedy answers to
     # shipped general prompts (feedback/data/general_prompts.jsonl, not the golden set),
@@ -122,8 +124,11 @@ def train(job: TrainJob) -> dict[str, Any]:
     if sft:
         hard = anchors if job.anchor_loss == "sft" else []
         data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + hard])
-        args = SFTConfig(**_common_args(job, "sft"), learning_rate=job.learning_rate,
-                         num_train_epochs=job.epochs, completion_only_loss=True)
+        common = _common_args(job, "sft")
+        if job.padding_free:  # TRL cannot truncate then; the dataset's token budget bounds it
+            common["max_length"] = None
+        args = SFTConfig(**common, learning_rate=job.learning_rate, num_train_epochs=job.epochs,
+                         completion_only_loss=True, padding_free=job.padding_free)
         kl = _anchor_batches(tokenizer, anchors, job.batch_size) if not hard else []
         trainer = _anchored(SFTTrainer)(model=model, args=args, train_dataset=data,
                                         processing_class=tokenizer, anchor_batches=kl,
@@ -265,6 +270,7 @@ def _greedy_batch(model: Any, tokenizer: Any, chats: list[list[dict[str, str]]],
     out: list[dict[str, Any]] = []
     eos = tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    training = model.training
     model.eval()
     try:
         for i in range(0, len(chats), batch):
@@ -283,7 +289,7 @@ def _greedy_batch(model: Any, tokenizer: Any, chats: list[list[dict[str, str]]],
                             "finished": finished})
     finally:
         tokenizer.padding_side = side
-        model.train()
+        model.train(training)
     return out
 
 
@@ -296,17 +302,21 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
     system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
     golden = [(system + [{"role": "user", "content": g["question"]}], g["answer"])
               for g in golden_set()]
-    report: dict[str, Any] = {"heldout_examples": len(heldout),
-                              "candidate": _metrics(model, tokenizer, heldout, golden)}
+    known = [e.completion for e in read_examples(Path(job.work_dir) / "sft.jsonl")]
+
+    def metrics() -> dict[str, Any]:
+        return _metrics(model, tokenizer, heldout, golden, known, job.eval_max_tokens)
+
+    report: dict[str, Any] = {"heldout_examples": len(heldout), "candidate": metrics()}
     if job.parent_path:
         model.load_adapter(job.parent_path, adapter_name="parent")
         model.set_adapter("parent")
-        report["parent"] = _metrics(model, tokenizer, heldout, golden)
+        report["parent"] = metrics()
         model.set_adapter("default")
         model.delete_adapter("parent")
     else:
         with model.disable_adapter():
-            report["parent"] = _metrics(model, tokenizer, heldout, golden)
+            report["parent"] = metrics()
     report["parity_prompts"] = job.parity_prompts
     report["parity_outputs"] = [
         greedy(model, tokenizer, system + [{"role": "user", "content": p}], job.parity_max_tokens)
@@ -315,12 +325,19 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
 
 
 def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
-             golden: list[tuple[list[dict[str, str]], str]]) -> dict[str, Any]:
-    from feedback.evaluate import mean_loss, pref_accuracy
+             golden: list[tuple[list[dict[str, str]], str]], known: list[str],
+             max_tokens: int) -> dict[str, Any]:
+    from feedback.evaluate import answer_scores, mean_loss, pref_accuracy
 
     pairs = [(e.prompt, e.completion, e.rejected) for e in heldout if e.rejected]
+    answers = [a["text"] for a in _greedy_batch(model, tokenizer, [e.prompt for e in heldout],
+                                                max_tokens)]
+    scores = answer_scores(answers, [e.completion for e in heldout], known)
     return {"heldout_loss": mean_loss(model, tokenizer, [(e.prompt, e.completion)
                                                          for e in heldout]),
+            "heldout_f1": scores["f1"], "heldout_accuracy": scores["accuracy"],
+            "heldout_wrong": scores["wrong"],
+            "heldout_answers": answers[:8],
             "golden_loss": mean_loss(model, tokenizer, golden),
             "pref_accuracy": pref_accuracy(model, tokenizer, pairs)}
 

