@@ -36,9 +36,9 @@ from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, ma
 
 pytestmark = pytest.mark.slow
 COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
-# Six intents on distinct topics, four paraphrases each, asked paraphrase by paraphrase:
-# at 30 % held out, conversations 9, 13, 14 and 22 are (four intents' third or fourth
-# paraphrase; the other three of each intent are trained on).
+# Six intents on distinct topics, four paraphrases each, asked paraphrase by paraphrase
+# (conversations 1-6 the first, 7-12 the second...): at 30 % held out, conversations 9, 13, 14
+# and 22 are, one paraphrase of four intents; the other three of each are trained on.
 INTENTS = [COMPANY["intents"][i] for i in (4, 8, 20, 29, 33, 38)]
 HELDOUT = DatasetPolicy(heldout_percent=30, system_prompt="Be brief.")
 TINY = dict(rank=8, alpha=16, epochs=6.0, batch_size=4, max_length=128, learning_rate=2e-3,
