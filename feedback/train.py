@@ -43,6 +43,14 @@ class TrainJob:
     batch_size: int = 8
     max_length: int = 384
     padding_free: bool = False  # SFT batches as one unpadded sequence (block-diagonal attention)
+    lora_dropout: float = 0.0
+    # NEFTune (Jain et al. 2023): uniform noise on the input embeddings while training, scaled
+    # by alpha / sqrt(tokens x width); None: off. On the benchmark's set alpha 5 raised the
+    # gate's held-out answer accuracy from 0.25 to 0.44 and token-F1 on unseen paraphrases
+    # from 0.517 to 0.584 at the same cost (README, "Measured figures").
+    neftune_alpha: float | None = 5.0
+    augment: int = 0  # noisy copies of each SFT question (`augment_questions`); measured, off
+    augment_drop: float = 0.2
     seed: int = 0
     kto_min_examples: int = 16  # fewer binary labels than this: SFT only
     kto_learning_rate: float = 5e-5
@@ -85,7 +93,7 @@ def _model(job: TrainJob) -> tuple[Any, Any]:
     if job.parent_path:
         return PeftModel.from_pretrained(base, job.parent_path, is_trainable=True), tokenizer
     cfg = LoraConfig(r=job.rank, lora_alpha=job.alpha, target_modules=job.target_modules,
-                     lora_dropout=0.0, task_type="CAUSAL_LM")
+                     lora_dropout=job.lora_dropout, task_type="CAUSAL_LM")
     return get_peft_model(base, cfg), tokenizer
 
 
@@ -123,12 +131,15 @@ def train(job: TrainJob) -> dict[str, Any]:
     stats["anchor_seconds"] = time.perf_counter() - started
     if sft:
         hard = anchors if job.anchor_loss == "sft" else []
-        data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + hard])
+        noisy = augment_questions(sft, job.augment, job.augment_drop, seed=job.seed)
+        stats["augmented_examples"] = len(noisy)
+        data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + noisy + hard])
         common = _common_args(job, "sft")
         if job.padding_free:  # TRL cannot truncate then; the dataset's token budget bounds it
             common["max_length"] = None
         args = SFTConfig(**common, learning_rate=job.learning_rate, num_train_epochs=job.epochs,
-                         completion_only_loss=True, padding_free=job.padding_free)
+                         completion_only_loss=True, padding_free=job.padding_free,
+                         neftune_noise_alpha=job.neftune_alpha)
         kl = _anchor_batches(tokenizer, anchors, job.batch_size) if not hard else []
         trainer = _anchored(SFTTrainer)(model=model, args=args, train_dataset=data,
                                         processing_class=tokenizer, anchor_batches=kl,
@@ -149,11 +160,36 @@ def train(job: TrainJob) -> dict[str, Any]:
             model.delete_adapter("ref")
     stats["train_seconds"] = time.perf_counter() - started
     stats["tokens_per_s"] = stats.get("sft_tokens", 0) / max(stats["train_seconds"], 1e-9)
-    examples = len(sft) + (len(anchors) if job.anchor_loss == "sft" else 0)
+    examples = (len(sft) + stats.get("augmented_examples", 0)
+                + (len(anchors) if job.anchor_loss == "sft" else 0))
     stats["examples_per_s"] = examples * job.epochs / max(stats["train_seconds"], 1e-9)
     report = {"train": stats, **evaluate(model, tokenizer, job)}
     _write_atomically(model, report, Path(job.out_dir))
     return report
+
+
+def augment_questions(examples: list[Example], copies: int, drop: float, *,
+                      seed: int) -> list[Example]:
+    """`copies` noisy variants of each example's question (the last message), the answer
+    unchanged: each word dropped with probability `drop`, or two words swapped (EDA, Wei and
+    Zou 2019), so the adapter keys on a question's content words rather than its wording."""
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        words = e.prompt[-1]["content"].split()
+        if len(words) < 3:
+            continue
+        for _ in range(copies):
+            if rng.random() < 0.5:
+                noisy = [w for w in words if rng.random() >= drop] or [rng.choice(words)]
+            else:
+                noisy = list(words)
+                i, j = rng.sample(range(len(noisy)), 2)
+                noisy[i], noisy[j] = noisy[j], noisy[i]
+            question = {**e.prompt[-1], "content": " ".join(noisy)}
+            out.append(Example(e.conversation_id, e.answer_id, [*e.prompt[:-1], question],
+                               e.completion, "augment"))
+    return out
 
 
 def _anchored(base: type) -> type:

@@ -20,6 +20,14 @@ def test_the_learning_loop_trains_with_the_training_jobs_defaults() -> None:
     assert dataclasses.asdict(job) == dataclasses.asdict(default)
 
 
+def test_neftune_is_on_by_default_and_zero_turns_it_off() -> None:
+    assert loop_config(Settings(_env_file=None)).train.neftune_alpha == 5.0  # type: ignore[call-arg]
+    off = Settings(_env_file=None, learn_neftune_alpha=0)  # type: ignore[call-arg]
+    assert loop_config(off).train.neftune_alpha is None
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, learn_neftune_alpha=-1)  # type: ignore[call-arg]
+
+
 def test_the_training_worker_command_is_configurable_and_checked() -> None:
     default = loop_config(Settings(_env_file=None)).train_command  # type: ignore[call-arg]
     assert default[1:] == ["-m", "feedback.train"]
