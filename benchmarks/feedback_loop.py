@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
 from feedback import registry  # noqa: E402
 from feedback.dataset import DatasetPolicy  # noqa: E402
-from feedback.evaluate import token_f1  # noqa: E402
+from feedback.evaluate import answer_scores, token_f1  # noqa: E402
 from feedback.loop import LoopConfig, eligible_feedback  # noqa: E402
 from feedback.redaction import Redactor  # noqa: E402
 from feedback.scheduler import LearningScheduler, ScheduleConfig  # noqa: E402
@@ -72,11 +72,13 @@ async def answer(backend: Any, question: str, adapter: str | None, max_tokens: i
     return "".join([e.text async for e in backend.stream(request) if isinstance(e, TextDelta)])
 
 
-async def held_out_f1(backend: Any, intents: list[dict[str, Any]], adapter: str | None,
-                      max_tokens: int) -> float:
-    scores = [token_f1(await answer(backend, it["questions"][-1], adapter, max_tokens),
-                       it["answer"]) for it in intents]
-    return sum(scores) / len(scores)
+async def unseen_scores(backend: Any, intents: list[dict[str, Any]], adapter: str | None,
+                        max_tokens: int) -> dict[str, float]:
+    """The answers to each intent's last paraphrase, scored as the gate scores its held-out
+    questions: token-F1, share right, share another intent's answer."""
+    answers = [await answer(backend, it["questions"][-1], adapter, max_tokens) for it in intents]
+    references = [it["answer"] for it in intents]
+    return answer_scores(answers, references, references)
 
 
 def naive_tokens_per_s(rows: list[dict[str, Any]], *, steps: int) -> float:
@@ -126,7 +128,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                            "train_paraphrases_per_intent": args.paraphrases}
 
     t = time.perf_counter()
-    out["f1_before"] = await held_out_f1(backend, intents, None, args.max_tokens)
+    before = await unseen_scores(backend, intents, None, args.max_tokens)
+    out.update(f1_before=before["f1"], unseen_accuracy_before=before["accuracy"],
+               unseen_wrong_before=before["wrong"])
     out["eval_seconds"] = time.perf_counter() - t
     print(f"[{out['eval_seconds']:.0f}s] F1 before: {out['f1_before']:.3f}", file=sys.stderr)
 
@@ -198,7 +202,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["threshold_to_serving_s"] = time.perf_counter() - threshold_at
         async with sessions() as s:
             await registry.promote(s, name=cycle.adapter)  # the canary earns it (see tests)
-        out["f1_after"] = await held_out_f1(backend, intents, cycle.adapter, args.max_tokens)
+        after = await unseen_scores(backend, intents, cycle.adapter, args.max_tokens)
+        out["f1_after"] = after["f1"]
     else:
         out["reasons"] = list(cycle.reasons)
         if not report or cycle.adapter is None:  # the run failed: nothing to measure
@@ -206,7 +211,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # Never served; measured anyway, to show what the gate kept from users.
         name = f"{cycle.adapter}-rejected"
         await backend.load_adapter(name, str(tmp / f"runs/run-{cycle.run_id}/rejected-adapter"))
-        out["f1_after_rejected"] = await held_out_f1(backend, intents, name, args.max_tokens)
+        after = await unseen_scores(backend, intents, name, args.max_tokens)
+        out["f1_after_rejected"] = after["f1"]
+    out.update(unseen_accuracy_after=after["accuracy"], unseen_wrong_after=after["wrong"])
     golden_before = report["parent"]["golden_loss"]
     golden_after = report["candidate"]["golden_loss"]
     out.update(
@@ -244,6 +251,11 @@ def table(r: dict[str, Any]) -> str:
         ("token-F1 on unseen paraphrases, before", f("f1_before"), "naive ref 0.15"),
         ("token-F1 on unseen paraphrases, after", f("f1_after"), "goal >= 0.6"),
         ("  the rejected adapter's, never served", f("f1_after_rejected"), ""),
+        ("unseen paraphrases answered right before -> after",
+         f"{f('unseen_accuracy_before', '{:.2f}')} -> {f('unseen_accuracy_after', '{:.2f}')}",
+         ""),
+        ("unseen paraphrases given another intent's answer, after",
+         f("unseen_wrong_after", "{:.2f}"), ""),
         ("golden-set loss change", f("golden_loss_change", "{:+.1%}"), "goal <= +5%"),
         ("held-out loss before -> after",
          f"{f('heldout_loss_before')} -> {f('heldout_loss_after')}", ""),
