@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     learn_batch_size: int = Field(default=8, ge=1)
     learn_max_length: int = Field(default=384, ge=32)
     learn_kto_min_examples: int = Field(default=16, ge=1)
-    learn_neftune_alpha: float = Field(default=5.0, ge=0)  # embedding noise in SFT; 0: off
+    learn_neftune_alpha: float = Field(default=0.0, ge=0)  # NEFTune noise in SFT; 0: off
     # The training worker's command line (the job file is appended); empty: this Python's
     # `-m feedback.train`. On a GPU host, e.g. "accelerate launch --num_processes 1
     # -m feedback.train" (one process: the worker does not shard).

@@ -20,10 +20,10 @@ def test_the_learning_loop_trains_with_the_training_jobs_defaults() -> None:
     assert dataclasses.asdict(job) == dataclasses.asdict(default)
 
 
-def test_neftune_is_on_by_default_and_zero_turns_it_off() -> None:
-    assert loop_config(Settings(_env_file=None)).train.neftune_alpha == 5.0  # type: ignore[call-arg]
-    off = Settings(_env_file=None, learn_neftune_alpha=0)  # type: ignore[call-arg]
-    assert loop_config(off).train.neftune_alpha is None
+def test_neftune_is_off_by_default_and_configurable() -> None:
+    assert loop_config(Settings(_env_file=None)).train.neftune_alpha is None  # type: ignore[call-arg]
+    on = Settings(_env_file=None, learn_neftune_alpha=5)  # type: ignore[call-arg]
+    assert loop_config(on).train.neftune_alpha == 5.0
     with pytest.raises(ValidationError):
         Settings(_env_file=None, learn_neftune_alpha=-1)  # type: ignore[call-arg]
 
