@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bots.limits import KeyedLocks, RateLimiter
 from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBackend
@@ -171,6 +171,9 @@ class ConversationCore:
         owner: str | None = None,
     ) -> None:
         self.sessions = sessions
+        # the turn path (accept, history, store, deliver) runs on plain connections: an ORM
+        # session's set-up and bookkeeping cost more than its few statements
+        self._engine: AsyncEngine = sessions.kw["bind"]
         self.backend = backend
         self.router: Router = router or StaticRouter()
         self.reviewer_ids = reviewer_ids
@@ -216,7 +219,7 @@ class ConversationCore:
             return await self._reject(
                 msg, sink, "You are sending messages too quickly. Please wait a minute."
             )
-        async with self.sessions() as s:
+        async with self._engine.connect() as s:
             conv = await repo.current_conversation(
                 s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id
             )
@@ -366,7 +369,7 @@ class ConversationCore:
 
     async def run_turn(self, turn: repo.TurnStart, question: str, sink: ReplySink) -> TurnResult:
         """Generate, stream and store the answer to a recorded question."""
-        async with self.sessions() as s:
+        async with self._engine.connect() as s:
             past = await repo.history(s, conversation_id=turn.conversation_id,
                                       before_id=turn.question_id,
                                       limit=self._limits.history_messages)
@@ -415,7 +418,7 @@ class ConversationCore:
                        sink: ReplySink) -> TurnResult:
         """Show a stored answer, then close its event (a crash before that re-delivers it)."""
         external_id = await sink.finish(text, answer_id)
-        async with self.sessions() as s:
+        async with self._engine.connect() as s:
             await repo.mark_delivered(s, turn=turn, answer_id=answer_id,
                                       external_message_id=external_id)
         return TurnResult(Outcome.ANSWERED, answer_id, text)
@@ -448,7 +451,7 @@ class ConversationCore:
 
     async def _store(self, turn: repo.TurnStart, text: str, status: AnswerStatus,
                      meta: repo.AnswerMeta) -> int:
-        async with self.sessions() as s:
+        async with self._engine.connect() as s:
             return await repo.finish_turn(s, turn=turn, text=text, status=status, meta=meta)
 
     async def _command(self, msg: InboundMessage, text: str, sink: ReplySink) -> TurnResult:

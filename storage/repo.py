@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from storage.models import (
     AnswerStatus,
@@ -23,6 +23,9 @@ from storage.models import (
     Role,
     utcnow,
 )
+
+# The turn path's functions take a plain connection too: no ORM session to set up per turn
+Executor = AsyncSession | AsyncConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ _events = InboundEvent.__table__  # type: ignore[attr-defined]
 _conversations = Conversation.__table__  # type: ignore[attr-defined]
 _INSERT_MESSAGE = insert(_messages).returning(_messages.c.id)
 _INSERT_EVENT = insert(_events).returning(_events.c.id)
+_INSERT_CONVERSATION = insert(_conversations).returning(_conversations.c.id)
 _SET_EVENT_STATUS = (update(_events).where(_events.c.id == bindparam("event_row"))
                      .values(status=bindparam("new_status")))
 _SET_MESSAGE_EXTERNAL_ID = (update(_messages).where(_messages.c.id == bindparam("message_row"))
@@ -81,22 +85,22 @@ _HISTORY = (
 
 
 async def current_conversation(
-    session: AsyncSession, *, channel: str, chat_id: str, thread_id: str = ""
+    session: Executor, *, channel: str, chat_id: str, thread_id: str = ""
 ) -> int:
     """The id of the chat's current conversation (latest epoch), created if there is none."""
     key = dict(channel=channel, chat_id=chat_id, thread_id=thread_id)
     found = (await session.execute(_CURRENT_CONVERSATION, key)).scalar()
     if found is not None:
         return int(found)
-    conv = Conversation(channel=channel, external_chat_id=chat_id, external_thread_id=thread_id)
-    session.add(conv)
     try:
+        created = (await session.execute(_INSERT_CONVERSATION, dict(
+            channel=channel, external_chat_id=chat_id, external_thread_id=thread_id, epoch=0,
+            created_at=utcnow()))).scalar_one()
         await session.commit()
     except IntegrityError:  # a concurrent first message created it: use that one
         await session.rollback()
         return int((await session.execute(_CURRENT_CONVERSATION, key)).scalar_one())
-    assert conv.id is not None
-    return conv.id
+    return int(created)
 
 
 async def reset_conversation(
@@ -125,7 +129,7 @@ async def _new_epoch(session: AsyncSession, *, channel: str, chat_id: str, threa
 
 
 async def begin_turn(
-    session: AsyncSession,
+    session: Executor,
     *,
     channel: str,
     event_id: str,
@@ -173,7 +177,7 @@ async def record_event(
     return event.id
 
 
-async def history(session: AsyncSession, *, conversation_id: int, before_id: int,
+async def history(session: Executor, *, conversation_id: int, before_id: int,
                   limit: int) -> list[HistoryMessage]:
     """The last `limit` messages of the exchanges asked before `before_id`, in order.
 
@@ -194,7 +198,7 @@ async def history(session: AsyncSession, *, conversation_id: int, before_id: int
 
 
 async def finish_turn(
-    session: AsyncSession,
+    session: Executor,
     *,
     turn: TurnStart,
     text: str,
@@ -219,7 +223,7 @@ async def finish_turn(
     return int(answer_id)
 
 
-async def mark_delivered(session: AsyncSession, *, turn: TurnStart, answer_id: int,
+async def mark_delivered(session: Executor, *, turn: TurnStart, answer_id: int,
                          external_message_id: str | None) -> None:
     """The channel has shown the answer (or given up for good): close the inbound event."""
     if external_message_id is not None:

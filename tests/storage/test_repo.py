@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage import repo
-from storage.models import AnswerStatus, EventStatus, Feedback, InboundEvent, Message
+from storage.models import AnswerStatus, Conversation, EventStatus, Feedback, InboundEvent, Message
 
 
 async def _turn(sessions, event_id: str = "e1", chat: str = "c1", text: str = "hi"):  # type: ignore[no-untyped-def]
@@ -48,15 +48,19 @@ async def test_concurrent_duplicate_inserts_record_exactly_one(sessions) -> None
         assert (await s.execute(select(func.count()).select_from(Message))).scalar() == 1
 
 
-async def test_concurrent_first_messages_share_one_conversation(sessions) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("via", ["session", "connection"])  # the core's turn path: connection
+async def test_concurrent_first_messages_share_one_conversation(sessions, via: str) -> None:  # type: ignore[no-untyped-def]
+    opener = sessions if via == "session" else sessions.kw["bind"].connect
+
     async def first() -> int:
-        async with sessions() as s:
+        async with opener() as s:
             return await repo.current_conversation(s, channel="test", chat_id="new")
 
     ids = await asyncio.gather(*(first() for _ in range(8)))
     async with sessions() as s:
         current = await repo.current_conversation(s, channel="test", chat_id="new")
-    assert current == max(ids)
+        assert (await s.execute(select(func.count()).select_from(Conversation))).scalar() == 1
+    assert set(ids) == {current}
 
 
 async def test_stored_answer_keeps_metadata_and_event_closes_on_delivery(sessions) -> None:  # type: ignore[no-untyped-def]
