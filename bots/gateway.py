@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
 from fastapi import APIRouter, FastAPI
@@ -32,6 +33,27 @@ class ChannelStartError(RuntimeError):
     """A channel could not start (its platform unreachable, a bad token); says which and why."""
 
 
+@contextlib.contextmanager
+def steady_gc(gen0_threshold: int = 7000) -> Iterator[None]:
+    """While the gateway serves: what start-up loaded (modules, the tokenizer, the model) is
+    frozen out of the garbage collector's reach, and the youngest generation is collected
+    every 7,000 allocations instead of 700; both undone at shutdown.
+
+    Measured with benchmarks/telegram.py (webhook on PostgreSQL, 1,000 updates): collections
+    took 0.6-1.2 s of the gateway's 7-9 s of CPU, the full ones walking some 570,000 start-up
+    objects each time; frozen and less often, 0.05-0.08 s.
+    """
+    old = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(gen0_threshold, *old[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
 def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
                on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
     """`ready` returns {component: "ok" | reason}; /readyz is 200 only when all are "ok"."""
@@ -50,7 +72,8 @@ def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
                     raise ChannelStartError(app.state.startup_error) from None
                 started.append(ch)
                 log.info("channel %s started", ch.name)
-            yield
+            with steady_gc():
+                yield
         finally:
             for ch in reversed(started):
                 await ch.stop()
