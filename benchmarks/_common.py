@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -91,6 +92,12 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     out.write_text(json.dumps({"meta": meta, **data}, indent=2))
     print(f"\nwrote {out.relative_to(ROOT)}")
     return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) another process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_process(args: list[str], health_url: str, timeout: float = 60) -> subprocess.Popen[bytes]:

@@ -8,9 +8,12 @@ next message when the previous answer arrives), an instant scripted model, one g
 process), and for comparison the same load straight into the conversation core (the
 ceiling the channel can reach on this machine). Reports updates/s handled, p50/p99 latency
 from an update being available to its final answer reaching the Bot API (gateway plus the
-fake's own handling), lost / doubled answers (checked in the fake and in the database), and
-Bot API calls per answer. At 200 users the latency is mostly queueing (200 questions in
-flight); a light run with 5 users shows the latency one message sees in the gateway.
+fake's own handling), lost / doubled answers (checked in the fake and in the database), Bot
+API calls per answer, and CPU ms per update of the gateway (this process) and of the fake:
+1000 / the gateway's figure is the rate one gateway process would reach with a core to
+itself, as here it shares two with the fake and the database. At 200 users the latency is
+mostly queueing (200 questions in flight); a light run with 5 users shows the latency one
+message sees in the gateway.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from benchmarks._common import (  # noqa: E402
     median,
     pct,
     print_table,
+    process_cpu_s,
     start_process,
     write_json,
 )
@@ -87,10 +91,12 @@ async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: in
             # warm-up (first DB connections, first prompt template render): one user, not counted
             await c.post("/_fake/load", json={"users": 1, "per_user": 3, "first_chat": 9_000})
             await _until(c, 3, deadline_s)
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
+            fake_cpu = process_cpu_s(fake.pid)
             await c.post("/_fake/load", json={"users": users, "per_user": per_user})
             await _until(c, 3 + total, deadline_s)
             elapsed = time.perf_counter() - started
+            cpu, fake_cpu = time.process_time() - cpu, process_cpu_s(fake.pid) - fake_cpu
             await asyncio.sleep(0.5)  # anything doubled would arrive now
             stats = (await c.get("/_fake/stats")).json()
     finally:
@@ -115,6 +121,8 @@ async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: in
         + max(0, answers - 3 - total),
         "db answers": answers - 3, "db events done": done - 3,
         "updates/s": answered / elapsed, "p50 ms": median(lat), "p99 ms": pct(lat, 99),
+        "gateway CPU ms /update": cpu * 1000 / total,
+        "fake CPU ms /update": fake_cpu * 1000 / total,
         "sends+edits+drafts /answer": sum(methods.get(m, 0) for m in SENDS) / max(answered, 1),
         "all calls /answer": sum(methods.values()) / max(answered, 1),
         "methods": methods,
@@ -143,13 +151,14 @@ async def _core_only_on(db_url: str, storage: str, users: int, per_user: int,
 
     await user(-1)  # warm-up
     times.clear()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(user(u) for u in range(users)))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     await engine.dispose()
     return {"mode": "core only", "storage": storage, "updates": users * per_user,
             "answered": len(times), "updates/s": len(times) / elapsed,
-            "p50 ms": median(times), "p99 ms": pct(times, 99)}
+            "p50 ms": median(times), "p99 ms": pct(times, 99),
+            "gateway CPU ms /update": cpu * 1000 / len(times)}
 
 
 def _core(engine: Any, tokenizer: Any) -> ConversationCore:
