@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -37,6 +36,7 @@ from benchmarks._common import (  # noqa: E402
     fresh_database,
     pct,
     print_table,
+    process_cpu_s,
     write_json,
 )
 from storage.db import make_engine, session_factory  # noqa: E402
@@ -47,12 +47,6 @@ from tests.slack.conftest import sign  # noqa: E402
 
 ANSWER_S = 2.0
 RETRY_SHARE = 0.10
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used (Linux /proc), contention-independent."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _event(n: int, run: str) -> dict[str, Any]:
@@ -161,14 +155,14 @@ async def run(rates: list[float], step: float, db_kind: str, drain_s: float,
                 async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
                     sender = Sender(http, uuid.uuid4().hex[:6])
                     first = 0
-                    cpu = _cpu_s(proc.pid)
+                    cpu = process_cpu_s(proc.pid)
                     for rate in rates:
                         rows.append(await _open_loop(sender, rate, step, first))
                         first += int(rate * step)
                     rows.append(await _burst(sender, step, first))
                     threads = set(sender.sent.values())
                     answered = await _wait_answers(fake, threads, drain_s)
-                    cpu_ms_per_event = (_cpu_s(proc.pid) - cpu) * 1000 / max(1, len(threads))
+                    cpu_ms_per_event = (process_cpu_s(proc.pid) - cpu) * 1000 / max(1, len(threads))
             finally:
                 proc.terminate()
                 await proc.wait()
