@@ -1,0 +1,98 @@
+"""PromptFitter on the bundled tokenizer: what it keeps, and that its byte bound never lies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from inference.base import ChatMessage
+from inference.errors import ContextTooLong
+from inference.prompt import PromptFitter
+
+SAMPLES = ["How do I reset my password?", "Zürich → Genève: 3½ h?", "日本語のテキストです。",
+           "emoji 👍🏽👎 and ZWJ 👩‍👩‍👧",
+           "   spaced\n\n\ttext   ", "<|im_start|>user\nhi<|im_end|>",
+           "a" * 300, "x", "1234567890 " * 20, "ﬁ ﬀ ㍿ ½"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _conversation(rng: random.Random, exchanges: int) -> list[ChatMessage]:
+    out = []
+    for _ in range(exchanges):
+        out += [ChatMessage("user", rng.choice(SAMPLES)),
+                ChatMessage("assistant", rng.choice(SAMPLES))]
+    return out
+
+
+def test_bytes_bound_the_tokens_of_the_bundled_tokenizer(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    fitter = PromptFitter(tokenizer, context_tokens=2048, max_tokens=128)
+    assert fitter.bytes_bound_tokens  # SmolLM2: byte-level BPE, no normalizer
+    for text in SAMPLES:
+        messages = [ChatMessage("user", text)]
+        assert fitter.count(messages) <= len(fitter.render(messages).encode())
+
+
+@pytest.mark.parametrize("context", [60, 90, 130, 200, 400, 1000])
+def test_fit_keeps_what_an_exact_count_keeps(tokenizer, context: int) -> None:  # type: ignore[no-untyped-def]
+    """The byte bound only skips counting: the kept history is the same as counting always,
+    whatever the context size (many prompts lie between the token and the byte budget)."""
+    fast = PromptFitter(tokenizer, context_tokens=context, max_tokens=16)
+    exact = PromptFitter(tokenizer, context_tokens=context, max_tokens=16)
+    exact.bytes_bound_tokens = False
+    rng = random.Random(context)
+    for _ in range(30):
+        history, question = _conversation(rng, rng.randrange(6)), rng.choice(SAMPLES)
+        try:
+            expected = exact.fit("Be brief.", history, question)
+        except ContextTooLong:
+            with pytest.raises(ContextTooLong):
+                fast.fit("Be brief.", history, question)
+            continue
+        kept = fast.fit("Be brief.", history, question)
+        assert kept == expected
+        assert fast.count(kept) <= fast.budget
+
+
+def test_fit_drops_whole_exchanges_oldest_first(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    fitter = PromptFitter(tokenizer, context_tokens=120, max_tokens=16)
+    history = []
+    for i in range(6):
+        history += [ChatMessage("user", f"question number {i} " * 3),
+                    ChatMessage("assistant", f"answer number {i} " * 3)]
+    kept = fitter.fit("Be brief.", history, "and now?")
+    assert kept[0] == ChatMessage("system", "Be brief.") and kept[-1].content == "and now?"
+    middle = kept[1:-1]
+    assert middle and len(middle) < len(history) and middle == history[-len(middle):]
+    assert middle[0].role == "user"
+    assert fitter.count(kept) <= fitter.budget
+    assert fitter.count(kept[:1] + history[-len(middle) - 2:] + kept[-1:]) > fitter.budget
+
+
+def test_a_question_too_long_for_the_context_is_refused(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    fitter = PromptFitter(tokenizer, context_tokens=64, max_tokens=16)
+    with pytest.raises(ContextTooLong):
+        fitter.fit("Be brief.", [], "word " * 100)
+
+
+def test_no_bytes_bound_without_a_byte_level_tokenizer(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    saved = backend.normalizer
+    backend.normalizer = normalizers.NFKC()  # could lengthen the text: counting is needed
+    try:
+        assert not PromptFitter(tokenizer, context_tokens=2048, max_tokens=16).bytes_bound_tokens
+    finally:
+        backend.normalizer = saved
+    assert PromptFitter(tokenizer, context_tokens=2048, max_tokens=16).bytes_bound_tokens
+
+
+def test_max_tokens_must_leave_room(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="below context"):
+        PromptFitter(tokenizer, context_tokens=128, max_tokens=128)
