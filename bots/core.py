@@ -173,7 +173,7 @@ class ConversationCore:
         self.sessions = sessions
         # the turn path (accept, history, store, deliver) runs on plain connections: an ORM
         # session's set-up and bookkeeping cost more than its few statements
-        self._engine: AsyncEngine = sessions.kw["bind"]
+        self._engine: AsyncEngine = repo.turn_engine(sessions.kw["bind"])
         self.backend = backend
         self.router: Router = router or StaticRouter()
         self.reviewer_ids = reviewer_ids

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from storage.models import (
     AnswerStatus,
@@ -73,6 +73,55 @@ _CURRENT_CONVERSATION = (
            _conversations.c.external_thread_id == bindparam("thread_id"))
     .order_by(_conversations.c.epoch.desc()).limit(1)
 )
+
+
+def _values(table: Any, prefix: str, columns: Collection[str]) -> dict[str, Any]:
+    return {c: bindparam(prefix + c, type_=table.c[c].type) for c in columns}
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + k: v for k, v in values.items()}
+
+
+# On PostgreSQL, writes that belong together are one statement (data-modifying CTEs), atomic
+# by itself: with an autocommit connection (`turn_engine`) a turn then takes 5 round trips
+# to the database instead of 16 (BEGIN and COMMIT included). SQLite has no such statements.
+_QUESTION_COLUMNS = ("conversation_id", "role", "text", "author_id", "external_message_id",
+                     "created_at")
+_EVENT_COLUMNS = ("channel", "external_event_id", "payload", "status", "received_at", "owner",
+                  "lease_until")
+_ANSWER_COLUMNS = ("conversation_id", "role", "text", "reply_to_id", "status",
+                   "external_message_id", "created_at", *AnswerMeta.__dataclass_fields__)
+_question = (insert(_messages).values(_values(_messages, "q_", _QUESTION_COLUMNS))
+             .returning(_messages.c.id).cte("question"))
+_BEGIN_TURN_PG = (
+    insert(_events)
+    .from_select([*_EVENT_COLUMNS, "message_id"],
+                 select(*_values(_events, "e_", _EVENT_COLUMNS).values(), _question.c.id))
+    .returning(_events.c.id, _events.c.message_id)
+)
+_answer = (insert(_messages).values(_values(_messages, "a_", _ANSWER_COLUMNS))
+           .returning(_messages.c.id).cte("answer"))
+_FINISH_TURN_PG = select(_answer.c.id).add_cte(_SET_EVENT_STATUS.cte("answered"))
+_DELIVERED_PG = (update(_events).where(_events.c.id == bindparam("event_row"))
+                 .values(status=EventStatus.DONE)
+                 .add_cte(_SET_MESSAGE_EXTERNAL_ID.cte("shown")))
+
+
+def turn_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The engine for the turn path (`current_conversation`, `begin_turn`, `history`,
+    `finish_turn`, `mark_delivered`): on PostgreSQL, where each of their writes is a single
+    statement, an autocommit one, so BEGIN and COMMIT cost no round trips; else `engine`."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
+def _postgres(session: Executor) -> bool:
+    bind = session if isinstance(session, AsyncConnection) else session.get_bind()
+    return bind.dialect.name == "postgresql"
+
+
 _HISTORY = (
     select(_messages.c.id, _messages.c.role, _messages.c.text, _messages.c.reply_to_id,
            _messages.c.status)
@@ -147,14 +196,20 @@ async def begin_turn(
     process resumes it before that.
     """
     now = utcnow()
+    question = dict(conversation_id=conversation_id, role=Role.USER, text=text,
+                    author_id=author_id, external_message_id=external_message_id, created_at=now)
+    event = dict(channel=channel, external_event_id=event_id, payload=payload,
+                 status=EventStatus.RECEIVED, received_at=now, owner=owner,
+                 lease_until=lease_until)
     try:
-        question_id = (await session.execute(_INSERT_MESSAGE, dict(
-            conversation_id=conversation_id, role=Role.USER, text=text, author_id=author_id,
-            external_message_id=external_message_id, created_at=now))).scalar_one()
-        event_row = (await session.execute(_INSERT_EVENT, dict(
-            channel=channel, external_event_id=event_id, payload=payload, message_id=question_id,
-            status=EventStatus.RECEIVED, received_at=now, owner=owner,
-            lease_until=lease_until))).scalar_one()
+        if _postgres(session):
+            row = (await session.execute(_BEGIN_TURN_PG, {**_prefixed("q_", question),
+                                                          **_prefixed("e_", event)})).one()
+            question_id, event_row = row.message_id, row.id
+        else:
+            question_id = (await session.execute(_INSERT_MESSAGE, question)).scalar_one()
+            event_row = (await session.execute(_INSERT_EVENT, dict(
+                event, message_id=question_id))).scalar_one()
         await session.commit()
     except IntegrityError:  # the event is already recorded: the question goes with the rollback
         await session.rollback()
@@ -213,12 +268,17 @@ async def finish_turn(
     """
     if status == AnswerStatus.OK and not text:
         raise ValueError("an ok answer needs text")
-    answer_id = (await session.execute(_INSERT_MESSAGE, dict(
-        conversation_id=turn.conversation_id, role=Role.ASSISTANT, text=text,
-        reply_to_id=turn.question_id, status=status, external_message_id=external_message_id,
-        created_at=utcnow(), **asdict(meta)))).scalar_one()
-    ev_status = EventStatus.ANSWERED if status == AnswerStatus.OK else EventStatus.FAILED
-    await session.execute(_SET_EVENT_STATUS, dict(event_row=turn.event_id, new_status=ev_status))
+    answer = dict(conversation_id=turn.conversation_id, role=Role.ASSISTANT, text=text,
+                  reply_to_id=turn.question_id, status=status,
+                  external_message_id=external_message_id, created_at=utcnow(), **asdict(meta))
+    closed = dict(event_row=turn.event_id, new_status=EventStatus.ANSWERED
+                  if status == AnswerStatus.OK else EventStatus.FAILED)
+    if _postgres(session):
+        answer_id = (await session.execute(_FINISH_TURN_PG, {**_prefixed("a_", answer),
+                                                             **closed})).scalar_one()
+    else:
+        answer_id = (await session.execute(_INSERT_MESSAGE, answer)).scalar_one()
+        await session.execute(_SET_EVENT_STATUS, closed)
     await session.commit()
     return int(answer_id)
 
@@ -226,11 +286,15 @@ async def finish_turn(
 async def mark_delivered(session: Executor, *, turn: TurnStart, answer_id: int,
                          external_message_id: str | None) -> None:
     """The channel has shown the answer (or given up for good): close the inbound event."""
-    if external_message_id is not None:
-        await session.execute(_SET_MESSAGE_EXTERNAL_ID,
-                              dict(message_row=answer_id, external_id=external_message_id))
-    await session.execute(_SET_EVENT_STATUS,
-                          dict(event_row=turn.event_id, new_status=EventStatus.DONE))
+    done = dict(event_row=turn.event_id, new_status=EventStatus.DONE)
+    shown = dict(message_row=answer_id, external_id=external_message_id)
+    if external_message_id is None:
+        await session.execute(_SET_EVENT_STATUS, done)
+    elif _postgres(session):
+        await session.execute(_DELIVERED_PG, {**shown, "event_row": turn.event_id})
+    else:
+        await session.execute(_SET_MESSAGE_EXTERNAL_ID, shown)
+        await session.execute(_SET_EVENT_STATUS, done)
     await session.commit()
 
 

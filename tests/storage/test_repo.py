@@ -32,12 +32,14 @@ async def test_duplicate_event_starts_no_second_turn(sessions) -> None:  # type:
         assert (await s.execute(select(func.count()).select_from(Message))).scalar() == 1
 
 
-async def test_concurrent_duplicate_inserts_record_exactly_one(sessions) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("via", ["session", "turn engine"])  # the core's: autocommit on PG
+async def test_concurrent_duplicate_inserts_record_exactly_one(sessions, via: str) -> None:  # type: ignore[no-untyped-def]
+    opener = sessions if via == "session" else repo.turn_engine(sessions.kw["bind"]).connect
     async with sessions() as s:
         conv = await repo.current_conversation(s, channel="test", chat_id="c1")
 
     async def attempt() -> repo.TurnStart | None:
-        async with sessions() as s:
+        async with opener() as s:
             return await repo.begin_turn(s, channel="test", event_id="same", conversation_id=conv,
                                          text="hi", author_id="u1")
 
@@ -48,9 +50,9 @@ async def test_concurrent_duplicate_inserts_record_exactly_one(sessions) -> None
         assert (await s.execute(select(func.count()).select_from(Message))).scalar() == 1
 
 
-@pytest.mark.parametrize("via", ["session", "connection"])  # the core's turn path: connection
+@pytest.mark.parametrize("via", ["session", "turn engine"])  # the core's turn path: connection
 async def test_concurrent_first_messages_share_one_conversation(sessions, via: str) -> None:  # type: ignore[no-untyped-def]
-    opener = sessions if via == "session" else sessions.kw["bind"].connect
+    opener = sessions if via == "session" else repo.turn_engine(sessions.kw["bind"]).connect
 
     async def first() -> int:
         async with opener() as s:
