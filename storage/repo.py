@@ -211,7 +211,7 @@ async def begin_turn(
             event_row = (await session.execute(_INSERT_EVENT, dict(
                 event, message_id=question_id))).scalar_one()
         await session.commit()
-    except IntegrityError:  # the event is already recorded: the question goes with the rollback
+    except IntegrityError:  # the event is already recorded: the question fails with it
         await session.rollback()
         return None
     return TurnStart(conversation_id, int(question_id), int(event_row))
