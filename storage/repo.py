@@ -358,8 +358,7 @@ async def stored_answer(session: AsyncSession, *, question_id: int) -> Message |
 
 
 def _upsert(session: AsyncSession) -> Any:
-    name = session.get_bind().dialect.name
-    return postgresql.insert if name == "postgresql" else sqlite.insert
+    return postgresql.insert if _postgres(session) else sqlite.insert
 
 
 async def record_vote(
