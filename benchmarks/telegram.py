@@ -187,20 +187,20 @@ async def _median_run(repeat: int, run: Callable[[], Awaitable[dict[str, Any]]]
     return {**runs[len(runs) // 2], "runs updates/s": [round(r["updates/s"], 1) for r in runs]}
 
 
-async def main(users: int, per_user: int, storages: list[str], deadline_s: float,
-               repeat: int) -> None:
+async def main(users: int, per_user: int, storages: list[str], modes: list[str],
+               deadline_s: float, repeat: int) -> None:
     from transformers import AutoTokenizer
 
     logging.basicConfig(level=logging.ERROR)
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     results = []
     for storage in storages:
-        for mode in ("polling", "webhook"):
+        for mode in modes:
             results.append(await _median_run(repeat, partial(
                 _run, mode, storage, users, per_user, tokenizer, deadline_s)))
         results.append(await _median_run(repeat, partial(
             _core_only, storage, users, per_user, tokenizer)))
-        for mode in ("polling", "webhook"):  # light load: latency without queueing
+        for mode in modes:  # light load: latency without queueing
             light = await _run(mode, storage, LIGHT_USERS, 10, tokenizer, deadline_s)
             results.append({**light, "mode": f"{mode}, {LIGHT_USERS} users"})
     rows = [{k: r.get(k, "") for k in results[0] if k != "methods"} for r in results]
@@ -215,9 +215,11 @@ if __name__ == "__main__":
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--per-user", type=int, default=5)
     ap.add_argument("--storage", action="append", choices=["sqlite", "postgres"])
+    ap.add_argument("--mode", action="append", choices=["polling", "webhook"],
+                    help="the gateway's intake (both unless given); core only always runs")
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds per run, at most")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per heavy configuration; the median run is reported")
     a = ap.parse_args()
-    asyncio.run(main(a.users, a.per_user, a.storage or ["sqlite", "postgres"], a.deadline,
-                     a.repeat))
+    asyncio.run(main(a.users, a.per_user, a.storage or ["sqlite", "postgres"],
+                     a.mode or ["polling", "webhook"], a.deadline, a.repeat))
