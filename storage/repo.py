@@ -103,22 +103,20 @@ _BEGIN_TURN_PG = (
 _answer = (insert(_messages).values(_values(_messages, "a_", _ANSWER_COLUMNS))
            .returning(_messages.c.id).cte("answer"))
 _FINISH_TURN_PG = select(_answer.c.id).add_cte(_SET_EVENT_STATUS.cte("answered"))
-_DELIVERED_PG = (update(_events).where(_events.c.id == bindparam("event_row"))
-                 .values(status=EventStatus.DONE)
-                 .add_cte(_SET_MESSAGE_EXTERNAL_ID.cte("shown")))
+_DELIVERED_PG = _SET_EVENT_STATUS.add_cte(_SET_MESSAGE_EXTERNAL_ID.cte("shown"))
 
 
 def turn_engine(engine: AsyncEngine) -> AsyncEngine:
     """The engine for the turn path (`current_conversation`, `begin_turn`, `history`,
     `finish_turn`, `mark_delivered`): on PostgreSQL, where each of their writes is a single
     statement, an autocommit one, so BEGIN and COMMIT cost no round trips; else `engine`."""
-    if engine.dialect.name == "postgresql":
+    if _postgres(engine):
         return engine.execution_options(isolation_level="AUTOCOMMIT")
     return engine
 
 
-def _postgres(session: Executor) -> bool:
-    bind = session if isinstance(session, AsyncConnection) else session.get_bind()
+def _postgres(session: Executor | AsyncEngine) -> bool:
+    bind = session.get_bind() if isinstance(session, AsyncSession) else session
     return bind.dialect.name == "postgresql"
 
 
@@ -291,7 +289,7 @@ async def mark_delivered(session: Executor, *, turn: TurnStart, answer_id: int,
     if external_message_id is None:
         await session.execute(_SET_EVENT_STATUS, done)
     elif _postgres(session):
-        await session.execute(_DELIVERED_PG, {**shown, "event_row": turn.event_id})
+        await session.execute(_DELIVERED_PG, {**shown, **done})
     else:
         await session.execute(_SET_MESSAGE_EXTERNAL_ID, shown)
         await session.execute(_SET_EVENT_STATUS, done)
