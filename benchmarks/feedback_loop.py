@@ -14,8 +14,8 @@ the loop against a naive peft loop on the same data (full-sequence loss, rank
     .venv/bin/python benchmarks/feedback_loop.py [--intents 15] [--paraphrases 4]
 
 Training hyper-parameters are the loop's own defaults (feedback/train.py,
-TrainJob) unless --rank/--lr/--epochs/--batch-size/--anchors/--neftune/--augment override
-them.
+TrainJob) unless --rank/--lr/--epochs/--batch-size/--anchors/--neftune/--augment/--seed
+override them.
 Prints a table and writes benchmarks/results/feedback_loop.json.
 """
 
@@ -158,12 +158,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ("rank", args.rank), ("alpha", args.rank and 2 * args.rank), ("epochs", args.epochs),
         ("batch_size", args.batch_size), ("learning_rate", args.lr), ("anchors", args.anchors),
         ("padding_free", args.padding_free or None), ("neftune_alpha", args.neftune),
-        ("augment", args.augment))
+        ("augment", args.augment), ("seed", args.seed))
         if v is not None}
     out["train_job"] = {k: getattr(TrainJob(model_dir="", out_dir="", work_dir="", **overrides),
                                    k) for k in ("rank", "alpha", "target_modules", "learning_rate",
                                                 "epochs", "batch_size", "anchors",
-                                                "padding_free", "neftune_alpha", "augment")}
+                                                "padding_free", "neftune_alpha", "augment",
+                                                "seed")}
     loop_cfg = LoopConfig(
         model_dir=str(MODEL), adapters_dir=tmp / "adapters", runs_dir=tmp / "runs",
         min_new_feedback=eligible, min_interval=timedelta(0),
@@ -295,6 +296,7 @@ if __name__ == "__main__":
                    help="NEFTune noise on the input embeddings while training (alpha)")
     p.add_argument("--augment", type=int, default=None,
                    help="noisy copies of each trained question (word dropout or swap)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (loop default: 0)")
     p.add_argument("--heldout-percent", type=int, default=20,
                    help="share of conversations held out for the gate (never trained on)")
     p.add_argument("--kto-min", type=int, default=10**6, help="KTO only with this many labels")

@@ -3,7 +3,8 @@
 `build_dataset` reads the feedback that arrived after a watermark and returns
 SFT examples (trusted corrections, optionally liked answers), binary-labelled
 KTO examples (answers whose weighted vote counts), a held-out split chosen by
-conversation, and a replay sample of earlier training data. Every text is
+conversation (recorded the first time, so stable across runs), and a replay
+sample of earlier training data. Every text is
 redacted first; the dataset hash is deterministic.
 """
 
@@ -15,18 +16,18 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import aliased
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from feedback.redaction import Redactor
-from storage.models import AnswerStatus, Feedback, Message, ReviewStatus, Role
+from storage.models import AnswerStatus, Conversation, Feedback, Message, ReviewStatus, Role
 
 TokenCounter = Callable[[str], int]
 
@@ -92,10 +93,76 @@ class Dataset:
         return out
 
 
-def heldout_conversation(conversation_id: int, policy: DatasetPolicy) -> bool:
-    """Stable across runs: the split depends only on the conversation id and the salt."""
+def _split_hash(conversation_id: int, policy: DatasetPolicy) -> int:
     digest = hashlib.sha256(f"{policy.split_salt}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < policy.heldout_percent
+    return int.from_bytes(digest[:8], "big") % 100
+
+
+def heldout_conversation(conversation_id: int, policy: DatasetPolicy) -> bool:
+    """The split of a conversation that shares no corrected answer with another."""
+    return _split_hash(conversation_id, policy) < policy.heldout_percent
+
+
+def split_conversations(corrections: Sequence[tuple[int, str]], conversations: Iterable[int],
+                        decided: Mapping[int, bool], policy: DatasetPolicy) -> dict[int, bool]:
+    """Held out (True) or trained on (False), for every conversation, keeping `decided`.
+
+    `corrections` are (conversation, corrected answer) in feedback order; a conversation
+    belongs to the answer of its first correction. Conversations whose answer several of them
+    share (a reviewer's canned answer) are split per answer: `heldout_percent` of them
+    rounded, at least one and never all, in hash order. So the gate tests unseen questions for
+    answers the candidate was taught, and no answer loses all or most of its examples to the
+    held-out split by chance. The rest (an answer of its own, votes only) by hash alone.
+    """
+    out = dict(decided)
+    groups: dict[str, list[int]] = defaultdict(list)
+    grouped: set[int] = set()
+    for conversation, answer in corrections:
+        if conversation not in grouped:
+            grouped.add(conversation)
+            groups[" ".join(_WORD.findall(answer.lower()))].append(conversation)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        want = (min(len(members) - 1, max(1, round(len(members) * policy.heldout_percent / 100)))
+                if policy.heldout_percent else 0)
+        held = sum(out.get(c) is True for c in members)
+        for c in sorted((c for c in members if c not in out),
+                        key=lambda c: (_split_hash(c, policy), c)):
+            out[c] = held < want
+            held += out[c]
+    for c in conversations:
+        if c not in out:
+            out[c] = heldout_conversation(c, policy)
+    return out
+
+
+async def _recorded_splits(session: AsyncSession, conversations: set[int],
+                           policy: DatasetPolicy, corrections: list[tuple[int, str]]
+                           ) -> dict[int, bool]:
+    """The conversations' splits: recorded ones kept, new ones decided and recorded (a
+    concurrent builder's decision wins), so a conversation never moves between splits."""
+    ids = sorted(conversations)
+
+    async def recorded() -> dict[int, bool]:
+        out: dict[int, bool] = {}
+        for i in range(0, len(ids), 1000):  # bounded IN lists
+            stmt = select(Conversation.id, Conversation.heldout).where(
+                Conversation.id.in_(ids[i:i + 1000]), Conversation.heldout.is_not(None))
+            out.update({c: bool(h) for c, h in (await session.execute(stmt)).all()})
+        return out
+
+    decided = await recorded()
+    split = split_conversations(corrections, ids, decided, policy)
+    new = [{"cid": c, "held": h} for c, h in split.items() if c not in decided]
+    if not new:
+        return split
+    table = Conversation.__table__
+    stmt = (update(table).where(table.c.id == bindparam("cid"), table.c.heldout.is_(None))
+            .values(heldout=bindparam("held")))
+    await (await session.connection()).execute(stmt, new)
+    await session.commit()
+    return await recorded()
 
 
 @dataclass
@@ -117,6 +184,10 @@ async def build_dataset(
     report["quarantined_votes"] = len(quarantined)
     rows, report["capped_rows"] = _cap_per_user(rows, policy.per_user_cap)
     contexts = await _contexts(session, rows, redactor, policy, count_tokens)
+    corrections = [(r.answer.conversation_id, r.fb.correction) for r in rows
+                   if r.fb.correction and r.fb.review_status == ReviewStatus.APPROVED]
+    heldout = await _recorded_splits(session, {r.answer.conversation_id for r in rows}, policy,
+                                     corrections)
     ds = Dataset(watermark=max((r.fb.id or 0 for r in rows), default=since), report=report)
 
     corrected: set[int] = set()
@@ -125,7 +196,7 @@ async def build_dataset(
             ex = Example(r.answer.conversation_id, r.answer.id or 0, contexts[r.answer.id or 0],
                          redactor(r.fb.correction), "correction", rejected=redactor(r.answer.text))
             corrected.add(ex.answer_id)
-            if heldout_conversation(ex.conversation_id, policy):
+            if heldout[ex.conversation_id]:
                 ds.heldout.append(ex)
             else:
                 ds.sft.append(ex)
@@ -138,7 +209,7 @@ async def build_dataset(
     answers = {r.answer.id: r.answer for r in rows}
     for answer_id, label in sorted(labels.items()):
         answer = answers[answer_id]
-        if answer_id in corrected or heldout_conversation(answer.conversation_id, policy):
+        if answer_id in corrected or heldout[answer.conversation_id]:
             continue
         ex = Example(answer.conversation_id, answer_id, contexts[answer_id],
                      redactor(answer.text), "vote", label=label)

@@ -72,6 +72,9 @@ class Conversation(SQLModel, table=True):
     external_thread_id: str = Field(default="", max_length=128)
     epoch: int = 0
     created_at: datetime = _ts(nullable=False)
+    # The learning loop's split, recorded the first time a dataset uses the conversation:
+    # held out for the gate (True) or trained on (False); None until then.
+    heldout: bool | None = None
 
 
 class Message(SQLModel, table=True):

@@ -19,6 +19,7 @@ from feedback.dataset import (
     build_dataset,
     heldout_conversation,
     replay_sample,
+    split_conversations,
 )
 from feedback.redaction import Redactor
 from storage.models import Message, utcnow
@@ -76,6 +77,50 @@ async def test_heldout_split_is_by_conversation_and_stable(sessions, tokenizer) 
     await core.correct(answer_id=later, voter_id=REVIEWER, text="More.", source="test")
     third = await build(sessions, policy)
     assert held <= {e.conversation_id for e in third.heldout} and third.hash != first.hash
+
+
+async def test_a_shared_answer_is_split_per_answer_and_the_split_is_recorded(
+        sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A reviewer's canned answer corrects five conversations each: one of each is held out
+    (20 %), four are trained on, whatever the hash would have said; a later build with another
+    percentage keeps every recorded decision."""
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    canned = {"returns": "Returns are free within 45 days.", "hours": "We answer 8am to 8pm.",
+              "phone": "Ring us from the order page."}
+    for i in range(5):
+        for topic, text in canned.items():
+            answer = await users.ask(f"A {topic} question, number {i}?", chat=f"{topic}{i}")
+            await core.correct(answer_id=answer, voter_id=REVIEWER, text=text, source="test")
+    policy = replace(POLICY, heldout_percent=20)
+    first = await build(sessions, policy)
+    for text in canned.values():
+        held = [e for e in first.heldout if e.completion == text]
+        assert len(held) == 1 and len([e for e in first.sft if e.completion == text]) == 4
+    assert {e.conversation_id for e in first.heldout}.isdisjoint(
+        e.conversation_id for e in first.sft)
+    again = await build(sessions, replace(policy, heldout_percent=60))
+    assert again.rows() == first.rows()
+
+
+def test_split_per_answer_holds_out_some_never_all() -> None:
+    policy = replace(POLICY, heldout_percent=20)
+    pair = split_conversations([(1, "Same answer."), (2, "same answer")], [1, 2], {}, policy)
+    assert sorted(pair.values()) == [False, True]  # "at least one": one of two
+    assert sum(split_conversations([(c, "A.") for c in range(10)], range(10), {},
+                                   policy).values()) == 2
+    everything = replace(policy, heldout_percent=100)
+    assert sorted(split_conversations([(c, "A.") for c in range(4)], range(4), {},
+                                      everything).values()) == [False, True, True, True]
+    assert not any(split_conversations([(c, "A.") for c in range(4)], range(4), {},
+                                       replace(policy, heldout_percent=0)).values())
+    # recorded decisions count: two already held out of five, none more
+    decided = {0: True, 1: True}
+    split = split_conversations([(c, "A.") for c in range(5)], range(5), decided, policy)
+    assert split == {0: True, 1: True, 2: False, 3: False, 4: False}
+    # a conversation's first correction decides its answer; one of its own goes by hash
+    alone = split_conversations([(7, "Unique."), (7, "A.")], [7, 8], {}, policy)
+    assert alone == {7: heldout_conversation(7, policy), 8: heldout_conversation(8, policy)}
 
 
 async def test_thumbs_need_distinct_voters_or_a_trusted_one(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
