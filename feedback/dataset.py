@@ -184,26 +184,27 @@ async def build_dataset(
     report["quarantined_votes"] = len(quarantined)
     rows, report["capped_rows"] = _cap_per_user(rows, policy.per_user_cap)
     contexts = await _contexts(session, rows, redactor, policy, count_tokens)
-    corrections = [(r.answer.conversation_id, r.fb.correction) for r in rows
-                   if r.fb.correction and r.fb.review_status == ReviewStatus.APPROVED]
+    approved = [r for r in rows
+                if r.fb.correction and r.fb.review_status == ReviewStatus.APPROVED]
     heldout = await _recorded_splits(session, {r.answer.conversation_id for r in rows}, policy,
-                                     corrections)
+                                     [(r.answer.conversation_id, r.fb.correction or "")
+                                      for r in approved])
     ds = Dataset(watermark=max((r.fb.id or 0 for r in rows), default=since), report=report)
 
     corrected: set[int] = set()
-    for r in rows:
-        if r.fb.correction and r.fb.review_status == ReviewStatus.APPROVED:
-            ex = Example(r.answer.conversation_id, r.answer.id or 0, contexts[r.answer.id or 0],
-                         redactor(r.fb.correction), "correction", rejected=redactor(r.answer.text))
-            corrected.add(ex.answer_id)
-            if heldout[ex.conversation_id]:
-                ds.heldout.append(ex)
-            else:
-                ds.sft.append(ex)
-                ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt, ex.completion,
-                                      "correction", label=True))
-                ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt,
-                                      ex.rejected or "", "correction", label=False))
+    for r in approved:
+        ex = Example(r.answer.conversation_id, r.answer.id or 0, contexts[r.answer.id or 0],
+                     redactor(r.fb.correction or ""), "correction",
+                     rejected=redactor(r.answer.text))
+        corrected.add(ex.answer_id)
+        if heldout[ex.conversation_id]:
+            ds.heldout.append(ex)
+        else:
+            ds.sft.append(ex)
+            ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt, ex.completion,
+                                  "correction", label=True))
+            ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt,
+                                  ex.rejected or "", "correction", label=False))
     labels = _vote_labels(rows, first_seen, quarantined, policy)
     report["labelled_answers"] = len(labels)
     answers = {r.answer.id: r.answer for r in rows}
