@@ -176,7 +176,8 @@ async def build_dataset(
     session: AsyncSession, *, policy: DatasetPolicy, redactor: Redactor, since: int = 0,
     replay_pool: Sequence[Example] = (), count_tokens: TokenCounter = approx_tokens,
 ) -> Dataset:
-    """Build the dataset from feedback with id > `since` plus a replay sample of `replay_pool`."""
+    """Build the dataset from feedback with id > `since` plus a replay sample of `replay_pool`;
+    records the split of each conversation it uses for the first time (and commits)."""
     rows = await _feedback_rows(session, since)
     report: dict[str, Any] = {"feedback_rows": len(rows)}
     first_seen = await _first_seen(session, {r.fb.voter_id for r in rows})
