@@ -130,6 +130,23 @@ def sync_url(url: str) -> str:
     return u.render_as_string(hide_password=False)
 
 
+class RetryingAsyncIOScheduler(AsyncIOScheduler):
+    """APScheduler 3's asyncio scheduler, which stops waking up for good when its job store
+    raises while saving a job's next run time (`update_job`, e.g. on a locked SQLite
+    database): the jobs would silently never run again in this process. Here the error is
+    logged and the scheduler wakes again after `jobstore_retry_interval`."""
+
+    def wakeup(self) -> None:
+        self._stop_timer()
+        try:
+            wait_seconds = self._process_jobs()
+        except Exception:
+            log.exception("job store error; the scheduler retries in %s s",
+                          self.jobstore_retry_interval)
+            wait_seconds = self.jobstore_retry_interval
+        self._start_timer(wait_seconds)
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
     check_every: timedelta = timedelta(minutes=5)
@@ -199,8 +216,14 @@ class LearningScheduler:
     def _start_jobs(self) -> None:
         _LIVE[self.key] = self
         grace = int(self.schedule.misfire_grace.total_seconds())
-        aps = AsyncIOScheduler(
-            jobstores={"default": SQLAlchemyJobStore(url=self._url)},
+        # The job store is synchronous and runs in this event loop: on SQLite, waiting out a
+        # lock held by one of this loop's own transactions (it cannot commit while the loop
+        # waits) would freeze the loop for sqlite3's default 5 s, so give up after 0.5 s and
+        # let RetryingAsyncIOScheduler try again.
+        options = ({"connect_args": {"timeout": 0.5}}
+                   if make_url(self._url).get_backend_name() == "sqlite" else {})
+        aps = RetryingAsyncIOScheduler(
+            jobstores={"default": SQLAlchemyJobStore(url=self._url, engine_options=options)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": grace})
         kw = {"kwargs": {"key": self.key}, "replace_existing": True}
         aps.add_job(threshold_job, "interval", id="learn-threshold",

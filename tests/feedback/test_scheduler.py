@@ -6,9 +6,17 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from apscheduler.jobstores.memory import MemoryJobStore
 from sqlalchemy import create_engine, select, text
+from sqlalchemy.exc import OperationalError
 
-from feedback.scheduler import LearningScheduler, LeaseLeadership, ScheduleConfig, sync_url
+from feedback.scheduler import (
+    LearningScheduler,
+    LeaseLeadership,
+    RetryingAsyncIOScheduler,
+    ScheduleConfig,
+    sync_url,
+)
 from storage.db import make_engine, session_factory
 from storage.models import TrainingRun
 from tests.fakes.inference import ScriptedBackend
@@ -27,6 +35,35 @@ async def test_a_lease_has_one_holder_until_it_expires(sessions) -> None:  # typ
     assert await b.acquire() and not await a.acquire()
     await b.release()
     assert await a.acquire()
+
+
+async def test_the_scheduler_keeps_waking_after_a_job_store_error() -> None:
+    """APScheduler's asyncio scheduler stops for good when saving a job's next run time fails
+    (seen as "database is locked" on SQLite while a training run wrote); ours logs the error
+    and wakes again."""
+    failures = []
+
+    class LockedOnce(MemoryJobStore):
+        def update_job(self, job):  # type: ignore[no-untyped-def]
+            if not failures:
+                failures.append(job.id)
+                raise OperationalError("UPDATE apscheduler_jobs ...", {},
+                                       Exception("database is locked"))
+            super().update_job(job)
+
+    runs: list[int] = []
+    aps = RetryingAsyncIOScheduler(jobstores={"default": LockedOnce()},
+                                   jobstore_retry_interval=0.1)
+    aps.add_job(runs.append, "interval", args=[1], seconds=0.05, id="tick")
+    aps.start()
+    try:
+        for _ in range(100):
+            if len(runs) >= 3:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        aps.shutdown(wait=False)
+    assert failures == ["tick"] and len(runs) >= 3
 
 
 def scheduler(db_url: str, tmp_path, model_dir, fake: str) -> LearningScheduler:  # type: ignore[no-untyped-def]
