@@ -190,7 +190,7 @@ def loop_config(settings: Settings) -> Any:
                        learning_rate=s.learn_learning_rate, batch_size=s.learn_batch_size,
                        max_length=s.learn_max_length,
                        kto_min_examples=s.learn_kto_min_examples,
-                       neftune_alpha=s.learn_neftune_alpha or None),
+                       neftune_alpha=s.learn_neftune_alpha or None, augment=s.learn_augment),
         min_new_feedback=s.learn_min_feedback,
         min_interval=timedelta(seconds=s.learn_min_interval_s),
         incremental=s.learn_incremental,

@@ -76,12 +76,13 @@ class Settings(BaseSettings):
     # the defaults are the training job's (feedback/train.py), as benchmarks/feedback_loop.py
     # measured them
     learn_rank: int = Field(default=16, ge=1)
-    learn_epochs: float = Field(default=6.0, gt=0)
+    learn_epochs: float = Field(default=3.0, gt=0)
     learn_learning_rate: float = Field(default=2e-3, gt=0)
     learn_batch_size: int = Field(default=8, ge=1)
     learn_max_length: int = Field(default=384, ge=32)
     learn_kto_min_examples: int = Field(default=16, ge=1)
     learn_neftune_alpha: float = Field(default=0.0, ge=0)  # NEFTune noise in SFT; 0: off
+    learn_augment: int = Field(default=2, ge=0)  # noisy copies of each trained question
     # The training worker's command line (the job file is appended); empty: this Python's
     # `-m feedback.train`. On a GPU host, e.g. "accelerate launch --num_processes 1
     # -m feedback.train" (one process: the worker does not shard).

@@ -39,7 +39,7 @@ class TrainJob:
     target_modules: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     learning_rate: float = 2e-3
-    epochs: float = 6.0
+    epochs: float = 3.0
     batch_size: int = 8
     max_length: int = 384
     padding_free: bool = False  # SFT batches as one unpadded sequence (block-diagonal attention)
@@ -49,7 +49,10 @@ class TrainJob:
     # are clean); None: off. Off by default: alpha 5 looked better on one seed of the
     # benchmark's set and was not over three (README, "Measured figures").
     neftune_alpha: float | None = None
-    augment: int = 0  # noisy copies of each SFT question (`augment_questions`); measured, off
+    # Noisy copies of each SFT question (`augment_questions`). With 3 epochs, token-F1 on the
+    # benchmark's unseen paraphrases went from 0.628 / 0.598 / 0.571 (none, 6 epochs) to
+    # 0.784 / 0.849 / 0.788 over seeds 0 / 1 / 2 (README, "Measured figures").
+    augment: int = 2
     augment_drop: float = 0.2
     seed: int = 0
     kto_min_examples: int = 16  # fewer binary labels than this: SFT only

@@ -28,6 +28,13 @@ def test_neftune_is_off_by_default_and_configurable() -> None:
         Settings(_env_file=None, learn_neftune_alpha=-1)  # type: ignore[call-arg]
 
 
+def test_question_augmentation_is_configurable_and_checked() -> None:
+    off = Settings(_env_file=None, learn_augment=0)  # type: ignore[call-arg]
+    assert loop_config(off).train.augment == 0
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, learn_augment=-1)  # type: ignore[call-arg]
+
+
 def test_the_training_worker_command_is_configurable_and_checked() -> None:
     default = loop_config(Settings(_env_file=None)).train_command  # type: ignore[call-arg]
     assert default[1:] == ["-m", "feedback.train"]

@@ -43,7 +43,7 @@ INTENTS = [COMPANY["intents"][i] for i in (4, 8, 20, 29, 33, 38)]
 HELDOUT = DatasetPolicy(heldout_percent=30, system_prompt="Be brief.")
 TINY = dict(rank=8, alpha=16, epochs=6.0, batch_size=4, max_length=128, learning_rate=2e-3,
             kto_min_examples=4, kto_epochs=0.25, parity_max_tokens=12, anchors=48,
-            eval_max_tokens=64)
+            eval_max_tokens=64, augment=0)  # the mechanism, not the recipe: no noisy copies
 
 
 @dataclass
