@@ -157,14 +157,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {k: v for k, v in (
         ("rank", args.rank), ("alpha", args.rank and 2 * args.rank), ("epochs", args.epochs),
         ("batch_size", args.batch_size), ("learning_rate", args.lr), ("anchors", args.anchors),
+        ("anchor_batch_size", args.anchor_batch),
         ("padding_free", args.padding_free or None), ("neftune_alpha", args.neftune),
         ("augment", args.augment), ("seed", args.seed))
         if v is not None}
     out["train_job"] = {k: getattr(TrainJob(model_dir="", out_dir="", work_dir="", **overrides),
                                    k) for k in ("rank", "alpha", "target_modules", "learning_rate",
                                                 "epochs", "batch_size", "anchors",
-                                                "padding_free", "neftune_alpha", "augment",
-                                                "seed")}
+                                                "anchor_batch_size", "padding_free",
+                                                "neftune_alpha", "augment", "seed")}
     loop_cfg = LoopConfig(
         model_dir=str(MODEL), adapters_dir=tmp / "adapters", runs_dir=tmp / "runs",
         min_new_feedback=eligible, min_interval=timedelta(0),
@@ -290,6 +291,8 @@ if __name__ == "__main__":
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--anchors", type=int, default=None,
                    help="self-distillation anchor examples per run (loop default if omitted)")
+    p.add_argument("--anchor-batch", type=int, default=None,
+                   help="KL anchor examples per training step (loop default if omitted)")
     p.add_argument("--padding-free", action="store_true",
                    help="SFT batches as one unpadded sequence (TRL padding_free)")
     p.add_argument("--neftune", type=float, default=None,
