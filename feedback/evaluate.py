@@ -176,9 +176,10 @@ def answer_logprobs(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.model(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).last_hidden_state
-    return torch.log_softmax(causal_lm.lm_head(hidden[batch["mask"]]).float(), dim=-1)
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = causal_lm.get_output_embeddings()(hidden[batch["mask"]])
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def completion_logps(model: Any, tokenizer: Any, items: Sequence[tuple[Chat, str]],
