@@ -159,13 +159,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ("batch_size", args.batch_size), ("learning_rate", args.lr), ("anchors", args.anchors),
         ("anchor_batch_size", args.anchor_batch),
         ("padding_free", args.padding_free or None), ("neftune_alpha", args.neftune),
-        ("augment", args.augment), ("seed", args.seed))
+        ("augment", args.augment), ("precision", args.precision), ("seed", args.seed))
         if v is not None}
     out["train_job"] = {k: getattr(TrainJob(model_dir="", out_dir="", work_dir="", **overrides),
                                    k) for k in ("rank", "alpha", "target_modules", "learning_rate",
                                                 "epochs", "batch_size", "anchors",
                                                 "anchor_batch_size", "padding_free",
-                                                "neftune_alpha", "augment", "seed")}
+                                                "neftune_alpha", "augment", "precision",
+                                                "seed")}
     loop_cfg = LoopConfig(
         model_dir=str(MODEL), adapters_dir=tmp / "adapters", runs_dir=tmp / "runs",
         min_new_feedback=eligible, min_interval=timedelta(0),
@@ -229,6 +230,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         gate_f1_after=report["candidate"]["heldout_f1"],
         gate_wrong_after=report["candidate"]["heldout_wrong"],
         train_seconds=report["train"]["train_seconds"],
+        train_precision=report["train"].get("precision", "fp32"),
         train_examples=report["train"]["sft_examples"],
         anchor_examples=report["train"].get("anchor_examples", 0),
         loop_tokens_per_s=report["train"]["tokens_per_s"],
@@ -272,6 +274,7 @@ def table(r: dict[str, Any]) -> str:
          "goal < 600"),
         ("training time (s) / examples + anchors", f"{f('train_seconds', '{:.0f}')} / "
          f"{f('train_examples', '{}')} + {f('anchor_examples', '{}')}", ""),
+        ("training precision", f("train_precision"), "bf16 where the CPU/GPU has it"),
         ("loop training tokens/s", f("loop_tokens_per_s", "{:.0f}"), ""),
         ("naive peft loop tokens/s", f("naive_tokens_per_s", "{:.0f}"), ""),
         ("loop training examples/s", f("loop_examples_per_s", "{:.2f}"), ""),
@@ -299,6 +302,8 @@ if __name__ == "__main__":
                    help="NEFTune noise on the input embeddings while training (alpha)")
     p.add_argument("--augment", type=int, default=None,
                    help="noisy copies of each trained question (word dropout or swap)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="bf16 autocast while training (loop default: auto, where native)")
     p.add_argument("--seed", type=int, default=None, help="training seed (loop default: 0)")
     p.add_argument("--heldout-percent", type=int, default=20,
                    help="share of conversations held out for the gate (never trained on)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +84,8 @@ class Settings(BaseSettings):
     learn_kto_min_examples: int = Field(default=16, ge=1)
     learn_neftune_alpha: float = Field(default=0.0, ge=0)  # NEFTune noise in SFT; 0: off
     learn_augment: int = Field(default=2, ge=0)  # noisy copies of each trained question
+    # bf16 autocast while training where the hardware has native bf16 ("auto"), or forced
+    learn_precision: Literal["auto", "bf16", "fp32"] = "auto"
     # The training worker's command line (the job file is appended); empty: this Python's
     # `-m feedback.train`. On a GPU host, e.g. "accelerate launch --num_processes 1
     # -m feedback.train" (one process: the worker does not shard).

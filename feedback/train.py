@@ -44,6 +44,12 @@ class TrainJob:
     batch_size: int = 8
     max_length: int = 384
     padding_free: bool = False  # SFT batches as one unpadded sequence (block-diagonal attention)
+    # "auto": the SFT and KTO steps (the KL term included) under bf16 autocast where the
+    # hardware computes bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or
+    # AMX), fp32 elsewhere; "bf16" or "fp32" to force one. The adapter's weights, the optimizer
+    # and the evaluation stay fp32. On two AVX512-BF16 cores bf16 cut a step by a third at the
+    # same token-F1 (README, "Measured figures").
+    precision: str = "auto"
     lora_dropout: float = 0.0
     # NEFTune (Jain et al. 2023): uniform noise on the input embeddings while training, scaled
     # by alpha / sqrt(tokens x width), on the KL anchor batches too (their base-model targets
@@ -108,8 +114,8 @@ def _model(job: TrainJob) -> tuple[Any, Any]:
 def _common_args(job: TrainJob, name: str) -> dict[str, Any]:
     return dict(output_dir=str(Path(job.work_dir) / name),
                 per_device_train_batch_size=job.batch_size, max_length=job.max_length,
-                logging_steps=1, save_strategy="no",
-                report_to=["tensorboard"], bf16=False, fp16=False, gradient_checkpointing=False,
+                logging_steps=1, save_strategy="no", report_to=["tensorboard"],
+                bf16=trains_in_bf16(job), fp16=False, gradient_checkpointing=False,
                 seed=job.seed, data_seed=job.seed, use_cpu=not _cuda(), dataloader_num_workers=0,
                 disable_tqdm=False)
 
@@ -118,6 +124,21 @@ def _cuda() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+def trains_in_bf16(job: TrainJob) -> bool:
+    """Whether to train under bf16 autocast (`TrainJob.precision`)."""
+    import torch
+
+    if job.precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16 or fp32, not {job.precision!r}")
+    if job.precision != "auto":
+        return job.precision == "bf16"
+    if _cuda():
+        return bool(torch.cuda.is_bf16_supported())
+    # oneDNN's check for native bf16 instructions (AVX512-BF16, AMX); emulated bf16 is slower
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and native is not None and native())
 
 
 def train(job: TrainJob) -> dict[str, Any]:
@@ -132,7 +153,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     sft = read_examples(work / "sft.jsonl")
     kto = read_examples(work / "kto.jsonl")
     model, tokenizer = _model(job)
-    stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0}
+    stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0,
+                             "precision": "bf16" if trains_in_bf16(job) else "fp32"}
     started = time.perf_counter()
     anchors = anchor_examples(model, tokenizer, job) if sft else []
     stats["anchor_examples"] = len(anchors)
@@ -229,7 +251,8 @@ def _anchored(base: type) -> type:
             batch = self._anchor_batches[self._anchor_step % len(self._anchor_batches)]
             self._anchor_step += 1
             ref = batch["ref"].float()
-            cur = answer_logprobs(self.accelerator.unwrap_model(model), batch)
+            with self.accelerator.autocast():  # the SFT forward's precision (bf16 or fp32)
+                cur = answer_logprobs(self.accelerator.unwrap_model(model), batch)
             kl = (ref.exp() * (ref - cur)).sum(-1).mean()
             self._metrics["train"]["anchor_kl"].append(float(kl.detach()))
             if return_outputs:

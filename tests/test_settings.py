@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from chatloop.app import loop_config
 from chatloop.settings import Settings
-from feedback.train import TrainJob
+from feedback.train import TrainJob, trains_in_bf16
 
 
 def test_the_learning_loop_trains_with_the_training_jobs_defaults() -> None:
@@ -33,6 +33,23 @@ def test_question_augmentation_is_configurable_and_checked() -> None:
     assert loop_config(off).train.augment == 0
     with pytest.raises(ValidationError):
         Settings(_env_file=None, learn_augment=-1)  # type: ignore[call-arg]
+
+
+def test_training_precision_is_configurable_and_checked() -> None:
+    assert loop_config(Settings(_env_file=None)).train.precision == "auto"  # type: ignore[call-arg]
+    fp32 = Settings(_env_file=None, learn_precision="fp32")  # type: ignore[call-arg]
+    assert loop_config(fp32).train.precision == "fp32"
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, learn_precision="fp16")  # type: ignore[call-arg]
+
+
+def test_a_forced_training_precision_is_used_and_an_unknown_one_refused() -> None:
+    def job(precision: str) -> TrainJob:
+        return TrainJob(model_dir="", out_dir="", work_dir="", precision=precision)
+
+    assert (trains_in_bf16(job("bf16")), trains_in_bf16(job("fp32"))) == (True, False)
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+        trains_in_bf16(job("fp16"))
 
 
 def test_the_training_worker_command_is_configurable_and_checked() -> None:
