@@ -26,7 +26,7 @@ from feedback import registry
 from feedback.dataset import DatasetPolicy, read_examples, write_jsonl
 from feedback.evaluate import GatePolicy, gate, parity
 from feedback.loop import CycleResult, run_cycle
-from feedback.train import TrainJob
+from feedback.train import TrainJob, trains_in_bf16
 from inference.base import ChatMessage, GenerationRequest, TextDelta
 from inference.embedded import EmbeddedBackend
 from storage.db import make_engine, session_factory
@@ -122,6 +122,8 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     report = result.metrics
     assert report["train"]["sft_examples"] == 18 and report["train"]["kto_examples"] == 36
     assert 1 <= report["train"]["anchor_examples"] <= 48  # KL anchors on general prompts
+    native = trains_in_bf16(TrainJob(model_dir="", out_dir="", work_dir=""))  # precision "auto"
+    assert report["train"]["precision"] == ("bf16" if native else "fp32")
     assert report["heldout_examples"] == 6
     cand, parent = report["candidate"], report["parent"]
     assert cand["heldout_loss"] < parent["heldout_loss"]
