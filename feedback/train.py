@@ -47,8 +47,8 @@ class TrainJob:
     # "auto": the SFT and KTO steps (the KL term included) under bf16 autocast where the
     # hardware computes bf16 natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or
     # AMX), fp32 elsewhere; "bf16" or "fp32" to force one. The adapter's weights, the optimizer
-    # and the evaluation stay fp32. On two AVX512-BF16 cores bf16 cut a step by a third at the
-    # same token-F1 (README, "Measured figures").
+    # and the evaluation stay fp32. On two AVX512-BF16 cores bf16 cut the benchmark's training
+    # time by a fifth, token-F1 within the seed-to-seed spread (README, "Measured figures").
     precision: str = "auto"
     lora_dropout: float = 0.0
     # NEFTune (Jain et al. 2023): uniform noise on the input embeddings while training, scaled
