@@ -42,7 +42,7 @@ from feedback.loop import LoopConfig, eligible_feedback  # noqa: E402
 from feedback.redaction import Redactor  # noqa: E402
 from feedback.scheduler import LearningScheduler, ScheduleConfig  # noqa: E402
 from feedback.serving import DrainingBackend, RegistryRouter  # noqa: E402
-from feedback.train import TrainJob  # noqa: E402
+from feedback.train import PRECISIONS, TrainJob  # noqa: E402
 from inference.base import ChatMessage, GenerationRequest, TextDelta  # noqa: E402
 from inference.embedded import EmbeddedBackend  # noqa: E402
 from inference.prompt import PromptFitter  # noqa: E402
@@ -302,7 +302,7 @@ if __name__ == "__main__":
                    help="NEFTune noise on the input embeddings while training (alpha)")
     p.add_argument("--augment", type=int, default=None,
                    help="noisy copies of each trained question (word dropout or swap)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast while training (loop default: auto, where native)")
     p.add_argument("--seed", type=int, default=None, help="training seed (loop default: 0)")
     p.add_argument("--heldout-percent", type=int, default=20,

@@ -26,6 +26,8 @@ from typing import Any
 from feedback.dataset import Example, read_examples
 from feedback.evaluate import answer_logprobs, completion_batches
 
+PRECISIONS = ("auto", "bf16", "fp32")  # TrainJob.precision
+
 
 @dataclass
 class TrainJob:
@@ -130,8 +132,9 @@ def trains_in_bf16(job: TrainJob) -> bool:
     """Whether to train under bf16 autocast (`TrainJob.precision`)."""
     import torch
 
-    if job.precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {job.precision!r}")
+    if job.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                         f"not {job.precision!r}")
     if job.precision != "auto":
         return job.precision == "bf16"
     if _cuda():

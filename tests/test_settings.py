@@ -48,7 +48,7 @@ def test_a_forced_training_precision_is_used_and_an_unknown_one_refused() -> Non
         return TrainJob(model_dir="", out_dir="", work_dir="", precision=precision)
 
     assert (trains_in_bf16(job("bf16")), trains_in_bf16(job("fp32"))) == (True, False)
-    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
         trains_in_bf16(job("fp16"))
 
 
