@@ -150,6 +150,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     from transformers import set_seed
     from trl import KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
+    precision = "bf16" if trains_in_bf16(job) else "fp32"  # an unknown one fails here, early
     set_seed(job.seed)
     work = Path(job.work_dir)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(work / "tensorboard"))
@@ -157,7 +158,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     kto = read_examples(work / "kto.jsonl")
     model, tokenizer = _model(job)
     stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0,
-                             "precision": "bf16" if trains_in_bf16(job) else "fp32"}
+                             "precision": precision}
     started = time.perf_counter()
     anchors = anchor_examples(model, tokenizer, job) if sft else []
     stats["anchor_examples"] = len(anchors)
