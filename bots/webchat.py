@@ -20,8 +20,15 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from bots.core import APOLOGY, Accepted, ConversationCore, InboundMessage, Outcome, TurnResult
-from storage.repo import UnknownAnswer
+from bots.core import (
+    APOLOGY,
+    Accepted,
+    ConversationCore,
+    InboundMessage,
+    Outcome,
+    TurnResult,
+    UnknownAnswer,
+)
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,12 @@ from slack_bolt.adapter.fastapi.async_handler import AsyncSlackRequestHandler
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 
-from bots.core import Accepted, ConversationCore, InboundMessage, Resumed
+from bots.core import Accepted, ConversationCore, InboundMessage, Resumed, UnknownAnswer
 from bots.slack import convert, render
 from bots.slack.api import SlackApi, SlackError
 from bots.slack.convert import CHANNEL, Kind
 from bots.slack.pacing import Pacing
 from bots.slack.sink import SlackSink, Target
-from storage import repo
-from storage.repo import UnknownAnswer
 
 log = logging.getLogger(__name__)
 STOP_GRACE_S = 10.0  # in-flight answers get this long to finish at shutdown
@@ -145,13 +143,11 @@ class SlackChannel:
             return
         msg = found.message
         if found.kind == Kind.THREAD:  # a follow-up, if the bot is part of this thread
-            async with self._core.sessions() as s:
-                conv = await repo.find_conversation(s, channel=CHANNEL, chat_id=msg.chat_id,
-                                                    thread_id=msg.thread_id)
-            if conv is None:
+            if not await self._core.knows_thread(msg):
                 return
             if self._agent_corrections and msg.user_id in self._core.reviewer_ids:
-                await self._agent_correction(conv, msg)
+                # a reviewer answering in the thread after the bot corrects its answer
+                await self._core.reviewer_reply(msg, source="slack_thread")
                 return
         sink = self._sink(msg.chat_id, msg.thread_id, msg.user_id, found.team_id or self.team_id)
         accepted = await self._core.accept(msg, sink)
@@ -162,19 +158,7 @@ class SlackChannel:
         async with self._answers:
             result = await self._core.answer(accepted, sink)
         if sink.error is not None and result.answer_id is not None:
-            async with self._core.sessions() as s:  # kept, not retried: Slack refused it
-                await repo.set_error_kind(s, message_id=result.answer_id,
-                                          error_kind=f"slack:{sink.error}")
-
-    async def _agent_correction(self, conversation_id: int, msg: InboundMessage) -> None:
-        """A reviewer answering in the thread after the bot: their reply corrects its answer."""
-        async with self._core.sessions() as s:
-            if await repo.record_event(s, channel=CHANNEL, event_id=msg.event_id) is None:
-                return
-            answer = await repo.latest_answer(s, conversation_id=conversation_id)
-        if answer is not None and answer.id is not None and msg.text:
-            await self._core.correct(answer_id=answer.id, voter_id=msg.user_id, text=msg.text,
-                                     source="slack_thread")
+            await self._core.delivery_failed(result.answer_id, f"slack:{sink.error}")
 
     async def _on_vote(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()

@@ -28,7 +28,6 @@ from bots.telegram.outbound import DeliveryError, RetryPolicy, Target, TelegramA
 from bots.telegram.polling import poll_forever
 from bots.telegram.sink import Pacer, TelegramSink
 from bots.telegram.webhook import webhook_router
-from storage import repo
 
 log = logging.getLogger(__name__)
 _SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -195,9 +194,7 @@ class TelegramChannel:
     async def _answer(self, accepted: Accepted, sink: ReplySink, shown: TelegramSink) -> None:
         result = await self.core.answer(accepted, sink)
         if shown.error is not None and result.answer_id is not None:
-            async with self.core.sessions() as s:  # kept, not retried: Telegram refused it
-                await repo.set_error_kind(s, message_id=result.answer_id,
-                                          error_kind=f"telegram:{shown.error}")
+            await self.core.delivery_failed(result.answer_id, f"telegram:{shown.error}")
 
     def _sink(self, where: Target, showing: int | None = None) -> TelegramSink:
         return TelegramSink(self.api, where, self._pacer,

@@ -1,7 +1,7 @@
 """👍 / 👎 buttons and corrections: stored through the core, each delivery acted on once.
 
-Votes and corrections are upserts, so they are stored first and then the delivery is
-recorded; a redelivered update stores the same value again but sends nothing twice.
+Votes and corrections are upserts stored with their delivery record in one transaction; a
+redelivered update stores the same value again but sends nothing twice.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import logging
 
 from aiogram.types import User
 
-from bots.core import ConversationCore, ReplySink
+from bots.core import ConversationCore, ReplySink, UnknownAnswer
 from bots.telegram.convert import CHANNEL, Correct, Vote, correction_prompt
 from bots.telegram.outbound import DeliveryError, Target, TelegramApi
-from storage import repo
-from storage.repo import UnknownAnswer
 
 log = logging.getLogger(__name__)
 THANKS_UP = "Thanks for the feedback!"
@@ -28,16 +26,16 @@ class Feedback:
 
     async def first_delivery(self, update_id: int) -> bool:
         """Record a delivery that starts no turn; False if it was seen before."""
-        async with self._core.sessions() as s:
-            return await repo.record_event(s, channel=CHANNEL, event_id=str(update_id)) is not None
+        return await self._core.record_delivery(CHANNEL, str(update_id))
 
     async def vote(self, vote: Vote) -> None:
         toast = THANKS_UP if vote.rating > 0 else THANKS_DOWN
         fresh = False
         try:
-            await self._core.vote(answer_id=vote.answer_id, voter_id=vote.voter_id,
-                                   rating=vote.rating, source=CHANNEL)
-            fresh = await self.first_delivery(vote.update_id)
+            stored = await self._core.vote(answer_id=vote.answer_id, voter_id=vote.voter_id,
+                                           rating=vote.rating, source=CHANNEL,
+                                           event_id=str(vote.update_id))
+            fresh = stored.first_delivery
         except UnknownAnswer:
             toast = GONE
         finally:  # the button spins until answered, whatever happened
@@ -57,11 +55,12 @@ class Feedback:
             return
         try:
             stored = await self._core.correct(answer_id=fix.answer_id, voter_id=fix.voter_id,
-                                              text=text, source=CHANNEL)
+                                              text=text, source=CHANNEL,
+                                              event_id=str(fix.update_id))
         except UnknownAnswer:
             await sink.notice(GONE)
             return
-        if await self.first_delivery(fix.update_id):
+        if stored.first_delivery:
             review = "" if stored.trusted else " A reviewer will check it before I learn from it."
             await sink.notice(f"Thanks! I saved your better answer.{review}")
 

@@ -272,3 +272,51 @@ async def test_concurrent_messages_in_one_chat_are_answered_in_order_with_histor
     assert (await first).outcome == second.outcome == Outcome.ANSWERED
     contents = [m.content for m in backend.requests[1].messages]
     assert contents[1:] == ["first question", "Echo: first question", "second question"]
+
+
+async def test_an_event_stored_in_the_old_payload_shape_still_resumes(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from storage import conversations
+
+    old = {"channel": "test", "event_id": "e-old", "chat_id": "c9", "user_id": "u9",
+           "text": "an old question", "thread_id": "", "message_id": None}  # asdict(msg), no "v"
+    async with sessions() as s:
+        conv = await conversations.current_conversation(s, channel="test", chat_id="c9")
+        turn = await conversations.begin_turn(s, channel="test", event_id="e-old",
+                                              conversation_id=conv, text="an old question",
+                                              author_id="u9", payload=old)
+    seen: list[InboundMessage] = []
+    sink = RecordingSink()
+
+    async def sink_for(m: InboundMessage, _: Resumed) -> RecordingSink:
+        seen.append(m)
+        return sink
+
+    core = make_core(sessions, tokenizer)
+    assert await core.resume("test", sink_for) == 1
+    assert seen == [InboundMessage(channel="test", event_id="e-old", chat_id="c9", user_id="u9",
+                                   text="an old question")]
+    assert sink.final == "Echo: an old question"
+    async with sessions() as s:
+        assert (await s.get(InboundEvent, turn.event_id)).status == "done"
+
+
+def test_the_stored_payload_is_versioned_and_round_trips() -> None:
+    from bots.core import payload
+
+    m = InboundMessage(channel="slack", event_id="Ev1", chat_id="C1", user_id="U1", text="hi",
+                       thread_id="1.2", message_id="1.3")
+    stored = payload.dump(m)
+    assert stored["v"] == payload.VERSION and payload.load(stored) == m
+    with pytest.raises(payload.UnreadablePayload, match="newer"):
+        payload.load({**stored, "v": payload.VERSION + 1})
+
+
+async def test_a_vote_with_its_delivery_is_acted_on_once(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer)
+    answered = await core.handle(msg("q", "e1"), RecordingSink())
+    assert answered.answer_id is not None
+    votes = [await core.vote(answer_id=answered.answer_id, voter_id="u1", rating=-1,
+                             source="test", event_id="cb-1") for _ in range(2)]
+    assert [v.first_delivery for v in votes] == [True, False]
+    assert (votes[1].rating, votes[1].trusted) == (-1, False)
+    assert not await core.record_delivery("test", "cb-1")  # the vote's delivery is recorded

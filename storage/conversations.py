@@ -1,31 +1,22 @@
-"""Repository functions: keyword-only, session first, one transaction each unless stated."""
+"""Conversations and their turns: the turn path's statements, history, answers.
+
+Keyword-only functions taking the session (or, on the turn path, a plain connection from
+`storage.sql.turn_engine`) first; one transaction each unless stated.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import (
-    AnswerStatus,
-    Conversation,
-    EventStatus,
-    Feedback,
-    InboundEvent,
-    Message,
-    ReviewStatus,
-    Role,
-    utcnow,
-)
-
-# The turn path's functions take a plain connection too: no ORM session to set up per turn
-Executor = AsyncSession | AsyncConnection
+from storage.events import INSERT_EVENT, SET_EVENT_STATUS, events
+from storage.models import AnswerStatus, Conversation, EventStatus, Message, Role, utcnow
+from storage.sql import Executor, bound_values, is_postgres, prefixed
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +48,9 @@ class AnswerMeta:
 # tables (not the ORM classes), so a call costs an execute and not a statement build plus an
 # ORM flush: that cut a turn's CPU from 9.6 to 5.8 ms on SQLite (benchmarks/core_overhead.py).
 _messages = Message.__table__  # type: ignore[attr-defined]
-_events = InboundEvent.__table__  # type: ignore[attr-defined]
 _conversations = Conversation.__table__  # type: ignore[attr-defined]
 _INSERT_MESSAGE = insert(_messages).returning(_messages.c.id)
-_INSERT_EVENT = insert(_events).returning(_events.c.id)
 _INSERT_CONVERSATION = insert(_conversations).returning(_conversations.c.id)
-_SET_EVENT_STATUS = (update(_events).where(_events.c.id == bindparam("event_row"))
-                     .values(status=bindparam("new_status")))
 _SET_MESSAGE_EXTERNAL_ID = (update(_messages).where(_messages.c.id == bindparam("message_row"))
                             .values(external_message_id=bindparam("external_id")))
 _CURRENT_CONVERSATION = (
@@ -75,14 +62,6 @@ _CURRENT_CONVERSATION = (
 )
 
 
-def _values(table: Any, prefix: str, columns: Collection[str]) -> dict[str, Any]:
-    return {c: bindparam(prefix + c, type_=table.c[c].type) for c in columns}
-
-
-def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
-    return {prefix + k: v for k, v in values.items()}
-
-
 # On PostgreSQL, writes that belong together are one statement (data-modifying CTEs), atomic
 # by itself: with an autocommit connection (`turn_engine`) a turn then takes 5 round trips
 # to the database instead of 16 (BEGIN and COMMIT included). SQLite has no such statements.
@@ -92,32 +71,18 @@ _EVENT_COLUMNS = ("channel", "external_event_id", "payload", "status", "received
                   "lease_until")
 _ANSWER_COLUMNS = ("conversation_id", "role", "text", "reply_to_id", "status",
                    "external_message_id", "created_at", *AnswerMeta.__dataclass_fields__)
-_question = (insert(_messages).values(_values(_messages, "q_", _QUESTION_COLUMNS))
+_question = (insert(_messages).values(bound_values(_messages, "q_", _QUESTION_COLUMNS))
              .returning(_messages.c.id).cte("question"))
 _BEGIN_TURN_PG = (
-    insert(_events)
+    insert(events)
     .from_select([*_EVENT_COLUMNS, "message_id"],
-                 select(*_values(_events, "e_", _EVENT_COLUMNS).values(), _question.c.id))
-    .returning(_events.c.id, _events.c.message_id)
+                 select(*bound_values(events, "e_", _EVENT_COLUMNS).values(), _question.c.id))
+    .returning(events.c.id, events.c.message_id)
 )
-_answer = (insert(_messages).values(_values(_messages, "a_", _ANSWER_COLUMNS))
+_answer = (insert(_messages).values(bound_values(_messages, "a_", _ANSWER_COLUMNS))
            .returning(_messages.c.id).cte("answer"))
-_FINISH_TURN_PG = select(_answer.c.id).add_cte(_SET_EVENT_STATUS.cte("answered"))
-_DELIVERED_PG = _SET_EVENT_STATUS.add_cte(_SET_MESSAGE_EXTERNAL_ID.cte("shown"))
-
-
-def turn_engine(engine: AsyncEngine) -> AsyncEngine:
-    """The engine for the turn path (`current_conversation`, `begin_turn`, `history`,
-    `finish_turn`, `mark_delivered`): on PostgreSQL, where each of their writes is a single
-    statement, an autocommit one, so BEGIN and COMMIT cost no round trips; else `engine`."""
-    if _postgres(engine):
-        return engine.execution_options(isolation_level="AUTOCOMMIT")
-    return engine
-
-
-def _postgres(session: Executor | AsyncEngine) -> bool:
-    bind = session.get_bind() if isinstance(session, AsyncSession) else session
-    return bind.dialect.name == "postgresql"
+_FINISH_TURN_PG = select(_answer.c.id).add_cte(SET_EVENT_STATUS.cte("answered"))
+_DELIVERED_PG = SET_EVENT_STATUS.add_cte(_SET_MESSAGE_EXTERNAL_ID.cte("shown"))
 
 
 _HISTORY = (
@@ -200,34 +165,19 @@ async def begin_turn(
                  status=EventStatus.RECEIVED, received_at=now, owner=owner,
                  lease_until=lease_until)
     try:
-        if _postgres(session):
-            row = (await session.execute(_BEGIN_TURN_PG, {**_prefixed("q_", question),
-                                                          **_prefixed("e_", event)})).one()
+        if is_postgres(session):
+            row = (await session.execute(_BEGIN_TURN_PG, {**prefixed("q_", question),
+                                                          **prefixed("e_", event)})).one()
             question_id, event_row = row.message_id, row.id
         else:
             question_id = (await session.execute(_INSERT_MESSAGE, question)).scalar_one()
-            event_row = (await session.execute(_INSERT_EVENT, dict(
+            event_row = (await session.execute(INSERT_EVENT, dict(
                 event, message_id=question_id))).scalar_one()
         await session.commit()
     except IntegrityError:  # the event is already recorded: the question fails with it
         await session.rollback()
         return None
     return TurnStart(conversation_id, int(question_id), int(event_row))
-
-
-async def record_event(
-    session: AsyncSession, *, channel: str, event_id: str, payload: dict[str, Any] | None = None
-) -> int | None:
-    """Record a delivery that starts no turn (a command, a vote); None if already seen."""
-    event = InboundEvent(channel=channel, external_event_id=event_id, payload=payload,
-                         status=EventStatus.DONE)
-    session.add(event)
-    try:
-        await session.commit()
-    except IntegrityError:
-        await session.rollback()
-        return None
-    return event.id
 
 
 async def history(session: Executor, *, conversation_id: int, before_id: int,
@@ -271,12 +221,12 @@ async def finish_turn(
                   external_message_id=external_message_id, created_at=utcnow(), **asdict(meta))
     closed = dict(event_row=turn.event_id, new_status=EventStatus.ANSWERED
                   if status == AnswerStatus.OK else EventStatus.FAILED)
-    if _postgres(session):
-        answer_id = (await session.execute(_FINISH_TURN_PG, {**_prefixed("a_", answer),
+    if is_postgres(session):
+        answer_id = (await session.execute(_FINISH_TURN_PG, {**prefixed("a_", answer),
                                                              **closed})).scalar_one()
     else:
         answer_id = (await session.execute(_INSERT_MESSAGE, answer)).scalar_one()
-        await session.execute(_SET_EVENT_STATUS, closed)
+        await session.execute(SET_EVENT_STATUS, closed)
     await session.commit()
     return int(answer_id)
 
@@ -287,60 +237,13 @@ async def mark_delivered(session: Executor, *, turn: TurnStart, answer_id: int,
     done = dict(event_row=turn.event_id, new_status=EventStatus.DONE)
     shown = dict(message_row=answer_id, external_id=external_message_id)
     if external_message_id is None:
-        await session.execute(_SET_EVENT_STATUS, done)
-    elif _postgres(session):
+        await session.execute(SET_EVENT_STATUS, done)
+    elif is_postgres(session):
         await session.execute(_DELIVERED_PG, {**shown, **done})
     else:
         await session.execute(_SET_MESSAGE_EXTERNAL_ID, shown)
-        await session.execute(_SET_EVENT_STATUS, done)
+        await session.execute(SET_EVENT_STATUS, done)
     await session.commit()
-
-
-async def pending_events(session: AsyncSession, *, channel: str) -> list[InboundEvent]:
-    """Events whose turn never finished or whose answer was never delivered, and that no live
-    process holds (no lease, or an expired one): to resume, after `claim_event`."""
-    stmt = (select(InboundEvent).where(InboundEvent.channel == channel,
-                                       InboundEvent.status.in_(_OPEN), _free())
-            .order_by(InboundEvent.id))
-    return list((await session.execute(stmt)).scalars())
-
-
-_OPEN = (EventStatus.RECEIVED, EventStatus.ANSWERED)  # a turn still to answer or to deliver
-
-
-def _free() -> Any:
-    """No process holds the event: no lease, or one that has run out."""
-    return or_(_events.c.lease_until.is_(None), _events.c.lease_until < utcnow())
-
-
-async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
-                      lease_until: datetime) -> bool:
-    """Take an open event that no live process holds (counting the attempt); False if another
-    took it first."""
-    result = await session.execute(
-        update(_events).where(_events.c.id == event_id, _events.c.status.in_(_OPEN), _free())
-        .values(owner=owner, lease_until=lease_until, attempts=_events.c.attempts + 1))
-    await session.commit()
-    return result.rowcount == 1  # type: ignore[attr-defined]
-
-
-async def note_shown(session: AsyncSession, *, event_id: int, ref: str) -> None:
-    """Remember the platform message showing this event's answer while it streams."""
-    await session.execute(update(_events).where(_events.c.id == event_id)
-                          .values(shown_ref=ref))
-    await session.commit()
-
-
-async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], owner: str,
-                       lease_until: datetime | None) -> int:
-    """Extend (or, with None, give up) `owner`'s leases on these events; returns how many."""
-    if not event_ids:
-        return 0
-    result = await session.execute(
-        update(_events).where(_events.c.id.in_(list(event_ids)), _events.c.owner == owner)
-        .values(lease_until=lease_until))
-    await session.commit()
-    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def get_message(session: AsyncSession, *, message_id: int) -> Message | None:
@@ -355,77 +258,12 @@ async def stored_answer(session: AsyncSession, *, question_id: int) -> Message |
     return (await session.execute(stmt)).scalar()
 
 
-def _upsert(session: AsyncSession) -> Any:
-    return postgresql.insert if _postgres(session) else sqlite.insert
-
-
-async def record_vote(
-    session: AsyncSession, *, answer_id: int, voter_id: str, rating: int, source: str,
-    reason: str | None = None, trusted: bool = False,
-) -> Feedback:
-    """Set this voter's live vote on an answer (a second vote replaces the first)."""
-    if rating not in (1, -1):
-        raise ValueError("rating must be +1 or -1")
-    await _require_answer(session, answer_id)
-    now = utcnow()
-    values = dict(answer_id=answer_id, voter_id=voter_id, rating=rating, reason=reason,
-                  source=source, trusted=trusted, created_at=now, updated_at=now)
-    stmt = _upsert(session)(Feedback).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["answer_id", "voter_id"],
-        set_=dict(rating=rating, reason=reason, updated_at=now),
-    )
-    await session.execute(stmt)
-    await session.commit()
-    return await _feedback(session, answer_id, voter_id)
-
-
-async def record_correction(
-    session: AsyncSession, *, answer_id: int, voter_id: str, text: str, source: str,
-    trusted: bool,
-) -> Feedback:
-    """Store a better answer; trusted (reviewer) corrections are approved, others await review."""
-    if not text.strip():
-        raise ValueError("a correction needs text")
-    await _require_answer(session, answer_id)
-    now = utcnow()
-    review = ReviewStatus.APPROVED if trusted else ReviewStatus.PENDING
-    values = dict(answer_id=answer_id, voter_id=voter_id, correction=text, source=source,
-                  trusted=trusted, review_status=review, created_at=now, updated_at=now)
-    stmt = _upsert(session)(Feedback).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["answer_id", "voter_id"],
-        set_=dict(correction=text, trusted=trusted, review_status=review, updated_at=now),
-    )
-    await session.execute(stmt)
-    await session.commit()
-    return await _feedback(session, answer_id, voter_id)
-
-
-class UnknownAnswer(LookupError):
-    """Feedback was given on a message that is not a stored answer."""
-
-
-async def _require_answer(session: AsyncSession, answer_id: int) -> None:
-    msg = await session.get(Message, answer_id)
-    if msg is None or msg.role != Role.ASSISTANT:
-        raise UnknownAnswer(f"no answer with id {answer_id}")
-
-
-async def _feedback(session: AsyncSession, answer_id: int, voter_id: str) -> Feedback:
-    stmt = select(Feedback).where(Feedback.answer_id == answer_id, Feedback.voter_id == voter_id)
-    row = (await session.execute(stmt.execution_options(populate_existing=True))).scalar_one()
-    return row
-
-
 async def find_conversation(
     session: AsyncSession, *, channel: str, chat_id: str, thread_id: str = ""
 ) -> int | None:
     """The id of the chat's current conversation, or None if it has none (nothing is created)."""
-    key = (Conversation.channel == channel, Conversation.external_chat_id == chat_id,
-           Conversation.external_thread_id == thread_id)
-    stmt = select(Conversation.id).where(*key).order_by(Conversation.epoch.desc()).limit(1)
-    return (await session.execute(stmt)).scalar()
+    key = dict(channel=channel, chat_id=chat_id, thread_id=thread_id)
+    return (await session.execute(_CURRENT_CONVERSATION, key)).scalar()
 
 
 async def latest_answer(session: AsyncSession, *, conversation_id: int) -> Message | None:

@@ -1,0 +1,81 @@
+"""Inbound events (the idempotency record of every platform delivery) and their leases."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from storage.models import EventStatus, InboundEvent, utcnow
+from storage.sql import Executor, upsert
+
+events = InboundEvent.__table__  # type: ignore[attr-defined]
+INSERT_EVENT = insert(events).returning(events.c.id)
+SET_EVENT_STATUS = (update(events).where(events.c.id == bindparam("event_row"))
+                    .values(status=bindparam("new_status")))
+OPEN = (EventStatus.RECEIVED, EventStatus.ANSWERED)  # a turn still to answer or to deliver
+
+
+async def record_event(
+    session: Executor, *, channel: str, event_id: str, payload: dict[str, Any] | None = None,
+    commit: bool = True,
+) -> int | None:
+    """Record a delivery that starts no turn (a command, a vote); None if already seen.
+
+    With `commit=False` it joins the caller's transaction (a vote and its delivery record
+    are one): a duplicate inserts nothing and does not abort the transaction."""
+    stmt = (upsert(session)(events)
+            .values(channel=channel, external_event_id=event_id, payload=payload,
+                    status=EventStatus.DONE, received_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["channel", "external_event_id"])
+            .returning(events.c.id))
+    row = (await session.execute(stmt)).scalar()
+    if commit:
+        await session.commit()
+    return None if row is None else int(row)
+
+
+async def pending_events(session: AsyncSession, *, channel: str) -> list[InboundEvent]:
+    """Events whose turn never finished or whose answer was never delivered, and that no live
+    process holds (no lease, or an expired one): to resume, after `claim_event`."""
+    stmt = (select(InboundEvent).where(InboundEvent.channel == channel,
+                                       InboundEvent.status.in_(OPEN), _free())
+            .order_by(InboundEvent.id))
+    return list((await session.execute(stmt)).scalars())
+
+
+def _free() -> Any:
+    """No process holds the event: no lease, or one that has run out."""
+    return or_(events.c.lease_until.is_(None), events.c.lease_until < utcnow())
+
+
+async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
+                      lease_until: datetime) -> bool:
+    """Take an open event that no live process holds (counting the attempt); False if another
+    took it first."""
+    result = await session.execute(
+        update(events).where(events.c.id == event_id, events.c.status.in_(OPEN), _free())
+        .values(owner=owner, lease_until=lease_until, attempts=events.c.attempts + 1))
+    await session.commit()
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def note_shown(session: AsyncSession, *, event_id: int, ref: str) -> None:
+    """Remember the platform message showing this event's answer while it streams."""
+    await session.execute(update(events).where(events.c.id == event_id).values(shown_ref=ref))
+    await session.commit()
+
+
+async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], owner: str,
+                       lease_until: datetime | None) -> int:
+    """Extend (or, with None, give up) `owner`'s leases on these events; returns how many."""
+    if not event_ids:
+        return 0
+    result = await session.execute(
+        update(events).where(events.c.id.in_(list(event_ids)), events.c.owner == owner)
+        .values(lease_until=lease_until))
+    await session.commit()
+    return int(result.rowcount)  # type: ignore[attr-defined]
