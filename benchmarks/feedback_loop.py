@@ -1,4 +1,4 @@
-"""Does the learning loop make answers measurably better? (issue #5's benchmark)
+"""Does the learning loop make answers measurably better?
 
 Simulated users ask the synthetic company's questions through the conversation
 core (real bundled model, embedded engine), a simulated reviewer corrects the
@@ -35,18 +35,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
-from feedback import registry  # noqa: E402
+from chatloop.app import adapter_source  # noqa: E402
 from feedback.dataset import DatasetPolicy  # noqa: E402
 from feedback.evaluate import answer_scores, token_f1  # noqa: E402
-from feedback.loop import LoopConfig, eligible_feedback  # noqa: E402
+from feedback.job import PRECISIONS, TrainJob  # noqa: E402
+from feedback.loop import LoopConfig  # noqa: E402
 from feedback.redaction import Redactor  # noqa: E402
 from feedback.scheduler import LearningScheduler, ScheduleConfig  # noqa: E402
-from feedback.serving import DrainingBackend, RegistryRouter  # noqa: E402
-from feedback.train import PRECISIONS, TrainJob  # noqa: E402
 from inference.base import ChatMessage, GenerationRequest, TextDelta  # noqa: E402
 from inference.embedded import EmbeddedBackend  # noqa: E402
 from inference.prompt import PromptFitter  # noqa: E402
+from inference.registry import AdapterRegistry  # noqa: E402
+from storage import adapters  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
+from storage.feedback import eligible_count  # noqa: E402
 from storage.migrate import upgrade_async  # noqa: E402
 from storage.models import Message  # noqa: E402
 
@@ -115,8 +117,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     await upgrade_async(url)
     engine = make_engine(url)
     sessions = session_factory(engine)
-    backend = DrainingBackend(EmbeddedBackend(str(MODEL)))
-    router = RegistryRouter(sessions, canary_percent=50, refresh_s=0)
+    router = AdapterRegistry(EmbeddedBackend(str(MODEL)), source=adapter_source(sessions),
+                             canary_percent=50, refresh_s=0)
+    backend = router.backend
     core = ConversationCore(
         sessions=sessions, backend=backend, system_prompt=SYSTEM, router=router,
         fitter=PromptFitter(backend.inner.tokenizer, context_tokens=2048, max_tokens=48),
@@ -151,7 +154,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     out["corrections"] = corrections
     print(f"{corrections} corrections written; waiting for the scheduler", file=sys.stderr)
     async with sessions() as s:
-        eligible = await eligible_feedback(s, since=0)
+        eligible = await eligible_count(s, since=0)
     threshold_at = time.perf_counter()  # the threshold (= all this feedback) is reached now
 
     overrides: dict[str, Any] = {k: v for k, v in (
@@ -176,7 +179,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                        kto_min_examples=args.kto_min, **overrides),
         heartbeat_s=5)
     sched = LearningScheduler(
-        engine=engine, sessions=sessions, backend=backend, loop=loop_cfg, database_url=url,
+        engine=engine, sessions=sessions, backend=backend, adapters=router, loop=loop_cfg,
+        database_url=url,
         schedule=ScheduleConfig(check_every=timedelta(seconds=2), cron=None,
                                 canary_every=timedelta(hours=1)))
     stop = asyncio.Event()
@@ -204,7 +208,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 break
         out["threshold_to_serving_s"] = time.perf_counter() - threshold_at
         async with sessions() as s:
-            await registry.promote(s, name=cycle.adapter)  # the canary earns it (see tests)
+            await adapters.promote(s, name=cycle.adapter)  # the canary earns it (see tests)
         after = await unseen_scores(backend, intents, cycle.adapter, args.max_tokens)
         out["f1_after"] = after["f1"]
     else:
@@ -240,6 +244,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 (tmp / f"runs/run-{cycle.run_id}/sft.jsonl").read_text().splitlines()]
     out["naive_tokens_per_s"] = await asyncio.to_thread(naive_tokens_per_s, sft_rows,
                                                         steps=args.naive_steps)
+    await router.aclose()  # its background refresh uses both below
     await backend.aclose()
     await engine.dispose()
     return out

@@ -16,12 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bots.core import ConversationCore, CoreLimits, Router, StaticRouter
 from bots.gateway import Channel, create_app
 from bots.webchat import WebChat
-from chatloop.settings import Settings
-from feedback.serving import DrainingBackend, RegistryRouter, sync_adapters
+from chatloop.settings import InferenceSettings, Settings
 from inference.base import InferenceBackend
 from inference.errors import InferenceError
 from inference.prompt import PromptFitter
-from storage.db import check_ready, make_engine, session_factory
+from inference.registry import AdapterRef, AdapterRegistry, Retired, ServingState, StateSource
+from storage import adapters as adapter_versions
+from storage.db import make_engine, session_factory
+from storage.migrate import check_ready
+from storage.models import AdapterStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +40,40 @@ class Services:
     sessions: async_sessionmaker[AsyncSession]
     backend: InferenceBackend
     core: ConversationCore
-    extra: dict[str, Any] = field(default_factory=dict)
+    adapters: AdapterRegistry  # what the backend serves, and the routes to it
+    channels: dict[str, Channel] = field(default_factory=dict)  # by name, once build_app ran
 
     async def aclose(self) -> None:
         await self.core.aclose()  # gives up the leases of turns cut short
-        if isinstance(self.core.router, RegistryRouter):
-            await self.core.router.aclose()  # its background refresh uses both below
+        await self.adapters.aclose()  # its background refresh uses both below
         await self.backend.aclose()
         await self.engine.dispose()
 
 
 def make_backend(settings: Settings) -> InferenceBackend:
-    if settings.inference_url:
+    s = settings.inference
+    if s.url:
         from inference.openai_backend import OpenAIBackend
 
         return OpenAIBackend(
-            base_url=settings.inference_url,
-            model_name=settings.served_model_name,
-            api_key=settings.inference_api_key.get_secret_value(),
-            connect_timeout=settings.connect_timeout_s,
-            read_timeout=settings.read_timeout_s,
-            max_retries=settings.max_retries,
-            max_lora_rank=settings.max_lora_rank,
+            base_url=s.url,
+            model_name=s.served_model_name,
+            api_key=s.api_key.get_secret_value(),
+            connect_timeout=s.connect_timeout_s,
+            read_timeout=s.read_timeout_s,
+            max_retries=s.max_retries,
+            max_lora_rank=s.max_lora_rank,
         )
     from inference.embedded import EmbeddedBackend
 
-    _require_model(settings)
-    return EmbeddedBackend(settings.model, model_name=Path(settings.model).name,
-                           max_lora_rank=settings.max_lora_rank)
+    _require_model(s)
+    return EmbeddedBackend(s.model, model_name=Path(s.model).name, max_lora_rank=s.max_lora_rank)
 
 
-def _require_model(settings: Settings) -> None:
-    if not (Path(settings.model) / "config.json").exists():
+def _require_model(inference: InferenceSettings) -> None:
+    if not (Path(inference.model) / "config.json").exists():
         raise ConfigError(
-            f"no model at {settings.model}: run `chatloop model prepare` "
+            f"no model at {inference.model}: run `chatloop model prepare` "
             "(or set CHATLOOP_MODEL to a local HF model directory)"
         )
 
@@ -81,14 +84,14 @@ def load_tokenizer(settings: Settings, backend: InferenceBackend) -> Any:
         return tok
     from transformers import AutoTokenizer
 
-    _require_model(settings)  # the tokenizer of the served model, used to fit prompts
-    return AutoTokenizer.from_pretrained(settings.model)
+    _require_model(settings.inference)  # the tokenizer of the served model, to fit prompts
+    return AutoTokenizer.from_pretrained(settings.inference.model)
 
 
 async def build_services(settings: Settings, *,
                          backend: InferenceBackend | None = None) -> Services:
     """Connect storage (must be migrated) and inference; raise with one clear line if not."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.storage.database_url)
     try:
         await check_ready(engine)
         backend = backend or make_backend(settings)
@@ -96,52 +99,81 @@ async def build_services(settings: Settings, *,
         await engine.dispose()
         raise
     sessions = session_factory(engine)
-    fitter = PromptFitter(load_tokenizer(settings, backend), context_tokens=settings.context_tokens,
-                          max_tokens=settings.max_tokens)
-    backend = DrainingBackend(backend)  # retired adapters unload only after their requests end
-    router: Router = StaticRouter(settings.adapter)
-    if settings.adapter is None:  # the learning loop's registry decides: active + canary slice
-        router = RegistryRouter(sessions, canary_percent=settings.learn_canary_percent,
-                                backend=backend,  # also re-loads adapters after restarts
-                                drain_grace=timedelta(seconds=settings.learn_drain_s))
+    limits = settings.core
+    fitter = PromptFitter(load_tokenizer(settings, backend), context_tokens=limits.context_tokens,
+                          max_tokens=limits.max_tokens)
+    adapters = adapter_registry(settings, sessions, backend)
+    backend = adapters.backend  # counts streams: retired adapters unload only after they end
+    pinned = settings.inference.adapter
+    router: Router = StaticRouter(pinned)
+    if pinned is None:  # the learning loop's registry decides: active + canary slice
+        router = adapters  # its refreshes also re-load adapters after restarts
         try:
-            await sync_adapters(sessions, backend)
-        except InferenceError as exc:  # /readyz says so; the router syncs again on refresh
+            await adapters.sync()
+        except InferenceError as exc:  # /readyz says so; the registry syncs again on refresh
             log.warning("inference not reachable at start-up (%s): adapters load later", exc)
     core = ConversationCore(
         sessions=sessions,
         backend=backend,
         fitter=fitter,
-        system_prompt=settings.system_prompt,
+        system_prompt=limits.system_prompt,
         limits=CoreLimits(
-            max_input_chars=settings.max_input_chars,
-            max_tokens=settings.max_tokens,
-            history_messages=settings.history_messages,
-            rate_limit_per_minute=settings.rate_limit_per_minute,
-            max_concurrent_generations=settings.max_concurrent_generations,
-            event_lease_s=settings.event_lease_s,
+            max_input_chars=limits.max_input_chars,
+            max_tokens=limits.max_tokens,
+            history_messages=limits.history_messages,
+            rate_limit_per_minute=limits.rate_limit_per_minute,
+            max_concurrent_generations=limits.max_concurrent_generations,
+            event_lease_s=limits.event_lease_s,
         ),
         router=router,
-        reviewer_ids=frozenset(settings.reviewer_ids),
-        owner=settings.replica_id,
+        reviewer_ids=frozenset(limits.reviewer_ids),
+        owner=limits.replica_id,
     )
-    return Services(settings, engine, sessions, backend, core)
+    return Services(settings, engine, sessions, backend, core, adapters)
+
+
+def adapter_source(sessions: async_sessionmaker[AsyncSession]) -> StateSource:
+    """What to serve, read from the adapter versions in storage (the registry's source)."""
+    async def read() -> ServingState:
+        async with sessions() as s:
+            versions = await adapter_versions.lifecycle(s)
+        serving = {v.status: AdapterRef(v.name, v.path, v.rank) for v in versions
+                   if v.status in (AdapterStatus.ACTIVE, AdapterStatus.CANARY)}
+        return ServingState(
+            active=serving.get(AdapterStatus.ACTIVE), canary=serving.get(AdapterStatus.CANARY),
+            retired=tuple(Retired(v.name, v.updated_at) for v in versions
+                          if v.status in (AdapterStatus.RETIRED, AdapterStatus.REJECTED)))
+
+    return read
+
+
+def adapter_registry(settings: Settings, sessions: async_sessionmaker[AsyncSession],
+                     backend: InferenceBackend) -> AdapterRegistry:
+    """The adapters `backend` serves, as the learning loop decided (the gateway routes with
+    it; the scheduler keeps its own backend in sync with it)."""
+    return AdapterRegistry(backend, source=adapter_source(sessions),
+                           canary_percent=settings.learn.canary_percent,
+                           drain_grace=timedelta(seconds=settings.learn.drain_s),
+                           max_rank=settings.inference.max_lora_rank)
 
 
 def build_channels(services: Services, *, webchat: bool) -> list[Channel]:
-    settings = services.settings
+    """The configured channels: the web chat if asked, Telegram and Slack if they have a token;
+    each built from its own settings."""
+    settings, core = services.settings, services.core
     channels: list[Channel] = []
     if webchat:
-        token = settings.webchat_token.get_secret_value() if settings.webchat_token else None
-        channels.append(WebChat(services.core, token=token))
-    if settings.telegram_bot_token is not None:
+        token = settings.webchat.token
+        channels.append(WebChat(core, token=token.get_secret_value() if token else None))
+    if settings.telegram.bot_token is not None:
         from bots.telegram import build_channel as build_telegram
 
-        channels.append(build_telegram(services))
-    if settings.slack_bot_token is not None:
+        channels.append(build_telegram(settings.telegram, core=core))
+    if settings.slack.bot_token is not None:
         from bots.slack import build_channel as build_slack
 
-        channels.append(build_slack(services))
+        channels.append(build_slack(settings.slack, core=core,
+                                    max_answers=2 * settings.core.max_concurrent_generations))
     return channels
 
 
@@ -159,8 +191,9 @@ def build_app(services: Services, *, webchat: bool) -> FastAPI:
             checks["inference"] = f"{exc.kind}: {exc}"
         return checks
 
-    return create_app(channels=build_channels(services, webchat=webchat), ready=ready,
-                      on_shutdown=services.aclose)
+    channels = build_channels(services, webchat=webchat)
+    services.channels = {ch.name: ch for ch in channels}
+    return create_app(channels=channels, ready=ready, on_shutdown=services.aclose)
 
 
 def loop_config(settings: Settings) -> Any:
@@ -171,30 +204,28 @@ def loop_config(settings: Settings) -> Any:
     from feedback.redaction import Redactor
     from feedback.train import TrainJob
 
-    s = settings
-    command = {"train_command": shlex.split(s.learn_train_command)} if s.learn_train_command else {}
+    learn, model = settings.learn, settings.inference.model
+    command = {"train_command": shlex.split(learn.train_command)} if learn.train_command else {}
     return LoopConfig(
-        model_dir=s.model, adapters_dir=s.adapters_dir.resolve(),
-        runs_dir=s.learn_runs_dir.resolve(), adapter_prefix=s.learn_adapter_prefix,
-        dataset=DatasetPolicy(heldout_percent=s.learn_heldout_percent,
-                              min_voters=s.learn_min_voters, per_user_cap=s.learn_per_user_cap,
-                              include_liked=s.learn_include_liked,
-                              replay_fraction=s.learn_replay_fraction,
-                              context_tokens=s.context_tokens // 2,
-                              system_prompt=s.system_prompt),
-        gate=GatePolicy(golden_margin=s.learn_golden_margin),
-        redactor=Redactor(patterns=s.learn_redact_patterns,
-                          allow=frozenset(s.learn_redact_allow)),
-        train=TrainJob(model_dir=s.model, out_dir="", work_dir="", rank=s.learn_rank,
-                       alpha=2 * s.learn_rank, epochs=s.learn_epochs,
-                       learning_rate=s.learn_learning_rate, batch_size=s.learn_batch_size,
-                       max_length=s.learn_max_length,
-                       kto_min_examples=s.learn_kto_min_examples,
-                       neftune_alpha=s.learn_neftune_alpha or None, augment=s.learn_augment,
-                       precision=s.learn_precision),
-        min_new_feedback=s.learn_min_feedback,
-        min_interval=timedelta(seconds=s.learn_min_interval_s),
-        incremental=s.learn_incremental,
+        model_dir=model, adapters_dir=learn.adapters_dir.resolve(),
+        runs_dir=learn.runs_dir.resolve(), adapter_prefix=learn.adapter_prefix,
+        dataset=DatasetPolicy(heldout_percent=learn.heldout_percent,
+                              min_voters=learn.min_voters, per_user_cap=learn.per_user_cap,
+                              include_liked=learn.include_liked,
+                              replay_fraction=learn.replay_fraction,
+                              context_tokens=settings.core.context_tokens // 2,
+                              system_prompt=settings.core.system_prompt),
+        gate=GatePolicy(golden_margin=learn.golden_margin),
+        redactor=Redactor(patterns=learn.redact_patterns, allow=frozenset(learn.redact_allow)),
+        train=TrainJob(model_dir=model, out_dir="", work_dir="", rank=learn.rank,
+                       alpha=2 * learn.rank, epochs=learn.epochs,
+                       learning_rate=learn.learning_rate, batch_size=learn.batch_size,
+                       max_length=learn.max_length, kto_min_examples=learn.kto_min_examples,
+                       neftune_alpha=learn.neftune_alpha or None, augment=learn.augment,
+                       precision=learn.precision),
+        min_new_feedback=learn.min_feedback,
+        min_interval=timedelta(seconds=learn.min_interval_s),
+        incremental=learn.incremental,
         **command,
     )
 
@@ -204,11 +235,11 @@ def schedule_config(settings: Settings) -> Any:
     from feedback.canary import CanaryPolicy
     from feedback.scheduler import ScheduleConfig
 
-    s = settings
+    learn = settings.learn
     return ScheduleConfig(
-        check_every=timedelta(seconds=s.learn_check_interval_s),
-        canary_every=timedelta(seconds=s.learn_canary_interval_s),
-        cron=s.learn_cron or None, lease_ttl=timedelta(seconds=s.learn_lease_ttl_s),
-        canary=CanaryPolicy(min_votes=s.learn_canary_min_votes,
-                            max_votes=s.learn_canary_max_votes, margin=s.learn_canary_margin),
+        check_every=timedelta(seconds=learn.check_interval_s),
+        canary_every=timedelta(seconds=learn.canary_interval_s),
+        cron=learn.cron or None, lease_ttl=timedelta(seconds=learn.lease_ttl_s),
+        canary=CanaryPolicy(min_votes=learn.canary_min_votes,
+                            max_votes=learn.canary_max_votes, margin=learn.canary_margin),
     )

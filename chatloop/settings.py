@@ -1,14 +1,31 @@
-"""The one settings object (environment variables and `.env`), read only by the composition root."""
+"""The settings (environment variables and `.env`), in sections; read only by the composition root.
+
+Each section is its own `BaseSettings` that reads its own variables: `CHATLOOP_` + the field
+name, or `CHATLOOP_TELEGRAM_` + name and so on, or the one name a field declares as its alias
+(`TELEGRAM_BOT_TOKEN`, `CHATLOOP_INFERENCE_URL`). `Settings` holds one of each:
+`settings.core.max_tokens` is `CHATLOOP_MAX_TOKENS`, `settings.telegram.bot_token` is
+`TELEGRAM_BOT_TOKEN`. `env_names()` lists every variable and what it sets.
+"""
 
 from __future__ import annotations
 
 import shlex
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.sources import ENV_FILE_SENTINEL, DotenvType
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise customer-service assistant. Answer the user's question "
@@ -16,24 +33,55 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
-class Settings(BaseSettings):
+class Section(BaseSettings):
+    """One group of settings, read from the environment and `.env` (init values first)."""
+
     model_config = SettingsConfigDict(
-        env_prefix="CHATLOOP_", env_file=".env", extra="ignore", populate_by_name=True,
+        env_prefix="CHATLOOP_", env_file=".env", extra="ignore",
         env_ignore_empty=True,  # TOKEN= (as compose writes an unset variable) means unset
     )
 
-    # storage
+    def __init__(self, **values: Any) -> None:
+        # Code passes field names; a field with an alias validates by that alias only, so that
+        # the environment sets it by exactly that name (populate_by_name would also read
+        # prefix + field name, e.g. CHATLOOP_URL).
+        aliases = _aliases(type(self))
+        super().__init__(**{aliases.get(k, k): v for k, v in values.items()})
+
+
+def _aliases(section: type[BaseSettings]) -> dict[str, str]:
+    return {name: f.validation_alias for name, f in section.model_fields.items()
+            if isinstance(f.validation_alias, str)}
+
+
+class StorageSettings(Section):
     database_url: str = "sqlite+aiosqlite:///var/chatloop.db"
 
-    # gateway
+    @field_validator("database_url")
+    @classmethod
+    def _url_has_scheme(cls, v: str) -> str:
+        if "://" not in v:
+            raise ValueError("must be a URL such as sqlite:///var/chatloop.db or postgresql://...")
+        return v
+
+
+class GatewaySettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    webchat_enabled: bool = False
-    webchat_token: SecretStr | None = None
 
-    # inference
-    inference_url: str | None = None  # an OpenAI-compatible /v1 endpoint; unset = embedded
-    inference_api_key: SecretStr = SecretStr("EMPTY")
+
+class WebChatSettings(Section):
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_WEBCHAT_")
+
+    enabled: bool = False  # under `chatloop serve` (the demo always has it)
+    token: SecretStr | None = None
+
+
+class InferenceSettings(Section):
+    # an OpenAI-compatible /v1 endpoint; unset = the embedded engine on `model`
+    url: str | None = Field(default=None, validation_alias="CHATLOOP_INFERENCE_URL")
+    api_key: SecretStr = Field(default=SecretStr("EMPTY"),
+                               validation_alias="CHATLOOP_INFERENCE_API_KEY")
     served_model_name: str = "chatloop-base"
     model: str = "var/models/SmolLM2-135M-Instruct"
     model_source: str = "bundled"
@@ -42,12 +90,15 @@ class Settings(BaseSettings):
     read_timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=2, ge=0)
     max_lora_rank: int = Field(default=16, ge=1)
-    adapter: str | None = None  # serve this adapter to every conversation (until a registry)
+    adapter: str | None = None  # serve this adapter to every conversation (not the registry's)
 
-    # conversation core
+
+class CoreSettings(Section):
+    """The conversation core: prompt, limits, reviewers, event leases."""
+
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     context_tokens: int = Field(default=2048, ge=128)
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int = Field(default=256, ge=1)  # checked against context_tokens (declared first)
     max_input_chars: int = Field(default=4000, ge=1)
     history_messages: int = Field(default=20, ge=0)
     rate_limit_per_minute: int = Field(default=20, ge=1)
@@ -58,77 +109,63 @@ class Settings(BaseSettings):
     event_lease_s: float = Field(default=30.0, gt=0)
     replica_id: str | None = None  # default: host name and process id
 
-    # learning loop (feedback -> dataset -> LoRA -> gate -> canary -> promotion / rollback)
-    adapters_dir: Path = Path("var/adapters")  # shared with vLLM in production
-    learn_runs_dir: Path = Path("var/runs")  # datasets, logs and TensorBoard events per run
-    learn_adapter_prefix: str = "fb"
-    learn_min_feedback: int = Field(default=50, ge=1)  # new eligible feedback before a run
-    learn_min_interval_s: float = Field(default=3600, ge=0)
-    learn_check_interval_s: float = Field(default=300, gt=0)
-    learn_cron: str | None = "0 3 * * 0"  # a periodic run (crontab); empty: none
-    learn_incremental: bool = True  # continue from the active adapter (else from the base)
-    learn_heldout_percent: int = Field(default=20, ge=0, le=100)
-    learn_min_voters: int = Field(default=2, ge=1)
-    learn_per_user_cap: int = Field(default=50, ge=1)
-    learn_include_liked: bool = True
-    learn_replay_fraction: float = Field(default=0.5, ge=0)
-    learn_redact_patterns: dict[str, str] = Field(default_factory=dict)  # NAME -> regex
-    learn_redact_allow: list[str] = Field(default_factory=list)  # strings / @domains to keep
+    @field_validator("max_tokens")
+    @classmethod
+    def _fits_context(cls, v: int, info: ValidationInfo) -> int:
+        ctx = info.data.get("context_tokens", 2048)
+        if v >= ctx:
+            raise ValueError(f"must be below CHATLOOP_CONTEXT_TOKENS ({ctx})")
+        return v
+
+
+class LearnSettings(Section):
+    """The learning loop: feedback -> dataset -> LoRA -> gate -> canary -> promotion / rollback."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_LEARN_")
+
+    # shared with vLLM in production
+    adapters_dir: Path = Field(default=Path("var/adapters"),
+                               validation_alias="CHATLOOP_ADAPTERS_DIR")
+    runs_dir: Path = Path("var/runs")  # datasets, logs and TensorBoard events per run
+    adapter_prefix: str = "fb"
+    min_feedback: int = Field(default=50, ge=1)  # new eligible feedback before a run
+    min_interval_s: float = Field(default=3600, ge=0)
+    check_interval_s: float = Field(default=300, gt=0)
+    cron: str | None = "0 3 * * 0"  # a periodic run (crontab); empty: none
+    incremental: bool = True  # continue from the active adapter (else from the base)
+    heldout_percent: int = Field(default=20, ge=0, le=100)
+    min_voters: int = Field(default=2, ge=1)
+    per_user_cap: int = Field(default=50, ge=1)
+    include_liked: bool = True
+    replay_fraction: float = Field(default=0.5, ge=0)
+    redact_patterns: dict[str, str] = Field(default_factory=dict)  # NAME -> regex
+    redact_allow: list[str] = Field(default_factory=list)  # strings / @domains to keep
     # the defaults are the training job's (feedback/train.py), as benchmarks/feedback_loop.py
     # measured them
-    learn_rank: int = Field(default=16, ge=1)
-    learn_epochs: float = Field(default=3.0, gt=0)
-    learn_learning_rate: float = Field(default=2e-3, gt=0)
-    learn_batch_size: int = Field(default=8, ge=1)
-    learn_max_length: int = Field(default=384, ge=32)
-    learn_kto_min_examples: int = Field(default=16, ge=1)
-    learn_neftune_alpha: float = Field(default=0.0, ge=0)  # NEFTune noise in SFT; 0: off
-    learn_augment: int = Field(default=2, ge=0)  # noisy copies of each trained question
+    rank: int = Field(default=16, ge=1)
+    epochs: float = Field(default=3.0, gt=0)
+    learning_rate: float = Field(default=2e-3, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=384, ge=32)
+    kto_min_examples: int = Field(default=16, ge=1)
+    neftune_alpha: float = Field(default=0.0, ge=0)  # NEFTune noise in SFT; 0: off
+    augment: int = Field(default=2, ge=0)  # noisy copies of each trained question
     # bf16 autocast while training where the hardware has native bf16 ("auto"), or forced
-    learn_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     # The training worker's command line (the job file is appended); empty: this Python's
     # `-m feedback.train`. On a GPU host, e.g. "accelerate launch --num_processes 1
     # -m feedback.train" (one process: the worker does not shard).
-    learn_train_command: str = ""
-    learn_golden_margin: float = Field(default=0.05, ge=0)
-    learn_canary_percent: float = Field(default=10.0, ge=0, le=100)
-    learn_canary_min_votes: int = Field(default=30, ge=1)
-    learn_canary_max_votes: int = Field(default=300, ge=1)
-    learn_canary_margin: float = Field(default=0.05, ge=0)
-    learn_canary_interval_s: float = Field(default=300, gt=0)
-    learn_lease_ttl_s: float = Field(default=60, gt=0)
-    learn_drain_s: float = Field(default=120, ge=0)  # before unloading a retired adapter
+    train_command: str = ""
+    golden_margin: float = Field(default=0.05, ge=0)
+    canary_percent: float = Field(default=10.0, ge=0, le=100)
+    canary_min_votes: int = Field(default=30, ge=1)
+    canary_max_votes: int = Field(default=300, ge=1)
+    canary_margin: float = Field(default=0.05, ge=0)
+    canary_interval_s: float = Field(default=300, gt=0)
+    lease_ttl_s: float = Field(default=60, gt=0)
+    drain_s: float = Field(default=120, ge=0)  # before unloading a retired adapter
 
-    # Telegram (on when TELEGRAM_BOT_TOKEN is set)
-    telegram_bot_token: SecretStr | None = Field(default=None, alias="TELEGRAM_BOT_TOKEN")
-    telegram_mode: str = "polling"  # or "webhook"
-    telegram_webhook_url: str | None = None
-    telegram_webhook_secret: SecretStr | None = None
-    telegram_api_base: str | None = None  # another Bot API server (self-hosted, or a test fake)
-    telegram_draft_interval_s: float = Field(default=1.0, ge=0)  # private chats: draft updates
-    telegram_edit_interval_s: float = Field(default=3.0, ge=0)  # groups: edits (~20/min/group)
-    telegram_poll_timeout_s: int = Field(default=25, ge=0, le=50)
-    telegram_drain_s: float = Field(default=20.0, ge=0)  # on shutdown: finish answers in progress
-
-    # Slack (on when SLACK_BOT_TOKEN is set)
-    slack_bot_token: SecretStr | None = Field(default=None, alias="SLACK_BOT_TOKEN")
-    slack_signing_secret: SecretStr | None = Field(default=None, alias="SLACK_SIGNING_SECRET")
-    slack_app_token: SecretStr | None = Field(default=None, alias="SLACK_APP_TOKEN")
-    slack_api_base: str | None = None  # another Web API base URL (a test fake)
-    slack_streaming: bool = True  # chat.startStream/appendStream/stopStream, else chat.update
-    slack_update_interval_s: float = Field(default=1.0, ge=0)  # between edits of one message
-    slack_updates_per_minute: int = Field(default=50, ge=1)  # progress edits per workspace
-    slack_message_chars: int = Field(default=3000, ge=100, le=3000)  # longer answers split
-    slack_agent_corrections: bool = False  # reviewers replying after the bot = corrections
-
-    @field_validator("database_url")
-    @classmethod
-    def _url_has_scheme(cls, v: str) -> str:
-        if "://" not in v:
-            raise ValueError("must be a URL such as sqlite:///var/chatloop.db or postgresql://...")
-        return v
-
-    @field_validator("learn_train_command")
+    @field_validator("train_command")
     @classmethod
     def _command_exists(cls, v: str) -> str:
         words = shlex.split(v)
@@ -136,10 +173,99 @@ class Settings(BaseSettings):
             raise ValueError(f"{words[0]!r} is not an executable on PATH")
         return v
 
-    @field_validator("max_tokens")
+
+class TelegramSettings(Section):
+    """The Telegram channel, on when TELEGRAM_BOT_TOKEN is set."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_TELEGRAM_")
+
+    bot_token: SecretStr | None = Field(default=None, validation_alias="TELEGRAM_BOT_TOKEN")
+    mode: str = "polling"  # or "webhook"
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    api_base: str | None = None  # another Bot API server (self-hosted, or a test fake)
+    draft_interval_s: float = Field(default=1.0, ge=0)  # private chats: draft updates
+    edit_interval_s: float = Field(default=3.0, ge=0)  # groups: edits (~20/min/group)
+    poll_timeout_s: int = Field(default=25, ge=0, le=50)
+    drain_s: float = Field(default=20.0, ge=0)  # on shutdown: finish answers in progress
+
+
+class SlackSettings(Section):
+    """The Slack channel, on when SLACK_BOT_TOKEN is set."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_SLACK_")
+
+    bot_token: SecretStr | None = Field(default=None, validation_alias="SLACK_BOT_TOKEN")
+    signing_secret: SecretStr | None = Field(default=None,
+                                             validation_alias="SLACK_SIGNING_SECRET")
+    app_token: SecretStr | None = Field(default=None, validation_alias="SLACK_APP_TOKEN")
+    api_base: str | None = None  # another Web API base URL (a test fake)
+    streaming: bool = True  # chat.startStream/appendStream/stopStream, else chat.update
+    update_interval_s: float = Field(default=1.0, ge=0)  # between edits of one message
+    updates_per_minute: int = Field(default=50, ge=1)  # progress edits per workspace
+    message_chars: int = Field(default=3000, ge=100, le=3000)  # longer answers split
+    agent_corrections: bool = False  # reviewers replying after the bot = corrections
+
+
+class Settings(BaseModel):
+    """Every section. `Settings()` reads the environment and `.env` (`_env_file=None`: not
+    `.env`); `Settings(core={"max_tokens": 48})` sets some fields, the rest still read."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt section fails here
+
+    storage: StorageSettings
+    gateway: GatewaySettings
+    webchat: WebChatSettings
+    inference: InferenceSettings
+    core: CoreSettings
+    learn: LearnSettings
+    telegram: TelegramSettings
+    slack: SlackSettings
+
+    def __init__(self, _env_file: DotenvType | None = ENV_FILE_SENTINEL,
+                 **sections: Any) -> None:
+        for name, field in type(self).model_fields.items():
+            given = sections.get(name, {})
+            if isinstance(given, Mapping):
+                sections[name] = field.annotation(_env_file=_env_file, **given)  # type: ignore[misc]
+        super().__init__(**sections)
+
     @classmethod
-    def _fits_context(cls, v: int, info: object) -> int:
-        ctx = getattr(info, "data", {}).get("context_tokens", 2048)
-        if v >= ctx:
-            raise ValueError(f"must be below CHATLOOP_CONTEXT_TOKENS ({ctx})")
-        return v
+    def from_env_names(cls, _env_file: DotenvType | None = ENV_FILE_SENTINEL,
+                       **values: Any) -> Settings:
+        """Settings with values given by variable name, case-insensitive, the `CHATLOOP_`
+        prefix optional: `from_env_names(max_tokens=48, slack_bot_token="xoxb-1")`."""
+        names = env_names()
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            where = names.get(key.upper()) or names.get("CHATLOOP_" + key.upper())
+            if where is None:
+                raise TypeError(f"no setting is named {key!r}")
+            sections.setdefault(where[0], {})[where[1]] = value
+        return cls(_env_file, **sections)
+
+
+def section_env_names(section: type[BaseSettings]) -> dict[str, str]:
+    """A section's field names -> the environment variables that set them."""
+    prefix = section.model_config.get("env_prefix", "")
+    aliases = _aliases(section)
+    return {name: aliases.get(name, (prefix + name).upper()) for name in section.model_fields}
+
+
+def env_names() -> dict[str, tuple[str, str]]:
+    """Every environment variable -> the (section, field) it sets."""
+    return {env: (section, name)
+            for section, field in Settings.model_fields.items()
+            for name, env in section_env_names(field.annotation).items()}  # type: ignore[arg-type]
+
+
+def describe_error(exc: ValidationError) -> str:
+    """`CHATLOOP_PORT: Input should be ...`: the first error, named by its variable."""
+    err = exc.errors()[0]
+    sections = {f.annotation.__name__: f.annotation for f in Settings.model_fields.values()}  # type: ignore[union-attr]
+    section = sections.get(exc.title)
+    name = str(err["loc"][0]) if err["loc"] else "settings"
+    if section is not None:
+        names = section_env_names(section)  # type: ignore[arg-type]
+        name = names.get(name, name)
+    return f"{name}: {err['msg']}"

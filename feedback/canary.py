@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import case, func, select
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback import registry
-from storage.models import Feedback, Message
+from storage import adapters
+from storage.feedback import Votes, votes_on
 
 
 class Decision(StrEnum):
@@ -37,12 +34,6 @@ class CanaryPolicy:
     z: float = 1.645  # one-sided 95 %
 
 
-@dataclass(frozen=True, slots=True)
-class Votes:
-    n: int
-    down: int
-
-
 def decide(canary: Votes, control: Votes, policy: CanaryPolicy) -> Decision:
     if canary.n < policy.min_votes:
         return Decision.WAIT
@@ -57,17 +48,6 @@ def decide(canary: Votes, control: Votes, policy: CanaryPolicy) -> Decision:
     return Decision.ROLLBACK if canary.n >= policy.max_votes else Decision.WAIT
 
 
-async def votes(session: AsyncSession, *, adapter: str | None, since: datetime) -> Votes:
-    """Votes on answers served by `adapter` (None: the base model) since `since`."""
-    route = Message.adapter.is_(None) if adapter is None else Message.adapter == adapter
-    down = func.coalesce(func.sum(case((Feedback.rating < 0, 1), else_=0)), 0)
-    stmt = (select(func.count(), down)
-            .select_from(Feedback).join(Message, Message.id == Feedback.answer_id)
-            .where(route, Message.created_at >= since, Feedback.rating.is_not(None)))
-    n, bad = (await session.execute(stmt)).one()
-    return Votes(int(n), int(bad))
-
-
 @dataclass(frozen=True, slots=True)
 class CanaryOutcome:
     decision: Decision
@@ -80,15 +60,15 @@ async def evaluate_canary(sessions: async_sessionmaker[AsyncSession],
                           policy: CanaryPolicy) -> CanaryOutcome:
     """Decide on the current canary and apply the decision to the registry."""
     async with sessions() as s:
-        state = await registry.serving(s)
+        state = await adapters.serving(s)
         if state.canary is None:
             return CanaryOutcome(Decision.NONE)
         since = state.canary.updated_at
-        cv = await votes(s, adapter=state.canary.name, since=since)
-        av = await votes(s, adapter=state.active.name if state.active else None, since=since)
+        cv = await votes_on(s, adapter=state.canary.name, since=since)
+        av = await votes_on(s, adapter=state.active.name if state.active else None, since=since)
         decision = decide(cv, av, policy)
         if decision == Decision.PROMOTE:
-            await registry.promote(s, name=state.canary.name)
+            await adapters.promote(s, name=state.canary.name)
         elif decision == Decision.ROLLBACK:
-            await registry.rollback(s)
+            await adapters.rollback(s)
     return CanaryOutcome(decision, state.canary.name, cv, av)

@@ -16,26 +16,23 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from feedback import registry
 from feedback.dataset import Dataset, DatasetPolicy, build_dataset, read_examples, write_jsonl
 from feedback.evaluate import GatePolicy, gate, parity
+from feedback.job import TrainJob
 from feedback.redaction import Redactor
-from feedback.train import TrainJob
 from inference.adapters import adapter_rank
 from inference.base import ChatMessage, GenerationRequest, InferenceBackend, TextDelta
 from inference.errors import InferenceError
-from storage.models import Feedback, ReviewStatus, RunStatus, TrainingRun, utcnow
+from storage import adapters, runs
+from storage.feedback import eligible_count
+from storage.models import RunStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -77,72 +74,26 @@ class TrainingFailed(RuntimeError):
     """The training process exited without writing an adapter."""
 
 
-async def eligible_feedback(session: AsyncSession, *, since: int) -> int:
-    """Votes and approved corrections newer than the watermark (the threshold's count)."""
-    stmt = select(func.count()).select_from(Feedback).where(
-        Feedback.id > since,
-        or_(Feedback.rating.is_not(None), Feedback.review_status == ReviewStatus.APPROVED))
-    return int((await session.execute(stmt)).scalar() or 0)
-
-
-async def watermarks(session: AsyncSession) -> tuple[int, int]:
-    """(watermark of the newest succeeded run, of the newest finished run of any outcome)."""
-    async def top(*statuses: str) -> int:
-        stmt = select(func.max(TrainingRun.feedback_watermark)).where(
-            TrainingRun.status.in_(statuses))
-        return int((await session.execute(stmt)).scalar() or 0)
-
-    return (await top(RunStatus.SUCCEEDED),
-            await top(RunStatus.SUCCEEDED, RunStatus.REJECTED, RunStatus.SKIPPED))
-
-
 async def should_train(sessions: async_sessionmaker[AsyncSession], cfg: LoopConfig
                        ) -> tuple[bool, str]:
     """The threshold job's test: enough new eligible feedback, spaced by the minimum interval."""
     async with sessions() as s:
-        _, seen = await watermarks(s)
-        new = await eligible_feedback(s, since=seen)
-        last = (await s.execute(select(func.max(TrainingRun.started_at)))).scalar()
-        state = await registry.serving(s)
+        new = await eligible_count(s, since=await runs.seen_watermark(s))
+        last = await runs.last_started(s)
+        state = await adapters.serving(s)
     if state.canary is not None:
         return False, f"canary {state.canary.name} is still being evaluated"
     if new < cfg.min_new_feedback:
         return False, f"{new} new eligible feedback (threshold {cfg.min_new_feedback})"
-    if last is not None:
-        last = last if last.tzinfo else last.replace(tzinfo=utcnow().tzinfo)
-        if utcnow() - last < cfg.min_interval:
-            return False, f"last run started {utcnow() - last} ago (minimum {cfg.min_interval})"
+    if last is not None and utcnow() - last < cfg.min_interval:
+        return False, f"last run started {utcnow() - last} ago (minimum {cfg.min_interval})"
     return True, f"{new} new eligible feedback"
 
 
-async def start_run(sessions: async_sessionmaker[AsyncSession], *, trigger: str,
-                    stale_after: timedelta) -> int | None:
-    """Take the run lease: a new `running` row, or None while another live run holds it."""
-    async with sessions() as s:
-        now = utcnow()
-        await s.execute(update(TrainingRun)
-                        .where(TrainingRun.status == RunStatus.RUNNING,
-                               TrainingRun.heartbeat_at < now - stale_after)
-                        .values(status=RunStatus.FAILED, finished_at=now,
-                                error="interrupted: the run stopped heartbeating"))
-        run = TrainingRun(status=RunStatus.RUNNING, trigger=trigger, heartbeat_at=now)
-        s.add(run)
-        try:
-            await s.commit()
-        except IntegrityError:
-            await s.rollback()
-            return None
-        return run.id
-
-
 async def _finish(sessions: async_sessionmaker[AsyncSession], run_id: int, status: RunStatus,
-                  *, extra: Sequence[Any] = (), **values: Any) -> None:
+                  **outcome: Any) -> None:
     async with sessions() as s:
-        for row in extra:
-            s.add(row)
-        await s.execute(update(TrainingRun).where(TrainingRun.id == run_id)
-                        .values(status=status, finished_at=utcnow(), **values))
-        await s.commit()
+        await runs.finish_run(s, run_id=run_id, status=status, **outcome)
 
 
 async def _heartbeat(sessions: async_sessionmaker[AsyncSession], run_id: int,
@@ -150,15 +101,14 @@ async def _heartbeat(sessions: async_sessionmaker[AsyncSession], run_id: int,
     while True:
         await asyncio.sleep(every)
         async with sessions() as s:
-            await s.execute(update(TrainingRun).where(TrainingRun.id == run_id)
-                            .values(heartbeat_at=utcnow()))
-            await s.commit()
+            await runs.heartbeat(s, run_id=run_id)
 
 
 async def run_cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
                     cfg: LoopConfig, *, trigger: str) -> CycleResult:
     """Run one cycle (see the module docstring); never raises for a failed run."""
-    run_id = await start_run(sessions, trigger=trigger, stale_after=cfg.stale_after)
+    async with sessions() as s:
+        run_id = await runs.start_run(s, trigger=trigger, stale_after=cfg.stale_after)
     if run_id is None:
         log.info("a training run is already active: %s trigger ignored", trigger)
         return CycleResult(None, "busy")
@@ -180,8 +130,8 @@ async def run_cycle(sessions: async_sessionmaker[AsyncSession], backend: Inferen
 async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
                  cfg: LoopConfig, run_id: int) -> CycleResult:
     async with sessions() as s:
-        state = await registry.serving(s)
-        done = await registry.runs(s, limit=1000)
+        state = await adapters.serving(s)
+        done = await runs.recent_runs(s, limit=1000)
     if state.canary is not None:
         why = f"canary {state.canary.name} is still being evaluated"
         await _finish(sessions, run_id, RunStatus.SKIPPED, error=why)
@@ -199,15 +149,14 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         await _finish(sessions, run_id, RunStatus.SKIPPED, error=why, dataset_hash=ds.hash,
                       feedback_watermark=ds.watermark, metrics={"dataset": ds.report})
         return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
-    name = registry.adapter_name(cfg.adapter_prefix, run_id)
+    name = adapters.adapter_name(cfg.adapter_prefix, run_id)
     work = cfg.runs_dir / f"run-{run_id}"
     job = _write_job(ds, template, cfg, work, name, parent.path if parent else None)
     log_path = work / "train.log"
     async with sessions() as s:
-        await s.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
-            dataset_hash=ds.hash, feedback_watermark=ds.watermark, adapter_name=name,
-            log_path=str(log_path)))
-        await s.commit()
+        await runs.record_dataset(s, run_id=run_id, dataset_hash=ds.hash,
+                                  feedback_watermark=ds.watermark, adapter_name=name,
+                                  log_path=str(log_path))
     report = await _train(cfg, job, log_path)
     report["dataset"] = ds.report
     reasons = gate(report, cfg.gate)
@@ -218,11 +167,11 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         await _finish(sessions, run_id, RunStatus.REJECTED, metrics=report,
                       error="; ".join(reasons))
         return CycleResult(run_id, RunStatus.REJECTED, name, tuple(reasons), report)
-    version = registry.new_version(
+    version = adapters.new_version(
         name=name, path=job.out_dir, rank=adapter_rank(job.out_dir),
         parent_name=parent.name if parent else None, run_id=run_id,
         feedback_watermark=ds.watermark, dataset_hash=ds.hash, metrics=report)
-    await _finish(sessions, run_id, RunStatus.SUCCEEDED, extra=[version], metrics=report)
+    await _finish(sessions, run_id, RunStatus.SUCCEEDED, register=version, metrics=report)
     log.info("run %s registered %s as the canary", run_id, name)
     return CycleResult(run_id, RunStatus.SUCCEEDED, name, (), report)
 
@@ -295,9 +244,9 @@ async def _abandon(sessions: async_sessionmaker[AsyncSession], backend: Inferenc
                    cfg: LoopConfig, run_id: int, error: str) -> None:
     """Close a failed run; an adapter it wrote but never registered is unloaded and removed."""
     await _finish(sessions, run_id, RunStatus.FAILED, error=error[:2000])
-    name = registry.adapter_name(cfg.adapter_prefix, run_id)
+    name = adapters.adapter_name(cfg.adapter_prefix, run_id)
     async with sessions() as s:
-        registered = await registry.get(s, name) is not None
+        registered = await adapters.get(s, name) is not None
     if not registered:
         if name in await backend.list_adapters():
             await _unload_quietly(backend, name)

@@ -23,17 +23,14 @@ from typing import Any, Protocol
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import delete, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from feedback.canary import CanaryPolicy, evaluate_canary
 from feedback.loop import LoopConfig, run_cycle, should_train
-from feedback.serving import sync_adapters
 from inference.base import InferenceBackend
-from storage.models import Lease, utcnow
+from inference.registry import AdapterRegistry
+from storage import locks
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +53,13 @@ class LeaseLeadership:
         self._sessions, self.holder, self._ttl = sessions, holder, ttl
 
     async def acquire(self) -> bool:
-        now = utcnow()
         async with self._sessions() as s:
-            insert = (postgresql.insert if s.get_bind().dialect.name == "postgresql"
-                      else sqlite.insert)
-            stmt = insert(Lease).values(name=LEADER_LEASE, holder=self.holder,
-                                        expires_at=now + self._ttl)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["name"],
-                set_={"holder": self.holder, "expires_at": now + self._ttl},
-                where=(Lease.holder == self.holder) | (Lease.expires_at < now))
-            await s.execute(stmt)
-            await s.commit()
-            held = await s.get(Lease, LEADER_LEASE, populate_existing=True)
-        return held is not None and held.holder == self.holder
+            return await locks.acquire_lease(s, name=LEADER_LEASE, holder=self.holder,
+                                             ttl=self._ttl)
 
     async def release(self) -> None:
         async with self._sessions() as s:
-            await s.execute(delete(Lease).where(Lease.name == LEADER_LEASE,
-                                                Lease.holder == self.holder))
-            await s.commit()
+            await locks.release_lease(s, name=LEADER_LEASE, holder=self.holder)
 
 
 class AdvisoryLeadership:
@@ -88,15 +72,12 @@ class AdvisoryLeadership:
     async def acquire(self) -> bool:
         if self._conn is not None:
             try:  # still ours while the connection lives
-                await self._conn.execute(text("SELECT 1"))
+                await locks.ping(self._conn)
                 return True
             except Exception:  # the connection died: so did the lock
                 await self.release()
         conn = await self._engine.connect()
-        got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"),
-                                  {"k": ADVISORY_KEY})).scalar()
-        await conn.commit()
-        if got:
+        if await locks.try_advisory_lock(conn, key=ADVISORY_KEY):
             self._conn = conn
             return True
         await conn.close()
@@ -106,8 +87,7 @@ class AdvisoryLeadership:
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:
-                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_KEY})
-                await conn.commit()
+                await locks.advisory_unlock(conn, key=ADVISORY_KEY)
             except Exception:
                 pass
             await conn.close()
@@ -184,9 +164,10 @@ class LearningScheduler:
     """Elects a leader and, while leading, runs the learning-loop jobs."""
 
     def __init__(self, *, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession],
-                 backend: InferenceBackend, loop: LoopConfig, schedule: ScheduleConfig,
-                 database_url: str, key: str | None = None) -> None:
+                 backend: InferenceBackend, adapters: AdapterRegistry, loop: LoopConfig,
+                 schedule: ScheduleConfig, database_url: str, key: str | None = None) -> None:
         self.sessions, self.backend = sessions, backend
+        self.adapters = adapters  # keeps this host's backend serving what the loop decided
         self.loop_cfg, self.schedule = loop, schedule
         self.key = key or "default"
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -257,7 +238,7 @@ class LearningScheduler:
     async def canary(self) -> None:
         outcome = await evaluate_canary(self.sessions, self.schedule.canary)
         self.results.append(outcome)
-        await sync_adapters(self.sessions, self.backend)
+        await self.adapters.sync()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set: renew leadership every third of the lease TTL."""

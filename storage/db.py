@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -21,7 +21,8 @@ IDLE_PING_S = 10.0
 
 
 class DatabaseNotReady(RuntimeError):
-    """The database is unreachable or not migrated; the message says what to run."""
+    """The database is unreachable or not migrated (storage.migrate.check_ready); the message
+    says what to run."""
 
 
 def normalise_url(url: str) -> str:
@@ -98,37 +99,3 @@ class IdlePing:
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
-
-
-async def check_ready(engine: AsyncEngine) -> None:
-    """Raise DatabaseNotReady unless the database answers and is at the latest revision."""
-    from storage.migrate import head_revision
-
-    where = redacted(str(engine.url))
-    try:
-        async with engine.connect() as conn:
-            current = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-    except (OperationalError, ProgrammingError) as exc:
-        if _is_missing_table(exc):
-            raise DatabaseNotReady(
-                f"database {where} is not migrated: run `chatloop db upgrade`"
-            ) from exc
-        raise DatabaseNotReady(f"database {where} is unreachable: {_first_line(exc)}") from exc
-    except OSError as exc:
-        raise DatabaseNotReady(f"database {where} is unreachable: {exc}") from exc
-    if current != head_revision():
-        raise DatabaseNotReady(
-            f"database {where} is at revision {current}, not {head_revision()}: "
-            "run `chatloop db upgrade`"
-        )
-
-
-def _is_missing_table(exc: Exception) -> bool:
-    orig = getattr(exc, "orig", None)
-    name = type(orig).__name__ if orig is not None else ""
-    return name == "UndefinedTableError" or "no such table" in str(orig)
-
-
-def _first_line(exc: Exception) -> str:
-    orig = getattr(exc, "orig", exc)
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__

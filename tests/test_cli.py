@@ -81,9 +81,9 @@ def test_empty_channel_tokens_mean_unset(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "")
     monkeypatch.setenv("SLACK_BOT_TOKEN", "")
     settings = Settings(_env_file=None)
-    assert settings.telegram_bot_token is None and settings.slack_bot_token is None
+    assert settings.telegram.bot_token is None and settings.slack.bot_token is None
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "123:abc")
-    assert Settings(_env_file=None).telegram_bot_token.get_secret_value() == "123:abc"
+    assert Settings(_env_file=None).telegram.bot_token.get_secret_value() == "123:abc"
 
 
 def test_serve_reports_health_and_readiness_of_its_inference_server(

@@ -59,6 +59,7 @@ class FeedbackDesk:
 
 def _result(stored: Stored) -> FeedbackResult:
     fb = stored.feedback
-    return FeedbackResult(answer_id=fb.answer_id, voter_id=fb.voter_id, rating=fb.rating,
+    assert fb.id is not None
+    return FeedbackResult(id=fb.id, answer_id=fb.answer_id, voter_id=fb.voter_id, rating=fb.rating,
                           correction=fb.correction, trusted=fb.trusted,
                           review_status=fb.review_status, first_delivery=stored.first_delivery)

@@ -98,6 +98,7 @@ class Accepted:
 class FeedbackResult:
     """A vote or correction as stored, and whether its platform delivery was seen before."""
 
+    id: int  # the feedback's id (what `chatloop review` approves or rejects)
     answer_id: int
     voter_id: str
     rating: int | None

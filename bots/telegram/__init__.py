@@ -1,6 +1,7 @@
 """Telegram channel (aiogram 3): long polling or webhook, streamed answers, 👍 / 👎, corrections.
 
-`build_channel(services)` is called by the composition root when TELEGRAM_BOT_TOKEN is set.
+`build_channel(settings.telegram, core=...)` is called by the composition root when
+TELEGRAM_BOT_TOKEN is set.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from bots.telegram.channel import TelegramChannel, TelegramOptions
 from bots.telegram.outbound import HoldResponseTypes
 
 if TYPE_CHECKING:
-    from chatloop.app import Services
+    from bots.core import ConversationCore
+    from chatloop.settings import TelegramSettings
 
 __all__ = ["TelegramChannel", "TelegramOptions", "build_channel", "make_bot"]
 
@@ -33,14 +35,15 @@ def make_bot(token: str, *, api_base: str | None = None, timeout_s: float = 30.0
     return Bot(token, session=session)
 
 
-def build_channel(services: Services) -> TelegramChannel:
-    s = services.settings
-    assert s.telegram_bot_token is not None
-    secret = s.telegram_webhook_secret.get_secret_value() if s.telegram_webhook_secret else None
+def build_channel(settings: TelegramSettings, *, core: ConversationCore) -> TelegramChannel:
+    """The Telegram channel on `core`, as `settings` (its section) configure it."""
+    s = settings
+    assert s.bot_token is not None
+    secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
     options = TelegramOptions(
-        mode=s.telegram_mode, webhook_url=s.telegram_webhook_url, webhook_secret=secret,
-        draft_interval_s=s.telegram_draft_interval_s, edit_interval_s=s.telegram_edit_interval_s,
-        poll_timeout_s=s.telegram_poll_timeout_s, drain_s=s.telegram_drain_s,
+        mode=s.mode, webhook_url=s.webhook_url, webhook_secret=secret,
+        draft_interval_s=s.draft_interval_s, edit_interval_s=s.edit_interval_s,
+        poll_timeout_s=s.poll_timeout_s, drain_s=s.drain_s,
     )
-    bot = make_bot(s.telegram_bot_token.get_secret_value(), api_base=s.telegram_api_base)
-    return TelegramChannel(core=services.core, bot=bot, options=options)
+    bot = make_bot(s.bot_token.get_secret_value(), api_base=s.api_base)
+    return TelegramChannel(core=core, bot=bot, options=options)

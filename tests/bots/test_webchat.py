@@ -18,7 +18,7 @@ from tests.fakes.servers import serve_app
 
 
 def settings_for(db_url: str, model_dir: Path, **kw: object) -> Settings:
-    return Settings(database_url=db_url, model=str(model_dir), max_tokens=48, **kw)  # type: ignore[arg-type]
+    return Settings.from_env_names(database_url=db_url, model=str(model_dir), max_tokens=48, **kw)
 
 
 async def ask(client: httpx.AsyncClient, text: str, **headers: str) -> list[dict]:

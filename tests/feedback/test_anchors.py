@@ -6,9 +6,9 @@ import re
 
 import pytest
 
+from feedback.anchors import general_prompts
 from feedback.dataset import Example
 from feedback.evaluate import completion_batches, golden_set
-from feedback.train import general_prompts
 
 
 def _words(text: str) -> set[str]:

@@ -11,10 +11,11 @@ from datetime import timedelta
 
 import pytest
 
-from feedback import registry
+from chatloop.app import adapter_source
 from feedback.canary import CanaryPolicy, Decision, Votes, decide, evaluate_canary
-from feedback.serving import DrainingBackend, RegistryRouter, in_canary, sync_adapters
 from inference.base import ChatMessage, Finished, GenerationRequest
+from inference.registry import AdapterRegistry, DrainingBackend, in_canary
+from storage import adapters
 from storage.models import AdapterStatus
 from tests.conftest import ROOT
 from tests.fakes.inference import ScriptedBackend
@@ -25,7 +26,7 @@ POLICY = CanaryPolicy(min_votes=20, max_votes=500, margin=0.05)
 
 async def add(sessions, name: str, status: AdapterStatus, parent: str | None = None) -> None:  # type: ignore[no-untyped-def]
     async with sessions() as s:
-        s.add(registry.new_version(name=name, path=f"/adapters/{name}", rank=8,
+        s.add(adapters.new_version(name=name, path=f"/adapters/{name}", rank=8,
                                    parent_name=parent, run_id=None, feedback_watermark=0,
                                    dataset_hash="h", metrics={}, status=status))
         await s.commit()
@@ -33,7 +34,12 @@ async def add(sessions, name: str, status: AdapterStatus, parent: str | None = N
 
 async def statuses(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
     async with sessions() as s:
-        return {v.name: v.status for v in await registry.all_versions(s)}
+        return {v.name: v.status for v in await adapters.all_versions(s)}
+
+
+def registry(sessions, backend=None, **kw) -> AdapterRegistry:  # type: ignore[no-untyped-def]
+    """The serving-side registry over `backend`, reading the adapter versions in storage."""
+    return AdapterRegistry(backend or ScriptedBackend(), source=adapter_source(sessions), **kw)
 
 
 @pytest.mark.parametrize(("canary", "control", "expected"), [
@@ -50,7 +56,7 @@ def test_decision_is_a_statistical_test(canary: Votes, control: Votes, expected:
 async def test_canary_slice_is_sticky_and_sized(sessions) -> None:  # type: ignore[no-untyped-def]
     await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
     await add(sessions, "fb-v2", AdapterStatus.CANARY)
-    router = RegistryRouter(sessions, canary_percent=20, refresh_s=60)
+    router = registry(sessions, canary_percent=20, refresh_s=60)
     routes = [await router.route(c) for c in range(2000)]
     assert set(routes) == {"fb-v1", "fb-v2"}
     assert 0.16 < routes.count("fb-v2") / len(routes) < 0.24
@@ -74,7 +80,7 @@ async def test_a_refresh_never_holds_up_routing(sessions) -> None:  # type: igno
     await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
     backend = GatedBackend()
     backend.gate.set()
-    router = RegistryRouter(sessions, canary_percent=100, refresh_s=0, backend=backend)
+    router = registry(sessions, backend, canary_percent=100, refresh_s=0)
     assert await router.route(1) == "fb-v1"  # the first request waits for the registry
     assert backend.adapters == {"fb-v1"}
     backend.gate.clear()  # the backend now hangs on every list_adapters
@@ -94,7 +100,7 @@ async def _simulate(sessions, tokenizer, *, canary_down: float, active_down: flo
                     conversations: int = 120) -> None:
     backend = ScriptedBackend(adapters={"fb-v1", "fb-v2"})
     core = make_core(sessions, tokenizer, backend,
-                     router=RegistryRouter(sessions, canary_percent=50, refresh_s=0))
+                     router=registry(sessions, backend, canary_percent=50, refresh_s=0))
     users = Asker(core)
     counts = {"fb-v1": 0, "fb-v2": 0}
     for i in range(conversations):
@@ -115,7 +121,7 @@ async def test_canary_with_a_good_rate_is_promoted(sessions, tokenizer) -> None:
     outcome = await evaluate_canary(sessions, POLICY)
     assert outcome.decision == Decision.PROMOTE and outcome.canary_votes.n > 40
     assert await statuses(sessions) == {"fb-v1": "retired", "fb-v2": "active"}
-    router = RegistryRouter(sessions, canary_percent=50)
+    router = registry(sessions, canary_percent=50)
     assert {await router.route(c) for c in range(50)} == {"fb-v2"}
 
 
@@ -125,7 +131,7 @@ async def test_canary_with_a_worse_rate_is_rolled_back(sessions, tokenizer) -> N
     await _simulate(sessions, tokenizer, canary_down=0.6, active_down=0.1)
     assert (await evaluate_canary(sessions, POLICY)).decision == Decision.ROLLBACK
     assert await statuses(sessions) == {"fb-v1": "active", "fb-v2": "rejected"}
-    router = RegistryRouter(sessions, canary_percent=50)
+    router = registry(sessions, canary_percent=50)
     assert {await router.route(c) for c in range(50)} == {"fb-v1"}
 
 
@@ -133,38 +139,38 @@ async def test_rollback_restores_the_parent_and_promote_retires_the_active(sessi
     await add(sessions, "fb-v1", AdapterStatus.RETIRED)
     await add(sessions, "fb-v2", AdapterStatus.ACTIVE, parent="fb-v1")
     async with sessions() as s:
-        assert await registry.rollback(s) == ("fb-v2", "fb-v1")
-        await registry.promote(s, name="fb-v2")
-        with pytest.raises(registry.RegistryError):
-            await registry.promote(s, name="fb-v404")
+        assert await adapters.rollback(s) == ("fb-v2", "fb-v1")
+        await adapters.promote(s, name="fb-v2")
+        with pytest.raises(adapters.RegistryError):
+            await adapters.promote(s, name="fb-v404")
     assert await statuses(sessions) == {"fb-v1": "retired", "fb-v2": "active"}
 
 
 async def test_sync_reloads_after_a_restart_and_unloads_only_drained_adapters(sessions) -> None:  # type: ignore[no-untyped-def]
     await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
     await add(sessions, "fb-v2", AdapterStatus.CANARY)
-    restarted = DrainingBackend(ScriptedBackend(delay=0.05))  # nothing loaded
-    report = await sync_adapters(sessions, restarted)
+    restarted = registry(sessions, ScriptedBackend(delay=0.05),  # nothing loaded
+                         drain_grace=timedelta(0))
+    report = await restarted.sync()
     assert sorted(report.loaded) == ["fb-v1", "fb-v2"]
     request = GenerationRequest([ChatMessage("user", "a long question " * 4)], max_tokens=8,
                                 adapter="fb-v1")
-    stream = restarted.stream(request)
+    stream = restarted.backend.stream(request)
     await anext(stream)  # a request on fb-v1 is in flight
     async with sessions() as s:
-        await registry.promote(s, name="fb-v2")  # fb-v1 is retired
-    no_grace = timedelta(0)
-    assert (await sync_adapters(sessions, restarted, drain_grace=no_grace)).waiting == ["fb-v1"]
-    assert "fb-v1" in await restarted.list_adapters()
+        await adapters.promote(s, name="fb-v2")  # fb-v1 is retired
+    assert (await restarted.sync()).waiting == ["fb-v1"]
+    assert "fb-v1" in await restarted.backend.list_adapters()
     async for _ in stream:
         pass
-    report = await sync_adapters(sessions, restarted, drain_grace=no_grace)
-    assert report.unloaded == ["fb-v1"] and await restarted.list_adapters() == ["fb-v2"]
+    report = await restarted.sync()
+    assert report.unloaded == ["fb-v1"] and await restarted.backend.list_adapters() == ["fb-v2"]
 
 
 async def test_a_slow_drain_waits_for_the_grace_period(sessions) -> None:  # type: ignore[no-untyped-def]
     await add(sessions, "fb-v1", AdapterStatus.RETIRED)
     backend = ScriptedBackend(adapters={"fb-v1"})
-    report = await sync_adapters(sessions, backend, drain_grace=timedelta(minutes=5))
+    report = await registry(sessions, backend, drain_grace=timedelta(minutes=5)).sync()
     assert report.waiting == ["fb-v1"] and backend.adapters == {"fb-v1"}
 
 

@@ -1,4 +1,7 @@
-"""Dataset building from feedback written through the conversation core (SQLite and PostgreSQL)."""
+"""Dataset building from feedback written through the conversation core (SQLite and PostgreSQL).
+
+The policy alone, on rows built in the test, is in test_policy.py.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +16,7 @@ from datetime import timedelta
 from sqlalchemy import update
 
 from feedback import review
-from feedback.dataset import (
-    DatasetPolicy,
-    Example,
-    build_dataset,
-    heldout_conversation,
-    replay_sample,
-    split_conversations,
-)
+from feedback.dataset import DatasetPolicy, build_dataset, heldout_conversation
 from feedback.redaction import Redactor
 from storage.models import Message, utcnow
 from tests.conftest import ROOT
@@ -42,16 +38,16 @@ async def test_trusted_correction_is_sft_data_and_untrusted_waits_for_review(
     a1 = await users.ask("How long do I have to return something?")
     a2 = await users.ask("Do you price match?")
     await core.correct(answer_id=a1, voter_id=REVIEWER, text="45 days.", source="test")
-    untrusted = await core.correct(answer_id=a2, voter_id="u9", text="Yes, within 14 days.",
-                                   source="test")
+    await core.correct(answer_id=a2, voter_id="u9", text="Yes, within 14 days.", source="test")
     ds = await build(sessions)
     assert [(e.prompt, e.completion, e.rejected) for e in ds.sft] == [(
         [{"role": "system", "content": "Be brief."},
          {"role": "user", "content": "How long do I have to return something?"}],
         "45 days.", "I don't know.")]
     async with sessions() as s:
-        assert [p.correction for p in await review.pending(s)] == ["Yes, within 14 days."]
-        await review.decide(s, feedback_id=untrusted.id, approve=True)
+        [untrusted] = await review.pending(s)
+        assert untrusted.correction == "Yes, within 14 days."
+        await review.decide(s, feedback_id=untrusted.feedback_id, approve=True)
         assert await review.pending(s) == []
     assert sorted(e.completion for e in (await build(sessions)).sft) == [
         "45 days.", "Yes, within 14 days."]
@@ -101,26 +97,6 @@ async def test_a_shared_answer_is_split_per_answer_and_the_split_is_recorded(
         e.conversation_id for e in first.sft)
     again = await build(sessions, replace(policy, heldout_percent=60))
     assert again.rows() == first.rows()
-
-
-def test_split_per_answer_holds_out_some_never_all() -> None:
-    policy = replace(POLICY, heldout_percent=20)
-    pair = split_conversations([(1, "Same answer."), (2, "same answer")], [1, 2], {}, policy)
-    assert sorted(pair.values()) == [False, True]  # "at least one": one of two
-    assert sum(split_conversations([(c, "A.") for c in range(10)], range(10), {},
-                                   policy).values()) == 2
-    everything = replace(policy, heldout_percent=100)
-    assert sorted(split_conversations([(c, "A.") for c in range(4)], range(4), {},
-                                      everything).values()) == [False, True, True, True]
-    assert not any(split_conversations([(c, "A.") for c in range(4)], range(4), {},
-                                       replace(policy, heldout_percent=0)).values())
-    # recorded decisions count: two already held out of five, none more
-    decided = {0: True, 1: True}
-    split = split_conversations([(c, "A.") for c in range(5)], range(5), decided, policy)
-    assert split == {0: True, 1: True, 2: False, 3: False, 4: False}
-    # a conversation's first correction decides its answer; one of its own goes by hash
-    alone = split_conversations([(7, "Unique."), (7, "A.")], [7, 8], {}, policy)
-    assert alone == {7: heldout_conversation(7, policy), 8: heldout_conversation(8, policy)}
 
 
 async def test_thumbs_need_distinct_voters_or_a_trusted_one(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -211,19 +187,6 @@ async def test_watermark_limits_the_dataset_to_new_feedback(sessions, tokenizer)
     await core.correct(answer_id=second, voter_id=REVIEWER, text="Two.", source="test")
     newer = await build(sessions, since=ds.watermark)
     assert [e.completion for e in newer.sft] == ["Two."] and newer.watermark > ds.watermark
-
-
-def _ex(i: int) -> Example:
-    return Example(i, i, [{"role": "user", "content": f"q{i}"}], f"a{i}", "correction")
-
-
-def test_replay_sample_is_deterministic_and_excludes_new_examples() -> None:
-    pool = [_ex(i) for i in range(20)]
-    new = [_ex(0), _ex(1), _ex(2), _ex(3)]
-    a = replay_sample(pool, new, 0.5, seed=7)
-    assert a == replay_sample(pool, new, 0.5, seed=7) and len(a) == 2
-    assert all(e.source == "replay" and e.answer_id >= 4 for e in a)
-    assert replay_sample(pool, new, 0.5, seed=8) != a
 
 
 async def test_export_writes_redacted_jsonl(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]

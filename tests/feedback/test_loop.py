@@ -11,9 +11,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from feedback import registry
-from feedback.loop import run_cycle, should_train, start_run
-from storage.models import AdapterVersion, RunStatus, TrainingRun, utcnow
+from feedback.loop import run_cycle, should_train
+from storage import adapters
+from storage.models import AdapterVersion, TrainingRun
 from tests.fakes.inference import ScriptedBackend
 from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, make_core
 
@@ -34,7 +34,7 @@ async def runs(sessions) -> list[TrainingRun]:  # type: ignore[no-untyped-def]
 
 async def versions(sessions) -> list[AdapterVersion]:  # type: ignore[no-untyped-def]
     async with sessions() as s:
-        return await registry.all_versions(s)
+        return await adapters.all_versions(s)
 
 
 async def test_a_passing_candidate_is_registered_as_the_canary_and_served(
@@ -132,18 +132,6 @@ async def test_a_killed_training_process_leaves_nothing_and_the_next_run_succeed
     assert [r.status for r in await runs(sessions)] == ["failed", "succeeded"]
 
 
-async def test_a_run_whose_process_died_is_taken_over_after_its_heartbeat_stops(
-        sessions) -> None:  # type: ignore[no-untyped-def]
-    async with sessions() as s:
-        s.add(TrainingRun(status=RunStatus.RUNNING, heartbeat_at=utcnow() - timedelta(hours=1)))
-        await s.commit()
-    assert await start_run(sessions, trigger="manual", stale_after=timedelta(days=1)) is None
-    run_id = await start_run(sessions, trigger="manual", stale_after=timedelta(minutes=5))
-    assert run_id is not None
-    assert [(r.status, r.error is not None) for r in await runs(sessions)] == [
-        ("failed", True), ("running", False)]
-
-
 async def test_threshold_interval_and_canary_gate_new_runs(
         sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
     cfg = loop_config(tmp_path, model_dir, fake="pass 0", min_new_feedback=3,
@@ -157,7 +145,7 @@ async def test_threshold_interval_and_canary_gate_new_runs(
     ok, why = await should_train(sessions, cfg)
     assert not ok and "canary fb-v1" in why
     async with sessions() as s:
-        await registry.promote(s, name="fb-v1")
+        await adapters.promote(s, name="fb-v1")
     ok, why = await should_train(sessions, cfg)
     assert not ok and "minimum" in why
     cfg.min_interval = timedelta(0)
@@ -173,7 +161,7 @@ async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_
     assert (await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")).status == (
         "succeeded")
     async with sessions() as s:
-        await registry.promote(s, name="fb-v1")
+        await adapters.promote(s, name="fb-v1")
     core = make_core(sessions, tokenizer)
     answer = await Asker(core).ask("Do you sell gift cards?")
     await core.correct(answer_id=answer, voter_id=REVIEWER, text="Yes, 10 to 500 pounds.",
@@ -190,4 +178,4 @@ async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_
     assert [r["completion"] for r in new] == ["Yes, 10 to 500 pounds."]  # only the new feedback
     assert len(replay) == 1 and len(first_run) == 3  # half of one new example, rounded up
     async with sessions() as s:
-        assert (await registry.get(s, "fb-v2")).parent_name == "fb-v1"
+        assert (await adapters.get(s, "fb-v2")).parent_name == "fb-v1"

@@ -10,6 +10,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import OperationalError
 
+from chatloop.app import adapter_source
 from feedback.scheduler import (
     LearningScheduler,
     LeaseLeadership,
@@ -17,6 +18,7 @@ from feedback.scheduler import (
     ScheduleConfig,
     sync_url,
 )
+from inference.registry import AdapterRegistry
 from storage.db import make_engine, session_factory
 from storage.models import TrainingRun
 from tests.fakes.inference import ScriptedBackend
@@ -68,8 +70,9 @@ async def test_the_scheduler_keeps_waking_after_a_job_store_error() -> None:
 
 def scheduler(db_url: str, tmp_path, model_dir, fake: str) -> LearningScheduler:  # type: ignore[no-untyped-def]
     engine = make_engine(db_url)  # its own engine and pool: a separate process in miniature
-    return LearningScheduler(engine=engine, sessions=session_factory(engine),
-                             backend=ScriptedBackend(),
+    sessions, backend = session_factory(engine), ScriptedBackend()
+    return LearningScheduler(engine=engine, sessions=sessions, backend=backend,
+                             adapters=AdapterRegistry(backend, source=adapter_source(sessions)),
                              loop=loop_config(tmp_path, model_dir, fake=fake), schedule=FAST,
                              database_url=db_url, key=f"s{id(engine)}")
 

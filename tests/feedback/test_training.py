@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 
-from feedback import registry
 from feedback.dataset import DatasetPolicy, read_examples, write_jsonl
 from feedback.evaluate import GatePolicy, gate, parity
 from feedback.loop import CycleResult, run_cycle
 from feedback.train import TrainJob, trains_in_bf16
 from inference.base import ChatMessage, GenerationRequest, TextDelta
 from inference.embedded import EmbeddedBackend
+from storage import adapters
 from storage.db import make_engine, session_factory
 from storage.migrate import upgrade_async
 from tests.fakes.lora import make_lora_adapter
@@ -93,7 +93,7 @@ async def trained(model_dir: Path, tokenizer, tmp_path_factory) -> AsyncIterator
     os.kill(next(iter(trainer)), signal.SIGKILL)
     killed = await cycle
     async with sessions() as s:
-        after_kill = await registry.all_versions(s)
+        after_kill = await adapters.all_versions(s)
     adapters_after_kill = sorted(p.name for p in (tmp / "adapters").iterdir())
     result = await run_cycle(sessions, backend, cfg, trigger="manual")
     yield Trained(killed, after_kill, adapters_after_kill, result, backend, sessions,
@@ -130,7 +130,7 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     assert cand["heldout_accuracy"] > parent["heldout_accuracy"]  # the right answers, unseen
     assert cand["heldout_f1"] > parent["heldout_f1"]
     async with trained.sessions() as s:
-        state = await registry.serving(s)
+        state = await adapters.serving(s)
     assert state.canary is not None and state.canary.name == "fb-v2" and state.active is None
     assert list((trained.runs_dir / "run-2/tensorboard").iterdir())  # TensorBoard events
 

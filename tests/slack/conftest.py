@@ -66,7 +66,7 @@ class Gateway:
 
     async def idle(self) -> None:
         """Wait until the channel has no answer, notice or edit in progress."""
-        await self.services.extra["slack"].idle()
+        await self.services.channels["slack"].idle()  # type: ignore[attr-defined]
 
     async def answered(self, channel: str, thread_ts: str, count: int = 1,
                        within: float = 10.0) -> list[Any]:

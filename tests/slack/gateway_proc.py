@@ -75,7 +75,7 @@ def slack_settings(db_url: str, api_base: str, **kw: Any) -> Settings:
         rate_limit_per_minute=1000, max_tokens=64,
         event_lease_s=1.0)  # a killed gateway's events are taken over after a second
     values.update(kw)
-    return Settings(**values)
+    return Settings.from_env_names(**values)
 
 
 async def main() -> None:

@@ -25,7 +25,7 @@ async def main() -> None:
     backend = ScriptedBackend(answer=answer, chunk=8, delay=float(os.environ["SCRIPTED_DELAY"]))
     services = await build_services(settings, backend=backend)
     config = uvicorn.Config(build_app(services, webchat=False), host="127.0.0.1",
-                            port=settings.port, log_level="warning")
+                            port=settings.gateway.port, log_level="warning")
     await uvicorn.Server(config).serve()
 
 

@@ -13,11 +13,12 @@ from tests.telegram.conftest import delivered_answer, eventually
 
 @pytest.mark.slow
 async def test_real_model_answer_streams_and_arrives_exactly(fake, db_url, model_dir) -> None:  # type: ignore[no-untyped-def]
-    settings = Settings(database_url=db_url, model=str(model_dir), max_tokens=32,
-                        telegram_bot_token=TOKEN, telegram_api_base=fake.base_url,
-                        telegram_draft_interval_s=0.05, telegram_poll_timeout_s=1)
+    settings = Settings(storage={"database_url": db_url},
+                        inference={"model": str(model_dir)}, core={"max_tokens": 32},
+                        telegram={"bot_token": TOKEN, "api_base": fake.base_url,
+                                  "draft_interval_s": 0.05, "poll_timeout_s": 1})
     services = await build_services(settings)
-    channel = build_channel(services)
+    channel = build_channel(settings.telegram, core=services.core)
     await channel.start()
     try:
         chat = fake.private()

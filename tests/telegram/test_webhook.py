@@ -32,10 +32,11 @@ async def gateway(fake: FakeTelegram, db_url: str, model_dir: Path
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = Settings(
-        database_url=db_url, model=str(model_dir), telegram_bot_token=TOKEN,
-        telegram_mode="webhook", telegram_webhook_url=f"{url}/telegram/webhook",
-        telegram_webhook_secret=SECRET, telegram_api_base=fake.base_url,  # type: ignore[attr-defined]
-        telegram_draft_interval_s=0.05, telegram_edit_interval_s=0.05,
+        storage={"database_url": db_url}, inference={"model": str(model_dir)},
+        telegram={"bot_token": TOKEN, "mode": "webhook",
+                  "webhook_url": f"{url}/telegram/webhook", "webhook_secret": SECRET,
+                  "api_base": fake.base_url,  # type: ignore[attr-defined]
+                  "draft_interval_s": 0.05, "edit_interval_s": 0.05},
     )
     backend = ScriptedBackend()
     services = await build_services(settings, backend=backend)

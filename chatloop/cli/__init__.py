@@ -1,19 +1,22 @@
-"""The `chatloop` command line: errors become one clear line and a non-zero exit here."""
+"""The `chatloop` command line: errors become one clear line and a non-zero exit here.
+
+This module has the app and the service's commands (db, model, serve, demo); the learning
+loop's are in chatloop/cli/learn.py, what they share in chatloop/cli/common.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
+from chatloop.cli.common import die, load_settings, setup_logging
+from chatloop.cli.learn import register as register_learning_loop
 from chatloop.settings import Settings
-from feedback.cli import register as register_learning_loop
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="chatloop: chat + feedback loop")
 db_app = typer.Typer(no_args_is_help=True, help="Database schema.")
@@ -25,38 +28,19 @@ register_learning_loop(app)  # adapters, feedback export, runs, train, review, s
 log = logging.getLogger("chatloop")
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        name = "CHATLOOP_" + str(err["loc"][0]).upper() if err["loc"] else "settings"
-        _die(f"bad configuration: {name}: {err['msg']}")
-
-
-def _die(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"chatloop: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 @db_app.command("upgrade")
 def db_upgrade(revision: str = "head") -> None:
     """Create or migrate the database schema (CHATLOOP_DATABASE_URL)."""
     from storage.db import redacted
     from storage.migrate import upgrade
 
-    settings = _settings()
+    settings = load_settings()
     try:
-        upgrade(settings.database_url, revision)
+        upgrade(settings.storage.database_url, revision)
     except Exception as exc:  # the CLI edge: one line for the operator
-        _die(f"cannot migrate {redacted(settings.database_url)}: {type(exc).__name__}: {exc}")
-    typer.echo(f"database {redacted(settings.database_url)} is at revision {revision}")
+        url = redacted(settings.storage.database_url)
+        die(f"cannot migrate {url}: {type(exc).__name__}: {exc}")
+    typer.echo(f"database {redacted(settings.storage.database_url)} is at revision {revision}")
 
 
 @model_app.command("prepare")
@@ -68,24 +52,24 @@ def model_prepare(
     """Write the safetensors model directory that the embedded engine and vLLM load."""
     from inference.prepare import PrepareError, prepare_model
 
-    _logging()
-    settings = _settings()
+    setup_logging()
+    inference = load_settings().inference
     started = time.perf_counter()
     try:
-        out = prepare_model(source or settings.model_source, target or Path(settings.model),
-                            cache_dir=settings.model_cache)
+        out = prepare_model(source or inference.model_source, target or Path(inference.model),
+                            cache_dir=inference.model_cache)
     except PrepareError as exc:
-        _die(str(exc))
+        die(str(exc))
     typer.echo(f"model ready at {out} ({time.perf_counter() - started:.1f}s)")
 
 
 @app.command()
 def serve() -> None:
     """Run the gateway (CHATLOOP_HOST:CHATLOOP_PORT): channels, /healthz, /readyz."""
-    settings = _settings()
-    if settings.webchat_enabled and settings.webchat_token is None:
-        _die("CHATLOOP_WEBCHAT_ENABLED=true requires CHATLOOP_WEBCHAT_TOKEN under `serve`")
-    _run(settings, webchat=settings.webchat_enabled)
+    settings = load_settings()
+    if settings.webchat.enabled and settings.webchat.token is None:
+        die("CHATLOOP_WEBCHAT_ENABLED=true requires CHATLOOP_WEBCHAT_TOKEN under `serve`")
+    _run(settings, webchat=settings.webchat.enabled)
 
 
 @app.command()
@@ -94,20 +78,23 @@ def demo() -> None:
     from inference.prepare import prepare_model
     from storage.migrate import upgrade
 
-    _logging()
-    settings = _settings()
-    if not settings.database_url.startswith("sqlite"):
+    setup_logging()
+    settings = load_settings()
+    if not settings.storage.database_url.startswith("sqlite"):
         typer.echo("note: demo uses CHATLOOP_DATABASE_URL as set", err=True)
-    upgrade(settings.database_url)
-    if not settings.inference_url:
-        prepare_model(settings.model_source, Path(settings.model), cache_dir=settings.model_cache)
-    settings.webchat_token = None
-    demo_sized = {"learn_min_feedback": 5, "learn_min_interval_s": 60,
-                  "learn_check_interval_s": 30, "learn_canary_min_votes": 5}
+    upgrade(settings.storage.database_url)
+    inference = settings.inference
+    if not inference.url:
+        prepare_model(inference.model_source, Path(inference.model),
+                      cache_dir=inference.model_cache)
+    settings.webchat.token = None
+    demo_sized = {"min_feedback": 5, "min_interval_s": 60, "check_interval_s": 30,
+                  "canary_min_votes": 5}
     for name, value in demo_sized.items():  # unless set in the environment
-        if name not in settings.model_fields_set:
-            setattr(settings, name, value)
-    typer.echo(f"chatloop demo: open http://{settings.host}:{settings.port}/chat")
+        if name not in settings.learn.model_fields_set:
+            setattr(settings.learn, name, value)
+    gateway = settings.gateway
+    typer.echo(f"chatloop demo: open http://{gateway.host}:{gateway.port}/chat")
     _run(settings, webchat=True, learning=True)
 
 
@@ -117,15 +104,16 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
     from chatloop.app import ConfigError, build_app, build_services
     from storage.db import DatabaseNotReady
 
-    _logging()
+    setup_logging()
 
     async def main() -> None:
         try:
             services = await build_services(settings)
         except (DatabaseNotReady, ConfigError) as exc:
-            _die(str(exc))
+            die(str(exc))
         app = build_app(services, webchat=webchat)
-        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+        gateway = settings.gateway
+        server = uvicorn.Server(uvicorn.Config(app, host=gateway.host, port=gateway.port,
                                                log_level="info"))
         stop = asyncio.Event()
         loop_task = None
@@ -134,9 +122,10 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
             from feedback.scheduler import LearningScheduler
 
             sched = LearningScheduler(engine=services.engine, sessions=services.sessions,
-                                      backend=services.backend, loop=loop_config(settings),
+                                      backend=services.backend, adapters=services.adapters,
+                                      loop=loop_config(settings),
                                       schedule=schedule_config(settings),
-                                      database_url=settings.database_url)
+                                      database_url=settings.storage.database_url)
             loop_task = asyncio.create_task(sched.run(stop))
         try:
             await server.serve()
@@ -148,7 +137,7 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
                 await loop_task
         if not server.started:
             reason = getattr(app.state, "startup_error", None)
-            _die(reason or f"the gateway did not start on {settings.host}:{settings.port}")
+            die(reason or f"the gateway did not start on {gateway.host}:{gateway.port}")
 
     asyncio.run(main())
 

@@ -1,30 +1,44 @@
-"""The adapter registry: versioned names, status, lineage; promotion and rollback.
+"""Adapter versions: versioned names, status, lineage; promotion and rollback.
 
 Statuses move candidate -> canary -> active -> retired, or canary -> rejected.
 At most one adapter is active and at most one is canary. A name is never
 reused (it is derived from the training run id), so a backend never re-loads
-new weights under an old name.
+new weights under an old name. The learning loop writes new versions here; the
+serving side (`inference.registry.AdapterRegistry`) reads what to serve through
+a source the composition root builds from `lifecycle`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlmodel.ext.asyncio.session import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import AdapterStatus, AdapterVersion, TrainingRun, utcnow
+from storage.models import AdapterStatus, AdapterVersion, utcnow
 
 
 class RegistryError(RuntimeError):
-    """An operation the registry's state does not allow (the message says why)."""
+    """An operation the adapter versions' state does not allow (the message says why)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Serving:
     active: AdapterVersion | None
     canary: AdapterVersion | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionState:
+    """What serving needs to know of one version (no metrics): read at every refresh."""
+
+    name: str
+    status: str
+    path: str
+    rank: int
+    updated_at: datetime  # when the status last changed (timezone-aware)
 
 
 def adapter_name(prefix: str, run_id: int) -> str:
@@ -39,6 +53,15 @@ async def serving(session: AsyncSession) -> Serving:
     return Serving(pick.get(AdapterStatus.ACTIVE), pick.get(AdapterStatus.CANARY))
 
 
+async def lifecycle(session: AsyncSession) -> list[VersionState]:
+    """Every version's name, status, path, rank and last status change, oldest first."""
+    a = AdapterVersion
+    stmt = select(a.name, a.status, a.path, a.rank, a.updated_at).order_by(a.id)
+    return [VersionState(name, status, path, rank,
+                         changed if changed.tzinfo else changed.replace(tzinfo=UTC))
+            for name, status, path, rank, changed in (await session.execute(stmt)).all()]
+
+
 async def get(session: AsyncSession, name: str) -> AdapterVersion | None:
     stmt = select(AdapterVersion).where(AdapterVersion.name == name)
     return (await session.execute(stmt.execution_options(populate_existing=True))).scalar()
@@ -47,7 +70,8 @@ async def get(session: AsyncSession, name: str) -> AdapterVersion | None:
 def new_version(*, name: str, path: str, rank: int, parent_name: str | None, run_id: int | None,
                 feedback_watermark: int, dataset_hash: str, metrics: dict[str, Any],
                 status: AdapterStatus = AdapterStatus.CANARY) -> AdapterVersion:
-    """A registry row for a candidate that passed the gate (added in the run's transaction)."""
+    """A version row for a candidate that passed the gate (the caller adds it, in the run's
+    transaction)."""
     return AdapterVersion(name=name, path=path, rank=rank, parent_name=parent_name, run_id=run_id,
                           feedback_watermark=feedback_watermark, dataset_hash=dataset_hash,
                           metrics=metrics, status=status)
@@ -96,9 +120,4 @@ async def rollback(session: AsyncSession) -> tuple[str, str | None]:
 
 async def all_versions(session: AsyncSession) -> list[AdapterVersion]:
     stmt = select(AdapterVersion).order_by(AdapterVersion.id)
-    return list((await session.execute(stmt.execution_options(populate_existing=True))).scalars())
-
-
-async def runs(session: AsyncSession, *, limit: int = 20) -> list[TrainingRun]:
-    stmt = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)
     return list((await session.execute(stmt.execution_options(populate_existing=True))).scalars())

@@ -1,6 +1,6 @@
 """The learning loop's commands: adapters, runs, train --now, review, feedback export, scheduler.
 
-Registered on the `chatloop` app by chatloop/cli.py; errors become one line there.
+Registered on the `chatloop` app by chatloop/cli/__init__.py; errors become one line (die).
 """
 
 from __future__ import annotations
@@ -15,35 +15,19 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from chatloop.cli.common import die, load_settings, setup_logging
+
 adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: list, promote, roll back.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback data.")
 T = TypeVar("T")
 
 
-def _settings() -> Any:
-    from chatloop.cli import _settings as load
-
-    return load()
-
-
-def _logging() -> None:
-    from chatloop.cli import _logging as setup
-
-    setup()
-
-
-def _die(message: str) -> typer.Exit:
-    from chatloop.cli import _die as die
-
-    return die(message)
-
-
 @asynccontextmanager
 async def _db() -> AsyncIterator[tuple[Any, Any]]:
-    from storage.db import check_ready, make_engine, session_factory
+    from storage.db import make_engine, session_factory
+    from storage.migrate import check_ready
 
-    settings = _settings()
-    engine = make_engine(settings.database_url)
+    engine = make_engine(load_settings().storage.database_url)
     try:
         await check_ready(engine)
         yield engine, session_factory(engine)
@@ -52,24 +36,24 @@ async def _db() -> AsyncIterator[tuple[Any, Any]]:
 
 
 def _run(main: Callable[[], Awaitable[T]]) -> T:
-    from feedback.registry import RegistryError
     from feedback.review import NotPending
+    from storage.adapters import RegistryError
     from storage.db import DatabaseNotReady
 
     try:
         return asyncio.run(main())  # type: ignore[arg-type]
     except (DatabaseNotReady, RegistryError, NotPending) as exc:
-        raise _die(str(exc)) from exc
+        die(str(exc))
 
 
 @adapters_app.command("list")
 def adapters_list() -> None:
     """Every adapter version with its status, lineage and gate metrics."""
-    from feedback import registry
+    from storage import adapters
 
     async def main() -> list[Any]:
         async with _db() as (_, sessions), sessions() as s:
-            return await registry.all_versions(s)
+            return await adapters.all_versions(s)
 
     rows = _run(main)
     typer.echo(f"{'NAME':<14}{'STATUS':<11}{'RANK':>5}  {'PARENT':<14}{'RUN':>5}  "
@@ -85,11 +69,11 @@ def adapters_list() -> None:
 @adapters_app.command("promote")
 def adapters_promote(name: str) -> None:
     """Make NAME the active adapter (the current one is retired)."""
-    from feedback import registry
+    from storage import adapters
 
     async def main() -> None:
         async with _db() as (_, sessions), sessions() as s:
-            await registry.promote(s, name=name)
+            await adapters.promote(s, name=name)
 
     _run(main)
     typer.echo(f"{name} is now active (gateways pick it up within seconds)")
@@ -98,11 +82,11 @@ def adapters_promote(name: str) -> None:
 @adapters_app.command("rollback")
 def adapters_rollback() -> None:
     """Reject the canary, or retire the active adapter and restore its parent."""
-    from feedback import registry
+    from storage import adapters
 
     async def main() -> tuple[str, str | None]:
         async with _db() as (_, sessions), sessions() as s:
-            return await registry.rollback(s)
+            return await adapters.rollback(s)
 
     removed, active = _run(main)
     typer.echo(f"rolled back {removed}; active: {active or 'base model'}")
@@ -110,11 +94,11 @@ def adapters_rollback() -> None:
 
 def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None:
     """Recent training runs: status, trigger, adapter, metrics, log path."""
-    from feedback import registry
+    from storage.runs import recent_runs
 
     async def main() -> list[Any]:
         async with _db() as (_, sessions), sessions() as s:
-            return await registry.runs(s, limit=limit)
+            return await recent_runs(s, limit=limit)
 
     for r in _run(main):
         m = r.metrics or {}
@@ -136,9 +120,9 @@ def train(now: Annotated[bool, typer.Option("--now", help="run one cycle now")] 
     from feedback.loop import run_cycle
 
     if not now:
-        raise _die("the scheduler starts runs; pass --now to run one cycle by hand")
-    _logging()
-    settings = _settings()
+        die("the scheduler starts runs; pass --now to run one cycle by hand")
+    setup_logging()
+    settings = load_settings()
 
     async def main() -> Any:
         async with _db() as (_, sessions):
@@ -188,7 +172,7 @@ def export(out: Annotated[Path, typer.Option(help="JSONL file to write")] = Path
     from chatloop.app import loop_config
     from feedback.dataset import build_dataset, write_jsonl
 
-    cfg = loop_config(_settings())
+    cfg = loop_config(load_settings())
 
     async def main() -> Any:
         async with _db() as (_, sessions), sessions() as s:
@@ -202,11 +186,11 @@ def export(out: Annotated[Path, typer.Option(help="JSONL file to write")] = Path
 
 def scheduler() -> None:
     """Run the learning-loop scheduler (one leader cluster-wide; others stand by)."""
-    from chatloop.app import loop_config, make_backend, schedule_config
+    from chatloop.app import adapter_registry, loop_config, make_backend, schedule_config
     from feedback.scheduler import LearningScheduler
 
-    _logging()
-    settings = _settings()
+    setup_logging()
+    settings = load_settings()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -216,9 +200,10 @@ def scheduler() -> None:
         async with _db() as (engine, sessions):
             backend = make_backend(settings)
             sched = LearningScheduler(engine=engine, sessions=sessions, backend=backend,
+                                      adapters=adapter_registry(settings, sessions, backend),
                                       loop=loop_config(settings),
                                       schedule=schedule_config(settings),
-                                      database_url=settings.database_url)
+                                      database_url=settings.storage.database_url)
             try:
                 await sched.run(stop)
             finally:

@@ -1,0 +1,108 @@
+"""Training examples: the dataset the loop builds and the training process reads.
+
+`Example` and `Dataset` are the contract between the two (JSONL files in the run's
+directory); `dedupe` and `replay_sample` are pure operations over examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or evaluation example; `prompt` is a chat (context + question)."""
+
+    conversation_id: int
+    answer_id: int
+    prompt: list[dict[str, str]]
+    completion: str
+    source: str  # correction | liked | vote | replay
+    label: bool | None = None  # KTO examples only
+    rejected: str | None = None  # the answer a correction replaced (preference pairs)
+
+
+@dataclass
+class Dataset:
+    sft: list[Example] = field(default_factory=list)
+    kto: list[Example] = field(default_factory=list)
+    heldout: list[Example] = field(default_factory=list)  # corrections in held-out conversations
+    watermark: int = 0  # the highest feedback id this dataset has seen
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        parts = (self.sft, self.kto, self.heldout)
+        blob = json.dumps([[asdict(e) for e in part] for part in parts],
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for split, kind, part in (("train", "sft", self.sft), ("train", "kto", self.kto),
+                                  ("heldout", "sft", self.heldout)):
+            out += [{"split": split, "kind": kind, **asdict(e)} for e in part]
+        return out
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(_WORD.findall(text.lower()))
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def dedupe(examples: Sequence[Example], threshold: float) -> list[Example]:
+    """Drop near-duplicates: same label, near-identical question and near-identical answer."""
+    kept: list[tuple[Example, frozenset[str], frozenset[str]]] = []
+    for ex in examples:
+        q, a = _words(ex.prompt[-1]["content"]), _words(ex.completion)
+        if any(k.label == ex.label and _jaccard(q, kq) >= threshold and _jaccard(a, ka) >= threshold
+               for k, kq, ka in kept):
+            continue
+        kept.append((ex, q, a))
+    return [k for k, _, _ in kept]
+
+
+def replay_sample(pool: Sequence[Example], new: Sequence[Example], fraction: float, *,
+                  seed: int) -> list[Example]:
+    """A deterministic sample of earlier training examples (not already in `new`)."""
+    present = {(json.dumps(e.prompt), e.completion) for e in new}
+    candidates = [e for e in pool if (json.dumps(e.prompt), e.completion) not in present]
+    k = min(len(candidates), math.ceil(len(new) * fraction))
+    chosen = random.Random(seed).sample(candidates, k) if k else []
+    return [Example(e.conversation_id, e.answer_id, e.prompt, e.completion, "replay")
+            for e in chosen]
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    return path
+
+
+def read_examples(path: Path) -> list[Example]:
+    """Examples from a dataset JSONL file (the `kind`/`split` columns are dropped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        row.pop("split", None)
+        row.pop("kind", None)
+        out.append(Example(**row))
+    return out
