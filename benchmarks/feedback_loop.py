@@ -1,21 +1,23 @@
-"""Does the learning loop make answers measurably better?
+"""Does the learning loop make answers measurably better, and is no correction lost?
 
-Simulated users ask the synthetic company's questions through the conversation
-core (real bundled model, embedded engine), a simulated reviewer corrects the
-wrong answers to the first --paraphrases paraphrases of each intent, the
-scheduler (leader lease, APScheduler job) notices the threshold and runs a real
-cycle (TRL on the CPU, gate, parity, canary); the canary is promoted. Measured
-on each intent's last paraphrase, never asked and never trained on: token-F1
-against the company's answer before and after; golden-set loss change; time
-from threshold reached to the adapter answering a user; training tokens/s of
-the loop against a naive peft loop on the same data (full-sequence loss, rank
-16, unpacked batches).
+Simulated users ask the synthetic company's questions through the conversation core (real
+bundled model, embedded engine), in two batches. Batch 1: the first --paraphrases - 1
+paraphrases of each intent; the reviewer corrects wrong answers to all but the last of them,
+users suggest the company's answer for the last (pending review). The scheduler notices the
+threshold and runs a real cycle (TRL on the CPU, gate, parity, canary; promoted). Then the
+suggestions are approved (late), batch 2 arrives (the next paraphrase, corrected by the
+reviewer), and the threshold job runs cycle 2 from run 1's adapter.
+
+Measured on each intent's last paraphrase, never asked nor trained on: token-F1 against the
+company's answer for the base model, after run 1 and after run 2; corrections given vs
+trained after the two runs (as the runs recorded them), and those run 2's gate holds out;
+per run the gate's figures, golden-set loss change, threshold-to-serving time; training
+tokens/s against a naive peft loop on run 2's data.
 
     .venv/bin/python benchmarks/feedback_loop.py [--intents 15] [--paraphrases 4]
 
-Training hyper-parameters are the loop's own defaults (feedback/train.py,
-TrainJob) unless --rank/--lr/--epochs/--batch-size/--anchors/--neftune/--augment/--seed
-override them.
+Training hyper-parameters are the loop's defaults (feedback/job.py, TrainJob) unless
+--rank/--lr/--epochs/--batch-size/--anchors/--neftune/--augment/--seed override them.
 Prints a table and writes benchmarks/results/feedback_loop.json.
 """
 
@@ -34,8 +36,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sqlalchemy import select  # noqa: E402
+
 from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
 from chatloop.app import adapter_source  # noqa: E402
+from feedback import review  # noqa: E402
 from feedback.dataset import DatasetPolicy  # noqa: E402
 from feedback.evaluate import answer_scores, token_f1  # noqa: E402
 from feedback.job import PRECISIONS, TrainJob  # noqa: E402
@@ -50,20 +55,19 @@ from storage import adapters  # noqa: E402
 from storage.db import make_engine, session_factory  # noqa: E402
 from storage.feedback import eligible_count  # noqa: E402
 from storage.migrate import upgrade_async  # noqa: E402
-from storage.models import Message  # noqa: E402
+from storage.models import Feedback, FeedbackRole, Message, ReviewStatus, RunFeedback  # noqa: E402
 
 MODEL = ROOT / "var/models/SmolLM2-135M-Instruct"
 COMPANY = json.loads((ROOT / "feedback/data/company.json").read_text())
 SYSTEM = "You are the customer-service assistant of Bramblewood Outfitters. Answer briefly."
-REVIEWER = "agent-1"
+REVIEWER = "bench:agent-1"  # an identity (channel:id), like every voter
 ALLOW = frozenset({"0800 414 7782", "@bramblewood.co.uk"})  # the company's own contacts
 
 
 class Sink:
     async def begin(self) -> None: ...
     async def update(self, text: str) -> None: ...
-    async def finish(self, text: str, answer_id: int) -> str | None:
-        return None
+    async def finish(self, text: str, answer_id: int) -> None: ...
     async def fail(self, text: str) -> None: ...
     async def notice(self, text: str) -> None: ...
 
@@ -109,183 +113,249 @@ def naive_tokens_per_s(rows: list[dict[str, Any]], *, steps: int) -> float:
     return tokens / (time.perf_counter() - started)
 
 
+class Bench:
+    """The company's users, its reviewer, and the loop, on one database."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args, self.tmp, self.n = args, tmp, 0
+        self.url = f"sqlite+aiosqlite:///{tmp / 'db.sqlite'}"
+        self.intents = COMPANY["intents"][: args.intents]
+
+    async def start(self) -> None:
+        await upgrade_async(self.url)
+        self.engine = make_engine(self.url)
+        self.sessions = session_factory(self.engine)
+        self.router = AdapterRegistry(EmbeddedBackend(str(MODEL)),
+                                      source=adapter_source(self.sessions),
+                                      canary_percent=50, refresh_s=0)
+        self.backend = self.router.backend
+        self.core = ConversationCore(
+            sessions=self.sessions, backend=self.backend, system_prompt=SYSTEM,
+            router=self.router, reviewers=frozenset({REVIEWER}),
+            fitter=PromptFitter(self.backend.inner.tokenizer, context_tokens=2048,
+                                max_tokens=48),
+            limits=CoreLimits(max_tokens=self.args.max_tokens, rate_limit_per_minute=10**6))
+
+    async def ask(self, question: str, user: str) -> Any:
+        self.n += 1
+        msg = InboundMessage(channel="bench", event_id=f"e{self.n}", chat_id=f"c{self.n}",
+                             user_id=user, text=question)
+        result = await self.core.handle(msg, Sink())  # type: ignore[arg-type]
+        assert result.answer_id is not None, result
+        return result
+
+    async def batch(self, paraphrase: int, *, by_reviewer: bool) -> int:
+        """Users ask each intent's paraphrase; a wrong answer gets its asker's 👎 and the
+        company's answer: from the reviewer (trusted), or suggested by the asker (pending)."""
+        given = 0
+        for it in self.intents:
+            user = f"user{self.n + 1}"
+            result = await self.ask(it["questions"][paraphrase], user)
+            if token_f1(result.text, it["answer"]) < 0.5:
+                await self.core.vote(answer_id=result.answer_id, voter_id=f"bench:{user}",
+                                     rating=-1, source="bench")
+                await self.core.correct(answer_id=result.answer_id, source="bench",
+                                        voter_id=REVIEWER if by_reviewer else f"bench:{user}",
+                                        text=it["answer"])
+                given += 1
+        return given
+
+    async def approve_pending(self) -> int:
+        async with self.sessions() as s:
+            pending = await review.pending(s, limit=10**6)
+            for p in pending:
+                await review.decide(s, feedback_id=p.feedback_id, approve=True,
+                                    actor=REVIEWER)
+        return len(pending)
+
+    def loop_config(self, threshold: int) -> LoopConfig:
+        a = self.args
+        overrides: dict[str, Any] = {k: v for k, v in (
+            ("rank", a.rank), ("alpha", a.rank and 2 * a.rank), ("epochs", a.epochs),
+            ("batch_size", a.batch_size), ("learning_rate", a.lr), ("anchors", a.anchors),
+            ("anchor_batch_size", a.anchor_batch), ("padding_free", a.padding_free or None),
+            ("neftune_alpha", a.neftune), ("augment", a.augment), ("precision", a.precision),
+            ("seed", a.seed)) if v is not None}
+        return LoopConfig(
+            model_dir=str(MODEL), adapters_dir=self.tmp / "adapters", runs_dir=self.tmp / "runs",
+            min_new_feedback=threshold, min_interval=timedelta(0),
+            dataset=DatasetPolicy(heldout_percent=a.heldout_percent, system_prompt=SYSTEM),
+            redactor=Redactor(allow=ALLOW),
+            train=TrainJob(model_dir=str(MODEL), out_dir="", work_dir="", max_length=128,
+                           kto_min_examples=a.kto_min, **overrides),
+            heartbeat_s=5)
+
+    async def cycle(self, deadline: float) -> dict[str, Any]:
+        """Wait for the scheduler's threshold job to run a cycle on what is new now; promote
+        the adapter once it has answered a user from the canary slice."""
+        async with self.sessions() as s:
+            new = await eligible_count(s)
+        cfg = self.loop_config(new)  # the threshold is reached now
+        reached = time.perf_counter()
+        sched = LearningScheduler(
+            engine=self.engine, sessions=self.sessions, backend=self.backend,
+            adapters=self.router, loop=cfg, database_url=self.url,
+            schedule=ScheduleConfig(check_every=timedelta(seconds=2), cron=None,
+                                    canary_every=timedelta(hours=1)))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(sched.run(stop))
+        for _ in range(int(deadline - time.monotonic())):
+            if sched.results:
+                break
+            await asyncio.sleep(1)
+        stop.set()
+        await runner
+        if not sched.results:
+            raise SystemExit("the run did not finish within --max-minutes")
+        c = sched.results[0]
+        out: dict[str, Any] = {"new_eligible": new, "run_id": c.run_id, "status": c.status,
+                               "adapter": c.adapter, "trained_at_s": time.perf_counter() - reached,
+                               "reasons": list(c.reasons), "report": c.metrics or {}}
+        if c.status == "succeeded":
+            for k in range(1000):  # a new user whose conversation falls in the canary slice
+                result = await self.ask(self.intents[0]["questions"][0], f"newcomer{k}")
+                async with self.sessions() as s:
+                    served = await s.get(Message, result.answer_id)
+                if served is not None and served.adapter == c.adapter:
+                    break
+            out["threshold_to_serving_s"] = time.perf_counter() - reached
+            async with self.sessions() as s:
+                await adapters.promote(s, name=c.adapter)  # the canary earns it (see tests)
+        return out
+
+    async def corrections(self, run_ids: list[int]) -> dict[str, int]:
+        """Approved corrections, and what the runs recorded they did with them."""
+        async with self.sessions() as s:
+            approved = set((await s.execute(select(Feedback.id).where(
+                Feedback.review_status == ReviewStatus.APPROVED,
+                Feedback.correction.is_not(None)))).scalars())
+            roles = (await s.execute(select(RunFeedback.run_id, RunFeedback.feedback_id,
+                                            RunFeedback.role))).all()
+        trained = {f for r, f, role in roles if role == FeedbackRole.TRAINED and r in run_ids}
+        last = {f for r, f, role in roles if role == FeedbackRole.HELDOUT and r == run_ids[-1]}
+        return {"approved": len(approved), "trained": len(approved & trained),
+                "heldout_by_last_run": len(approved & last - trained),
+                "lost": len(approved - trained - last)}
+
+    async def close(self) -> None:
+        await self.router.aclose()  # its background refresh uses both below
+        await self.backend.aclose()
+        await self.engine.dispose()
+
+
+def run_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's gate and training figures from its report."""
+    r, data = run["report"], run["report"].get("dataset", {})
+    out = {k: run.get(k) for k in ("run_id", "status", "adapter", "reasons", "new_eligible",
+                                   "trained_at_s", "threshold_to_serving_s")}
+    out.update({k: data.get(k) for k in ("corrections_trained", "corrections_heldout",
+                                         "corrections_carried_over", "replay")})
+    if "candidate" in r:
+        cand, parent, train = r["candidate"], r["parent"], r["train"]
+        out.update(
+            golden_loss_change=cand["golden_loss"] / parent["golden_loss"] - 1,
+            gate_accuracy_before=parent["heldout_accuracy"],
+            gate_accuracy_after=cand["heldout_accuracy"], gate_wrong_after=cand["heldout_wrong"],
+            gate_f1_before=parent["heldout_f1"], gate_f1_after=cand["heldout_f1"],
+            train_seconds=train["train_seconds"], train_examples=train["sft_examples"],
+            train_precision=train.get("precision", "fp32"),
+            loop_tokens_per_s=train["tokens_per_s"], gate_parity=r.get("parity", {}).get("score"))
+    return out
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     deadline = time.monotonic() + args.max_minutes * 60
-    intents = COMPANY["intents"][: args.intents]
-    tmp = Path(tempfile.mkdtemp(prefix="feedback-loop-"))
-    url = f"sqlite+aiosqlite:///{tmp / 'db.sqlite'}"
-    await upgrade_async(url)
-    engine = make_engine(url)
-    sessions = session_factory(engine)
-    router = AdapterRegistry(EmbeddedBackend(str(MODEL)), source=adapter_source(sessions),
-                             canary_percent=50, refresh_s=0)
-    backend = router.backend
-    core = ConversationCore(
-        sessions=sessions, backend=backend, system_prompt=SYSTEM, router=router,
-        fitter=PromptFitter(backend.inner.tokenizer, context_tokens=2048, max_tokens=48),
-        limits=CoreLimits(max_tokens=args.max_tokens, rate_limit_per_minute=10**6),
-        reviewer_ids=frozenset({REVIEWER}))
-    if any(len(it["questions"]) <= args.paraphrases for it in intents):
+    if args.paraphrases < 3:
+        raise SystemExit("--paraphrases must be at least 3 (two batches, one approved late)")
+    bench = Bench(args, Path(tempfile.mkdtemp(prefix="feedback-loop-")))
+    if any(len(it["questions"]) <= args.paraphrases for it in bench.intents):
         raise SystemExit("--paraphrases must leave each intent's last paraphrase unasked")
-    out: dict[str, Any] = {"intents": len(intents),
+    await bench.start()
+    out: dict[str, Any] = {"intents": len(bench.intents),
                            "train_paraphrases_per_intent": args.paraphrases}
-
     t = time.perf_counter()
-    before = await unseen_scores(backend, intents, None, args.max_tokens)
+    before = await unseen_scores(bench.backend, bench.intents, None, args.max_tokens)
     out.update(f1_before=before["f1"], unseen_accuracy_before=before["accuracy"],
-               unseen_wrong_before=before["wrong"])
-    out["eval_seconds"] = time.perf_counter() - t
+               eval_seconds=time.perf_counter() - t)
     print(f"[{out['eval_seconds']:.0f}s] F1 before: {out['f1_before']:.3f}", file=sys.stderr)
 
-    corrections, n = 0, 0
-    for it in intents:  # simulated users ask paraphrases; a reviewer corrects wrong answers
-        for q in it["questions"][: args.paraphrases]:
-            n += 1
-            msg = InboundMessage(channel="bench", event_id=f"e{n}", chat_id=f"c{n}",
-                                 user_id=f"user{n}", text=q)
-            result = await core.handle(msg, Sink())  # type: ignore[arg-type]
-            assert result.answer_id is not None, result
-            if token_f1(result.text, it["answer"]) < 0.5:
-                await core.vote(answer_id=result.answer_id, voter_id=f"user{n}", rating=-1,
-                                source="bench")
-                await core.correct(answer_id=result.answer_id, voter_id=REVIEWER,
-                                   text=it["answer"], source="bench")
-                corrections += 1
-    out["corrections"] = corrections
-    print(f"{corrections} corrections written; waiting for the scheduler", file=sys.stderr)
-    async with sessions() as s:
-        eligible = await eligible_count(s, since=0)
-    threshold_at = time.perf_counter()  # the threshold (= all this feedback) is reached now
-
-    overrides: dict[str, Any] = {k: v for k, v in (
-        ("rank", args.rank), ("alpha", args.rank and 2 * args.rank), ("epochs", args.epochs),
-        ("batch_size", args.batch_size), ("learning_rate", args.lr), ("anchors", args.anchors),
-        ("anchor_batch_size", args.anchor_batch),
-        ("padding_free", args.padding_free or None), ("neftune_alpha", args.neftune),
-        ("augment", args.augment), ("precision", args.precision), ("seed", args.seed))
-        if v is not None}
-    out["train_job"] = {k: getattr(TrainJob(model_dir="", out_dir="", work_dir="", **overrides),
-                                   k) for k in ("rank", "alpha", "target_modules", "learning_rate",
-                                                "epochs", "batch_size", "anchors",
-                                                "anchor_batch_size", "padding_free",
-                                                "neftune_alpha", "augment", "precision",
-                                                "seed")}
-    loop_cfg = LoopConfig(
-        model_dir=str(MODEL), adapters_dir=tmp / "adapters", runs_dir=tmp / "runs",
-        min_new_feedback=eligible, min_interval=timedelta(0),
-        dataset=DatasetPolicy(heldout_percent=args.heldout_percent, system_prompt=SYSTEM),
-        redactor=Redactor(allow=ALLOW),
-        train=TrainJob(model_dir=str(MODEL), out_dir="", work_dir="", max_length=128,
-                       kto_min_examples=args.kto_min, **overrides),
-        heartbeat_s=5)
-    sched = LearningScheduler(
-        engine=engine, sessions=sessions, backend=backend, adapters=router, loop=loop_cfg,
-        database_url=url,
-        schedule=ScheduleConfig(check_every=timedelta(seconds=2), cron=None,
-                                canary_every=timedelta(hours=1)))
-    stop = asyncio.Event()
-    runner = asyncio.create_task(sched.run(stop))
-    for _ in range(int(deadline - time.monotonic())):
-        if sched.results:
-            break
-        await asyncio.sleep(1)
-    stop.set()
-    await runner
-    if not sched.results:
-        raise SystemExit("the run did not finish within --max-minutes")
-    cycle = sched.results[0]
-    out["run_status"], out["adapter"] = cycle.status, cycle.adapter
-    out["trained_at_s"] = time.perf_counter() - threshold_at
-    report = cycle.metrics
-    if cycle.status == "succeeded":
-        for k in range(1000):  # a new user whose conversation falls in the canary slice
-            msg = InboundMessage(channel="bench", event_id=f"canary{k}", chat_id=f"canary{k}",
-                                 user_id="newcomer", text=intents[0]["questions"][0])
-            result = await core.handle(msg, Sink())  # type: ignore[arg-type]
-            async with sessions() as s:
-                served = await s.get(Message, result.answer_id)
-            if served is not None and served.adapter == cycle.adapter:
-                break
-        out["threshold_to_serving_s"] = time.perf_counter() - threshold_at
-        async with sessions() as s:
-            await adapters.promote(s, name=cycle.adapter)  # the canary earns it (see tests)
-        after = await unseen_scores(backend, intents, cycle.adapter, args.max_tokens)
-        out["f1_after"] = after["f1"]
-    else:
-        out["reasons"] = list(cycle.reasons)
-        if not report or cycle.adapter is None:  # the run failed: nothing to measure
-            return out
-        # Never served; measured anyway, to show what the gate kept from users.
-        name = f"{cycle.adapter}-rejected"
-        await backend.load_adapter(name, str(tmp / f"runs/run-{cycle.run_id}/rejected-adapter"))
-        after = await unseen_scores(backend, intents, name, args.max_tokens)
-        out["f1_after_rejected"] = after["f1"]
-    out.update(unseen_accuracy_after=after["accuracy"], unseen_wrong_after=after["wrong"])
-    golden_before = report["parent"]["golden_loss"]
-    golden_after = report["candidate"]["golden_loss"]
-    out.update(
-        golden_loss_before=golden_before, golden_loss_after=golden_after,
-        golden_loss_change=golden_after / golden_before - 1,
-        heldout_loss_before=report["parent"]["heldout_loss"],
-        heldout_loss_after=report["candidate"]["heldout_loss"],
-        gate_accuracy_before=report["parent"]["heldout_accuracy"],
-        gate_accuracy_after=report["candidate"]["heldout_accuracy"],
-        gate_f1_before=report["parent"]["heldout_f1"],
-        gate_f1_after=report["candidate"]["heldout_f1"],
-        gate_wrong_after=report["candidate"]["heldout_wrong"],
-        train_seconds=report["train"]["train_seconds"],
-        train_precision=report["train"].get("precision", "fp32"),
-        train_examples=report["train"]["sft_examples"],
-        anchor_examples=report["train"].get("anchor_examples", 0),
-        loop_tokens_per_s=report["train"]["tokens_per_s"],
-        loop_examples_per_s=report["train"]["examples_per_s"],
-        gate_parity=report.get("parity", {}).get("score"))
+    given = {"batch1_reviewer": 0, "batch1_approved_late": 0, "batch2": 0}
+    for p in range(args.paraphrases - 2):
+        given["batch1_reviewer"] += await bench.batch(p, by_reviewer=True)
+    given["batch1_approved_late"] = await bench.batch(args.paraphrases - 2, by_reviewer=False)
+    runs = [await bench.cycle(deadline)]
+    print(f"run 1: {runs[0]['status']}", file=sys.stderr)
+    out["corrections_after_run1"] = await bench.corrections([runs[0]["run_id"]])
+    assert await bench.approve_pending() == given["batch1_approved_late"]
+    given["batch2"] = await bench.batch(args.paraphrases - 1, by_reviewer=True)
+    runs.append(await bench.cycle(deadline))
+    print(f"run 2: {runs[1]['status']}", file=sys.stderr)
+    out["corrections_given"] = given
+    out["corrections_after_run2"] = await bench.corrections([r["run_id"] for r in runs])
+    out["runs"] = [run_figures(r) for r in runs]
+    for i, run in enumerate(runs, 1):
+        if run["status"] == "succeeded":
+            after = await unseen_scores(bench.backend, bench.intents, run["adapter"],
+                                        args.max_tokens)
+            out.update({f"{k}_after_run{i}": after[k] for k in ("f1", "accuracy", "wrong")})
+    last = runs[-1]["run_id"]
     sft_rows = [json.loads(line) for line in
-                (tmp / f"runs/run-{cycle.run_id}/sft.jsonl").read_text().splitlines()]
-    out["naive_tokens_per_s"] = await asyncio.to_thread(naive_tokens_per_s, sft_rows,
-                                                        steps=args.naive_steps)
-    await router.aclose()  # its background refresh uses both below
-    await backend.aclose()
-    await engine.dispose()
+                (bench.tmp / f"runs/run-{last}/sft.jsonl").read_text().splitlines()]
+    if sft_rows:
+        out["naive_tokens_per_s"] = await asyncio.to_thread(naive_tokens_per_s, sft_rows,
+                                                            steps=args.naive_steps)
+    await bench.close()
     return out
 
 
 def table(r: dict[str, Any]) -> str:
-    def f(key: str, fmt: str = "{:.3f}") -> str:
-        return fmt.format(r[key]) if isinstance(r.get(key), int | float) else str(r.get(key, "-"))
+    def f(value: Any, fmt: str = "{:.3f}") -> str:
+        return fmt.format(value) if isinstance(value, int | float) else str(value or "-")
+
+    runs = r.get("runs", [{}, {}])
+    given, c1, c2 = (r.get("corrections_given", {}), r.get("corrections_after_run1", {}),
+                     r.get("corrections_after_run2", {}))
+
+    def both(key: str, fmt: str = "{:.3f}") -> str:
+        return " / ".join(f(run.get(key), fmt) for run in runs)
 
     rows = [
-        ("run (gate)", f"{r.get('run_status')} {r.get('adapter') or ''}",
-         "; ".join(r.get("reasons", []))),
-        ("token-F1 on unseen paraphrases, before", f("f1_before"), "naive ref 0.15"),
-        ("token-F1 on unseen paraphrases, after", f("f1_after"), "goal >= 0.6"),
-        ("  the rejected adapter's, never served", f("f1_after_rejected"), ""),
-        ("unseen paraphrases answered right before -> after",
-         f"{f('unseen_accuracy_before', '{:.2f}')} -> {f('unseen_accuracy_after', '{:.2f}')}",
-         ""),
-        ("unseen paraphrases given another intent's answer, after",
-         f("unseen_wrong_after", "{:.2f}"), ""),
-        ("golden-set loss change", f("golden_loss_change", "{:+.1%}"), "goal <= +5%"),
-        ("held-out loss before -> after",
-         f"{f('heldout_loss_before')} -> {f('heldout_loss_after')}", ""),
-        ("gate: held-out answer accuracy before -> after",
-         f"{f('gate_accuracy_before', '{:.2f}')} -> {f('gate_accuracy_after', '{:.2f}')}",
-         "must rise"),
-        ("gate: held-out answers another question's, after", f("gate_wrong_after", "{:.2f}"),
-         "must be < accuracy"),
-        ("gate: held-out answer token-F1 before -> after",
-         f"{f('gate_f1_before', '{:.2f}')} -> {f('gate_f1_after', '{:.2f}')}", "may not fall"),
-        ("threshold -> adapter serving a user (s)", f("threshold_to_serving_s", "{:.0f}"),
+        ("runs 1 / 2 (gate)", " / ".join(f"{x.get('status')} {x.get('adapter')}" for x in runs),
+         "; ".join(x for run in runs for x in run.get("reasons") or [])),
+        ("token-F1 on unseen paraphrases: base model", f(r.get("f1_before")), ""),
+        ("token-F1 on unseen paraphrases: after run 1", f(r.get("f1_after_run1")), ""),
+        ("token-F1 on unseen paraphrases: after run 2", f(r.get("f1_after_run2")),
+         "goal >= after run 1"),
+        ("unseen right after run 1 / 2", f"{f(r.get('accuracy_after_run1'), '{:.2f}')}"
+         f" / {f(r.get('accuracy_after_run2'), '{:.2f}')}", ""),
+        ("corrections given: batch 1 at once + approved late + batch 2",
+         f"{given.get('batch1_reviewer')} + {given.get('batch1_approved_late')} + "
+         f"{given.get('batch2')}", ""),
+        ("corrections trained after run 1 / after run 2",
+         f"{c1.get('trained')} / {c2.get('trained')}", f"of {c2.get('approved')} approved"),
+        ("  held out by run 2's gate (trained by run 3)", f(c2.get("heldout_by_last_run"), "{}"),
+         "drawn only from what is new"),
+        ("  neither trained nor held out (lost)", f(c2.get("lost"), "{}"), "goal 0"),
+        ("corrections trained / held out / carried over per run",
+         " / ".join(f"{run.get('corrections_trained')}-{run.get('corrections_heldout')}-"
+                    f"{run.get('corrections_carried_over')}" for run in runs), ""),
+        ("new eligible feedback at each threshold", both("new_eligible", "{}"), ""),
+        ("golden-set loss change", both("golden_loss_change", "{:+.1%}"), "goal <= +5%"),
+        ("gate: held-out accuracy after", both("gate_accuracy_after", "{:.2f}"), "must rise"),
+        ("gate: held-out token-F1 before -> after", " / ".join(
+            f"{f(x.get('gate_f1_before'), '{:.2f}')}->{f(x.get('gate_f1_after'), '{:.2f}')}"
+            for x in runs), "may not fall"),
+        ("threshold -> adapter serving a user (s)", both("threshold_to_serving_s", "{:.0f}"),
          "goal < 600"),
-        ("training time (s) / examples + anchors", f"{f('train_seconds', '{:.0f}')} / "
-         f"{f('train_examples', '{}')} + {f('anchor_examples', '{}')}", ""),
-        ("training precision", f("train_precision"), "bf16 where the CPU/GPU has it"),
-        ("loop training tokens/s", f("loop_tokens_per_s", "{:.0f}"), ""),
-        ("naive peft loop tokens/s", f("naive_tokens_per_s", "{:.0f}"), ""),
-        ("loop training examples/s", f("loop_examples_per_s", "{:.2f}"), ""),
+        ("training time (s) / SFT examples", " / ".join(
+            f"{f(x.get('train_seconds'), '{:.0f}')}s {f(x.get('train_examples'), '{}')}"
+            for x in runs), ""),
+        ("loop / naive peft loop training tokens/s",
+         f"{f(runs[-1].get('loop_tokens_per_s'), '{:.0f}')} / "
+         f"{f(r.get('naive_tokens_per_s'), '{:.0f}')}", ""),
     ]
     width = max(len(a) for a, _, _ in rows)
-    return "\n".join(f"{a:<{width}}  {b:>16}  {c}" for a, b, c in rows)
+    return "\n".join(f"{a:<{width}}  {b:>20}  {c}" for a, b, c in rows)
 
 
 if __name__ == "__main__":
@@ -311,11 +381,11 @@ if __name__ == "__main__":
                    help="bf16 autocast while training (loop default: auto, where native)")
     p.add_argument("--seed", type=int, default=None, help="training seed (loop default: 0)")
     p.add_argument("--heldout-percent", type=int, default=20,
-                   help="share of conversations held out for the gate (never trained on)")
+                   help="share of conversations held out for the gate (at least one per answer)")
     p.add_argument("--kto-min", type=int, default=10**6, help="KTO only with this many labels")
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--naive-steps", type=int, default=4)
-    p.add_argument("--max-minutes", type=float, default=40)
+    p.add_argument("--max-minutes", type=float, default=60)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/feedback_loop.json")
     args = p.parse_args()
     started = time.perf_counter()

@@ -3,6 +3,11 @@
 On by default only in `chatloop demo`. Under `chatloop serve` it must be enabled
 and then requires an access token, so a gateway exposed for webhooks does not
 expose an anonymous chat anyone could use to feed votes into training.
+
+Who is asking is the server's word, never the browser's: each browser gets an identity
+(`web:<id>`) in a signed cookie (bots/webid.py), its conversations are its own (their chat
+ids are prefixed with its id), and it may rate only its own answers. Its feedback is never
+trusted unless the channel is told its user is the operator (`WebChat(operator=...)`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -28,7 +33,9 @@ from bots.core import (
     Outcome,
     TurnResult,
     UnknownAnswer,
+    identity,
 )
+from bots.webid import WebIdentities
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +43,34 @@ CHANNEL = "web"
 PAGE = Path(__file__).with_name("webchat.html")
 
 
+# Bodies name no user: one sent anyway (as older pages did) is ignored like any unknown field.
 class ChatIn(BaseModel):
-    event_id: str = Field(min_length=1, max_length=128)
-    chat_id: str = Field(min_length=1, max_length=128)
-    user_id: str = Field(min_length=1, max_length=128)
+    event_id: str = Field(min_length=1, max_length=64)  # stored after the 22-character id
+    chat_id: str = Field(min_length=1, max_length=64)
     text: str = Field(max_length=100_000)  # the core enforces the configured, smaller cap
 
 
 class VoteIn(BaseModel):
     answer_id: int
-    user_id: str = Field(min_length=1, max_length=128)
     rating: int = Field(ge=-1, le=1)
     reason: str | None = Field(default=None, max_length=2000)
 
 
 class CorrectionIn(BaseModel):
     answer_id: int
-    user_id: str = Field(min_length=1, max_length=128)
     text: str = Field(min_length=1, max_length=8000)
+
+
+@dataclass(frozen=True, slots=True)
+class Visitor:
+    """The browser behind a request: its id, and whether it came without a valid cookie."""
+
+    uid: str
+    new: bool
+
+    @property
+    def who(self) -> str:
+        return identity(CHANNEL, self.uid)
 
 
 class QueueSink:
@@ -90,13 +107,21 @@ class _WebTurn:
 
 
 class WebChat:
-    """The web chat channel; `token` None means open (demo only)."""
+    """The web chat channel; `token` None means open (demo only).
+
+    `operator`: the person at the browser is this deployment's operator, whose feedback is
+    trusted like a reviewer's. The one place the web channel decides trust: False under
+    `serve` (web identities are never reviewers), for the demo's local operator only.
+    """
 
     name = CHANNEL
 
-    def __init__(self, core: ConversationCore, *, token: str | None) -> None:
+    def __init__(self, core: ConversationCore, *, token: str | None, identities: WebIdentities,
+                 operator: bool = False) -> None:
         self._core = core
         self._token = token
+        self._ids = identities
+        self._operator = operator
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _authorise(self, request: Request) -> None:
@@ -106,39 +131,64 @@ class WebChat:
         if not hmac.compare_digest(given.encode(), self._token.encode()):
             raise HTTPException(status_code=401, detail="web chat access token required")
 
+    def _visitor(self, request: Request) -> Visitor:
+        uid = self._ids.of(request)
+        return Visitor(uid, False) if uid else Visitor(self._ids.issue(), True)
+
+    def _welcome(self, response: Response, visitor: Visitor, request: Request) -> None:
+        """Give a browser that came without a valid cookie the one for its new identity."""
+        if visitor.new:
+            self._ids.give(response, visitor.uid, request)
+
     def routes(self) -> APIRouter:
         router = APIRouter()
         auth = [Depends(self._authorise)]
 
         @router.get("/", response_class=HTMLResponse, include_in_schema=False)
         @router.get("/chat", response_class=HTMLResponse)
-        async def page() -> str:  # the page itself holds no data; the API checks the token
-            return PAGE.read_text()
+        async def page(request: Request) -> HTMLResponse:
+            # the page holds no data (the API checks the token); it brings the identity
+            visitor = self._visitor(request)
+            response = HTMLResponse(PAGE.read_text())
+            self._welcome(response, visitor, request)
+            return response
 
         @router.post("/api/chat", dependencies=auth)
-        async def chat(body: ChatIn) -> StreamingResponse:
-            msg = InboundMessage(channel=CHANNEL, event_id=body.event_id, chat_id=body.chat_id,
-                                 user_id=body.user_id, text=body.text)
-            return StreamingResponse(self._stream(msg), media_type="application/x-ndjson")
+        async def chat(body: ChatIn, request: Request) -> StreamingResponse:
+            visitor = self._visitor(request)
+            # the conversation and the delivery are the browser's own: prefixed with its id
+            msg = InboundMessage(channel=CHANNEL, event_id=f"{visitor.uid}/{body.event_id}",
+                                 chat_id=f"{visitor.uid}/{body.chat_id}", user_id=visitor.uid,
+                                 text=body.text)
+            response = StreamingResponse(self._stream(msg), media_type="application/x-ndjson")
+            self._welcome(response, visitor, request)
+            return response
 
         @router.post("/api/vote", dependencies=auth)
-        async def vote(body: VoteIn) -> dict[str, Any]:
+        async def vote(body: VoteIn, request: Request, response: Response) -> dict[str, Any]:
             if body.rating == 0:
                 raise HTTPException(status_code=422, detail="rating must be 1 or -1")
+            visitor = self._visitor(request)
+            self._welcome(response, visitor, request)
             try:
-                fb = await self._core.vote(answer_id=body.answer_id, voter_id=body.user_id,
-                                           rating=body.rating, source=CHANNEL, reason=body.reason)
-            except UnknownAnswer as exc:
+                fb = await self._core.vote(answer_id=body.answer_id, voter_id=visitor.who,
+                                           rating=body.rating, source=CHANNEL, reason=body.reason,
+                                           operator=self._operator)
+            except UnknownAnswer as exc:  # not one, or not this browser's: the same 404
                 raise HTTPException(status_code=404, detail=str(exc)) from exc
             return {"answer_id": fb.answer_id, "rating": fb.rating}
 
         @router.post("/api/correction", dependencies=auth)
-        async def correction(body: CorrectionIn) -> dict[str, Any]:
+        async def correction(body: CorrectionIn, request: Request,
+                             response: Response) -> dict[str, Any]:
             if not body.text.strip():
                 raise HTTPException(status_code=422, detail="a correction needs text")
+            visitor = self._visitor(request)
+            self._welcome(response, visitor, request)
             try:
-                fb = await self._core.correct(answer_id=body.answer_id, voter_id=body.user_id,
-                                              text=body.text.strip(), source=CHANNEL)
+                fb = await self._core.correct(answer_id=body.answer_id, voter_id=visitor.who,
+                                              text=body.text.strip(), source=CHANNEL,
+                                              operator=self._operator)
             except UnknownAnswer as exc:
                 raise HTTPException(status_code=404, detail=str(exc)) from exc
             return {"answer_id": fb.answer_id, "trusted": fb.trusted,
@@ -152,13 +202,21 @@ class WebChat:
         task = self._track(asyncio.create_task(self._turn(msg, sink, turn)))
         task.add_done_callback(lambda _: sink.events.put_nowait(None))
         try:
+            done: dict[str, Any] | None = None  # sent once the turn says which route answered
             while (event := await sink.events.get()) is not None:
+                if event["type"] == "done":
+                    done = event
+                    continue
                 yield (json.dumps(event) + "\n").encode()
             if task.exception() is not None:
                 log.error("web chat turn failed", exc_info=task.exception())
                 yield (json.dumps({"type": "error", "text": APOLOGY}) + "\n").encode()
             elif task.result().outcome == Outcome.DUPLICATE:
                 yield (json.dumps({"type": "duplicate"}) + "\n").encode()
+            elif done is not None:  # first which route answered (null: the base model)
+                route = {"type": "route", "adapter": task.result().adapter}
+                yield (json.dumps(route) + "\n").encode()
+                yield (json.dumps(done) + "\n").encode()
         finally:
             if not task.done():  # the browser went away: stop generating, close the turn
                 task.cancel()

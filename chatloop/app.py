@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bots.core import ConversationCore, CoreLimits, Router, StaticRouter
 from bots.gateway import Channel, create_app
 from bots.webchat import WebChat
+from bots.webid import WebIdentities
 from chatloop.settings import InferenceSettings, Settings
 from inference.base import InferenceBackend
 from inference.errors import InferenceError
@@ -126,7 +128,7 @@ async def build_services(settings: Settings, *,
             event_lease_s=limits.event_lease_s,
         ),
         router=router,
-        reviewer_ids=frozenset(limits.reviewer_ids),
+        reviewers=frozenset(limits.reviewers),
         owner=limits.replica_id,
     )
     return Services(settings, engine, sessions, backend, core, adapters)
@@ -157,14 +159,18 @@ def adapter_registry(settings: Settings, sessions: async_sessionmaker[AsyncSessi
                            max_rank=settings.inference.max_lora_rank)
 
 
-def build_channels(services: Services, *, webchat: bool) -> list[Channel]:
+def build_channels(services: Services, *, webchat: bool,
+                   web_operator: bool = False) -> list[Channel]:
     """The configured channels: the web chat if asked, Telegram and Slack if they have a token;
-    each built from its own settings."""
+    each built from its own settings. `web_operator`: the person at the web chat is this
+    deployment's operator (the demo's local user), whose corrections are trusted."""
     settings, core = services.settings, services.core
     channels: list[Channel] = []
     if webchat:
         token = settings.webchat.token
-        channels.append(WebChat(core, token=token.get_secret_value() if token else None))
+        # under `serve` web identities are never trusted (see WebChat); the demo's are
+        channels.append(WebChat(core, token=token.get_secret_value() if token else None,
+                                identities=web_identities(settings), operator=web_operator))
     if settings.telegram.bot_token is not None:
         from bots.telegram import build_channel as build_telegram
 
@@ -177,7 +183,18 @@ def build_channels(services: Services, *, webchat: bool) -> list[Channel]:
     return channels
 
 
-def build_app(services: Services, *, webchat: bool) -> FastAPI:
+def web_identities(settings: Settings) -> WebIdentities:
+    """The web chat's cookie signer, with CHATLOOP_WEBCHAT_SECRET (the CLI requires it under
+    `serve` and keeps one under var/ for the demo); unset, a key of this process only."""
+    secret = settings.webchat.secret
+    if secret is None:
+        log.warning("CHATLOOP_WEBCHAT_SECRET is not set: web chat identities last until this "
+                    "process stops")
+        return WebIdentities(secrets.token_urlsafe(32))
+    return WebIdentities(secret.get_secret_value())
+
+
+def build_app(services: Services, *, webchat: bool, web_operator: bool = False) -> FastAPI:
     async def ready() -> dict[str, str]:
         checks = {"database": "ok", "inference": "ok"}
         try:
@@ -191,7 +208,7 @@ def build_app(services: Services, *, webchat: bool) -> FastAPI:
             checks["inference"] = f"{exc.kind}: {exc}"
         return checks
 
-    channels = build_channels(services, webchat=webchat)
+    channels = build_channels(services, webchat=webchat, web_operator=web_operator)
     services.channels = {ch.name: ch for ch in channels}
     return create_app(channels=channels, ready=ready, on_shutdown=services.aclose)
 
@@ -211,6 +228,7 @@ def loop_config(settings: Settings) -> Any:
         runs_dir=learn.runs_dir.resolve(), adapter_prefix=learn.adapter_prefix,
         dataset=DatasetPolicy(heldout_percent=learn.heldout_percent,
                               min_voters=learn.min_voters, per_user_cap=learn.per_user_cap,
+                              web_vote_weight=learn.web_vote_weight,
                               include_liked=learn.include_liked,
                               replay_fraction=learn.replay_fraction,
                               context_tokens=settings.core.context_tokens // 2,
@@ -242,4 +260,5 @@ def schedule_config(settings: Settings) -> Any:
         cron=learn.cron or None, lease_ttl=timedelta(seconds=learn.lease_ttl_s),
         canary=CanaryPolicy(min_votes=learn.canary_min_votes,
                             max_votes=learn.canary_max_votes, margin=learn.canary_margin),
+        retention_days=settings.storage.retention_days,
     )

@@ -9,6 +9,8 @@ name, or `CHATLOOP_TELEGRAM_` + name and so on, or the one name a field declares
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 from collections.abc import Mapping
@@ -56,6 +58,9 @@ def _aliases(section: type[BaseSettings]) -> dict[str, str]:
 
 class StorageSettings(Section):
     database_url: str = "sqlite+aiosqlite:///var/chatloop.db"
+    # delete conversations (messages, feedback, event payloads, dataset rows) older than
+    # this, every day (the scheduler's leader); unset: kept
+    retention_days: int | None = Field(default=None, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -75,6 +80,9 @@ class WebChatSettings(Section):
 
     enabled: bool = False  # under `chatloop serve` (the demo always has it)
     token: SecretStr | None = None
+    # signs the cookie carrying each browser's identity; required under `serve`, the demo
+    # keeps one in var/webchat-secret
+    secret: SecretStr | None = Field(default=None, min_length=16)
 
 
 class InferenceSettings(Section):
@@ -103,11 +111,33 @@ class CoreSettings(Section):
     history_messages: int = Field(default=20, ge=0)
     rate_limit_per_minute: int = Field(default=20, ge=1)
     max_concurrent_generations: int = Field(default=32, ge=1)
-    reviewer_ids: list[str] = Field(default_factory=list)
+    # identities (`channel:id`) whose corrections are trusted: telegram:USER, slack:TEAM/USER
+    reviewers: list[str] = Field(default_factory=list)
+    # the retired CHATLOOP_REVIEWER_IDS: refused, saying how to write CHATLOOP_REVIEWERS
+    retired_reviewer_ids: Any = Field(default=None, validation_alias="CHATLOOP_REVIEWER_IDS",
+                                      exclude=True, json_schema_extra={"retired": True})
     # replicas: a process holds the events it works on for this long, renewed while it runs;
     # a crashed process's unfinished turns are taken over by another after it
     event_lease_s: float = Field(default=30.0, gt=0)
     replica_id: str | None = None  # default: host name and process id
+
+    @field_validator("reviewers")
+    @classmethod
+    def _are_identities(cls, v: list[str]) -> list[str]:
+        for who in v:
+            channel, _, user = who.partition(":")
+            if channel == "web":
+                raise ValueError(f"{who!r}: web identities are never reviewers (the web chat "
+                                 "issues one to every browser)")
+            if channel not in _REVIEWER_FORMS or not re.fullmatch(_REVIEWER_FORMS[channel], user):
+                raise ValueError(f"{who!r} is not telegram:USER_ID or slack:TEAM_ID/USER_ID")
+        return v
+
+    @field_validator("retired_reviewer_ids", mode="before")
+    @classmethod
+    def _retired(cls, v: Any) -> None:
+        if v is not None:  # the default is validated too
+            raise ValueError(retired_reviewer_ids_message(v))
 
     @field_validator("max_tokens")
     @classmethod
@@ -116,6 +146,22 @@ class CoreSettings(Section):
         if v >= ctx:
             raise ValueError(f"must be below CHATLOOP_CONTEXT_TOKENS ({ctx})")
         return v
+
+
+_REVIEWER_FORMS = {"telegram": r"\d+", "slack": r"[A-Z0-9]+/[A-Z0-9]+"}
+
+
+def retired_reviewer_ids_message(old: Any) -> str:
+    """What to write instead of CHATLOOP_REVIEWER_IDS, with its ids as identities: digits
+    are Telegram users, others Slack users whose team (TEAM_ID, T...) must be filled in."""
+    try:
+        ids = [str(i) for i in (json.loads(old) if isinstance(old, str) else old)]
+    except (TypeError, ValueError):
+        ids = []
+    example = [f"telegram:{i}" if i.isdigit() else f"slack:TEAM_ID/{i}" for i in ids]
+    return ("no longer read: reviewers are identities (channel:id); remove it and set "
+            "CHATLOOP_REVIEWERS='"
+            + json.dumps(example or ["telegram:111", "slack:T0/U0ABC"]) + "'")
 
 
 class LearnSettings(Section):
@@ -136,6 +182,9 @@ class LearnSettings(Section):
     heldout_percent: int = Field(default=20, ge=0, le=100)
     min_voters: int = Field(default=2, ge=1)
     per_user_cap: int = Field(default=50, ge=1)
+    # how much an untrusted web vote counts, in labels and in the canary (anyone can open a
+    # browser); 0: web votes make no label (`chatloop demo` sets 1 unless this is set)
+    web_vote_weight: float = Field(default=0.0, ge=0)
     include_liked: bool = True
     replay_fraction: float = Field(default=0.5, ge=0)
     redact_patterns: dict[str, str] = Field(default_factory=dict)  # NAME -> regex
@@ -246,10 +295,13 @@ class Settings(BaseModel):
 
 
 def section_env_names(section: type[BaseSettings]) -> dict[str, str]:
-    """A section's field names -> the environment variables that set them."""
+    """A section's field names -> the environment variables that set them (retired variables,
+    read only to be refused, are not settings)."""
     prefix = section.model_config.get("env_prefix", "")
     aliases = _aliases(section)
-    return {name: aliases.get(name, (prefix + name).upper()) for name in section.model_fields}
+    return {name: aliases.get(name, (prefix + name).upper())
+            for name, f in section.model_fields.items()
+            if not (isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("retired"))}
 
 
 def env_names() -> dict[str, tuple[str, str]]:

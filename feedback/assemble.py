@@ -1,4 +1,5 @@
-"""Selected feedback -> a Dataset: prompts from the conversations, splits, dedupe, replay.
+"""Selected feedback -> a Dataset: prompts from the conversations, splits, dedupe, replay,
+and the role of every row read (what the run consumes).
 
 Pure: `build_dataset` (feedback.dataset) reads the rows and records the splits; every text
 is redacted here, and the result is deterministic for the same inputs.
@@ -6,14 +7,15 @@ is redacted here, and the result is deterministic for the same inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import hashlib
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from feedback.examples import Dataset, Example, dedupe, replay_sample
 from feedback.policy import DatasetPolicy, Selection
 from feedback.redaction import Redactor
 from storage.feedback import FeedbackRow, TranscriptMessage
-from storage.models import AnswerStatus, Role
+from storage.models import AnswerStatus, FeedbackRole, Role
 
 TokenCounter = Callable[[str], int]
 Chat = list[dict[str, str]]
@@ -53,18 +55,17 @@ def prompts(rows: Sequence[FeedbackRow], transcripts: Mapping[int, Sequence[Tran
 
 def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapping[int, bool],
              redactor: Redactor, policy: DatasetPolicy, replay_pool: Sequence[Example] = (),
-             since: int = 0) -> Dataset:
+             carried: Collection[int] = ()) -> Dataset:
     """The dataset: approved corrections (SFT, a KTO pair, or held out with their
-    conversation), labelled answers (KTO, and SFT if liked), deduplicated, plus replay."""
+    conversation), labelled answers (KTO, and SFT if liked), deduplicated, plus replay.
+    `carried`: conversations a passed run held out, trained on now."""
     report: dict[str, Any] = {"feedback_rows": selection.total,
                               "quarantined_votes": len(selection.quarantined),
                               "capped_rows": selection.capped}
-    ds = Dataset(watermark=max((r.id for r in selection.rows), default=since), report=report)
-    corrected: set[int] = set()
+    ds = Dataset(report=report)
     for r in selection.corrections:
         ex = Example(r.conversation_id, r.answer_id, prompts[r.answer_id],
                      redactor(r.correction or ""), "correction", rejected=redactor(r.answer))
-        corrected.add(ex.answer_id)
         if heldout[ex.conversation_id]:
             ds.heldout.append(ex)
         else:
@@ -75,10 +76,12 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
                                   ex.rejected or "", "correction", label=False))
     report["labelled_answers"] = len(selection.labels)
     answers = {r.answer_id: r for r in selection.rows}
+    labelled: set[int] = set()
     for answer_id, label in sorted(selection.labels.items()):
         answer = answers[answer_id]
-        if answer_id in corrected or heldout[answer.conversation_id]:
+        if answer_id in selection.corrected or heldout[answer.conversation_id]:
             continue
+        labelled.add(answer_id)
         ex = Example(answer.conversation_id, answer_id, prompts[answer_id],
                      redactor(answer.answer), "vote", label=label)
         ds.kto.append(ex)
@@ -88,7 +91,52 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
     ds.sft = dedupe(ds.sft, policy.dedupe_jaccard)
     ds.kto = dedupe(ds.kto, policy.dedupe_jaccard)
     report["duplicates_removed"] = before - len(ds.sft)
-    replay = replay_sample(replay_pool, ds.sft, policy.replay_fraction, seed=ds.watermark)
+    ds.consumed = roles(selection, heldout, labelled)
+    replay = replay_sample(replay_pool, ds.sft, policy.replay_fraction,
+                           seed=_seed(ds.consumed))
     ds.sft += replay
-    report.update(sft=len(ds.sft), kto=len(ds.kto), heldout=len(ds.heldout), replay=len(replay))
+    report.update(sft=len(ds.sft), kto=len(ds.kto), heldout=len(ds.heldout), replay=len(replay),
+                  **correction_counts(selection, ds.consumed, carried))
     return ds
+
+
+def roles(selection: Selection, heldout: Mapping[int, bool], labelled: Collection[int]
+          ) -> dict[int, tuple[int, str]]:
+    """feedback id -> (revision, role) for every row read (a voter's vote and correction on
+    an answer are one row): a new approved correction held out or trained on, whatever its
+    vote; else quarantined, over the cap, held out with its conversation, trained on (a vote
+    behind a label the dataset uses), or read without use."""
+    kept = {r.id for r in selection.rows}
+    corrections = {r.id for r in selection.corrections}
+    out = {}
+    for r in selection.read:
+        held = heldout.get(r.conversation_id, False)
+        role = (FeedbackRole.HELDOUT if r.id in corrections and held else
+                FeedbackRole.TRAINED if r.id in corrections else
+                FeedbackRole.QUARANTINED if r.id in selection.quarantined else
+                FeedbackRole.CAPPED if r.id not in kept else
+                FeedbackRole.HELDOUT if held else
+                FeedbackRole.TRAINED if r.id in selection.counted and r.answer_id in labelled
+                else FeedbackRole.UNUSED)
+        out[r.id] = (r.revision, str(role))
+    return out
+
+
+def correction_counts(selection: Selection, consumed: Mapping[int, tuple[int, str]],
+                      carried: Collection[int]) -> dict[str, int]:
+    """How many approved corrections the run trains on, holds out, and carries over (trains
+    on after an earlier run that passed held them out)."""
+    def role(r: FeedbackRow) -> str:
+        return consumed[r.id][1]
+
+    trained = [r for r in selection.corrections if role(r) == FeedbackRole.TRAINED]
+    return {"corrections_trained": len(trained),
+            "corrections_heldout": sum(role(r) == FeedbackRole.HELDOUT
+                                       for r in selection.corrections),
+            "corrections_carried_over": sum(r.conversation_id in carried for r in trained)}
+
+
+def _seed(consumed: Mapping[int, tuple[int, str]]) -> int:
+    """The replay sample's seed: the same feedback revisions, the same sample."""
+    blob = ",".join(f"{i}:{rev}" for i, (rev, _) in sorted(consumed.items()))
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big")

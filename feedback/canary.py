@@ -5,18 +5,25 @@ the upper confidence bound of (canary 👎 rate - control 👎 rate) is below th
 margin; roll back as soon as the canary is significantly worse, or when it has
 had `max_votes` votes without proving itself. The control is the active
 adapter (or the base model), over the same period.
+
+What counts as a vote is the dataset's rule (feedback.policy.judge_votes): each answer
+whose votes make a label is one vote, liked or not, under the same trust weights,
+distinct-voter minimum, per-user cap and burst quarantine. So one voter's thirty 👍 on
+thirty answers are no evidence, and the canary waits.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from storage import adapters
-from storage.feedback import Votes, votes_on
+from feedback.policy import DatasetPolicy, judge_votes
+from storage import adapters, audit
+from storage.feedback import FeedbackRow, feedback_on_adapters, first_seen
 
 
 class Decision(StrEnum):
@@ -32,6 +39,22 @@ class CanaryPolicy:
     max_votes: int = 300
     margin: float = 0.05  # how much higher a 👎 rate we accept
     z: float = 1.645  # one-sided 95 %
+
+
+@dataclass(frozen=True, slots=True)
+class Votes:
+    """Judged answers (`n`) and how many of them were disliked."""
+
+    n: int
+    down: int
+
+
+def tally(labels: Mapping[int, bool], rows: Sequence[FeedbackRow], adapter: str | None
+          ) -> Votes:
+    """The judged answers (answer id -> liked?) among those `adapter` served."""
+    served = {r.answer_id for r in rows if r.adapter == adapter}
+    verdicts = [liked for answer, liked in labels.items() if answer in served]
+    return Votes(len(verdicts), sum(not liked for liked in verdicts))
 
 
 def decide(canary: Votes, control: Votes, policy: CanaryPolicy) -> Decision:
@@ -56,19 +79,30 @@ class CanaryOutcome:
     control_votes: Votes | None = None
 
 
-async def evaluate_canary(sessions: async_sessionmaker[AsyncSession],
-                          policy: CanaryPolicy) -> CanaryOutcome:
-    """Decide on the current canary and apply the decision to the registry."""
+async def evaluate_canary(sessions: async_sessionmaker[AsyncSession], policy: CanaryPolicy,
+                          *, rules: DatasetPolicy) -> CanaryOutcome:
+    """Decide on the current canary, counting votes by `rules` (the learning loop's dataset
+    policy), and apply the decision to the registry."""
     async with sessions() as s:
         state = await adapters.serving(s)
         if state.canary is None:
             return CanaryOutcome(Decision.NONE)
-        since = state.canary.updated_at
-        cv = await votes_on(s, adapter=state.canary.name, since=since)
-        av = await votes_on(s, adapter=state.active.name if state.active else None, since=since)
+        control = state.active.name if state.active else None
+        rows = await feedback_on_adapters(s, adapters=[state.canary.name, control],
+                                          since=state.canary.updated_at)
+        seen = await first_seen(s, voters={r.voter_id for r in rows})
+        labels = judge_votes(rows, seen, rules).labels
+        cv, av = tally(labels, rows, state.canary.name), tally(labels, rows, control)
         decision = decide(cv, av, policy)
+        tainted = state.canary.tainted_at is not None
+        if tainted:  # trained on data since forgotten: never promoted
+            decision = Decision.ROLLBACK
         if decision == Decision.PROMOTE:
             await adapters.promote(s, name=state.canary.name)
         elif decision == Decision.ROLLBACK:
             await adapters.rollback(s)
+        if decision in (Decision.PROMOTE, Decision.ROLLBACK):
+            detail = {"canary": [cv.n, cv.down], "control": [av.n, av.down], "tainted": tainted}
+            await audit.log(s, actor=audit.CANARY, action=str(decision),
+                            target=f"adapter:{state.canary.name}", detail=detail)
     return CanaryOutcome(decision, state.canary.name, cv, av)

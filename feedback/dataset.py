@@ -1,11 +1,15 @@
 """Feedback -> training data: thumbs are candidates, reviewed corrections are the labels.
 
-`build_dataset` reads the feedback that arrived after a watermark and returns
-SFT examples (trusted corrections, optionally liked answers), binary-labelled
-KTO examples (answers whose weighted vote counts), a held-out split chosen by
-conversation (recorded the first time, so stable across runs), and a replay
-sample of earlier training data. Every text is redacted first; the dataset hash
-is deterministic.
+`build_dataset` reads the feedback a candidate has yet to learn (every revision the runs
+it continues from did not settle: a correction approved late, a changed vote, a voter
+reaching the quorum) and returns SFT examples (trusted corrections, optionally liked
+answers), binary-labelled KTO examples (answers whose weighted vote counts), a held-out
+split chosen by conversation, a replay sample of earlier training data, and the role of
+every row read (what the run consumes). A conversation's split is recorded the first time
+it has data; held out by a run that passes, it is trained on by the next run that has new
+data to hold out instead (until then it stays the gate's). So the gate judges only what no
+candidate trained on, and nothing is held out for ever.
+Every text is redacted first; the dataset hash is deterministic.
 
 It only composes: rows from `storage.feedback`, the policy (`feedback.policy`), the
 examples (`feedback.assemble`), and the split decisions recorded back through storage.
@@ -27,6 +31,7 @@ from feedback.policy import (
 )
 from feedback.redaction import Redactor
 from storage import feedback as store
+from storage import privacy
 from storage.feedback import FeedbackRow
 
 __all__ = ["Dataset", "DatasetPolicy", "Example", "TokenCounter", "approx_tokens",
@@ -35,32 +40,55 @@ __all__ = ["Dataset", "DatasetPolicy", "Example", "TokenCounter", "approx_tokens
 
 
 async def build_dataset(
-    session: AsyncSession, *, policy: DatasetPolicy, redactor: Redactor, since: int = 0,
-    replay_pool: Sequence[Example] = (), count_tokens: TokenCounter = approx_tokens,
+    session: AsyncSession, *, policy: DatasetPolicy, redactor: Redactor,
+    learned_by: Collection[int] = (), replay_pool: Sequence[Example] = (),
+    count_tokens: TokenCounter = approx_tokens,
 ) -> Dataset:
-    """Build the dataset from feedback with id > `since` plus a replay sample of `replay_pool`;
-    records the split of each conversation it uses for the first time (and commits)."""
-    rows = await store.feedback_since(session, since=since)
+    """Build the dataset from the feedback the runs `learned_by` (the runs behind the adapter
+    the candidate continues from; none for the base model) have not settled, plus a replay
+    sample of `replay_pool`; records the splits it decides and, given new held-out data,
+    releases the held-out conversations of passed runs into training (and commits)."""
+    rows = await store.unlearned_feedback(session, learned_by=learned_by)
+    rows = await privacy.without_forgotten(session, rows)  # forgotten people who wrote again
     first_seen = await store.first_seen(session, voters={r.voter_id for r in rows})
     selection = select_feedback(rows, first_seen, policy)
     conversations = {r.conversation_id for r in selection.rows}
     transcripts = await store.transcripts(session, conversation_ids=conversations)
-    heldout = await _splits(session, conversations, selection.corrections, policy)
+    gone = await privacy.forgotten_messages(session, conversation_ids=conversations)
+    transcripts = {c: [m for m in ms if m.id not in gone] for c, ms in transcripts.items()}
+    answers = {r.answer_id: r.conversation_id for r in selection.rows}
+    used = {r.conversation_id for r in selection.corrections} | {
+        answers[a] for a in selection.labels}
+    passed = await store.passed_heldout(session, conversation_ids=conversations)
+    heldout = await _splits(session, conversations, used, passed, selection.corrections, policy)
+    if any(heldout[r.conversation_id] for r in selection.corrections):
+        # new data for the gate (`passed` counted as trained on above): carry the old over
+        await store.release_heldout(session, conversation_ids=passed)
+    else:  # nothing new to judge on (a retrain from the base): they stay held out for now
+        heldout.update(await store.recorded_splits(session, conversation_ids=passed))
+    carried = {c for c in passed if not heldout[c]}
     return assemble(selection, prompts=prompts(selection.rows, transcripts, redactor, policy,
                                                count_tokens),
                     heldout=heldout, redactor=redactor, policy=policy, replay_pool=replay_pool,
-                    since=since)
+                    carried=carried)
 
 
-async def _splits(session: AsyncSession, conversations: Collection[int],
-                  corrections: Sequence[FeedbackRow], policy: DatasetPolicy) -> dict[int, bool]:
-    """The conversations' splits: recorded ones kept, new ones decided and recorded (a
-    concurrent builder's decision wins), so a conversation never moves between splits."""
+async def _splits(session: AsyncSession, conversations: Collection[int], used: Collection[int],
+                  passed: Collection[int], corrections: Sequence[FeedbackRow],
+                  policy: DatasetPolicy) -> dict[int, bool]:
+    """The conversations' splits: recorded ones kept, those `used` (with data for this
+    dataset) for the first time decided and recorded (a concurrent builder's decision wins),
+    so a conversation moves only from held out to trained on (store.release_heldout), never
+    back. The `passed` ones (held out by a run that passed) count as trained on, so new
+    held-out data is drawn from what is new. The others stay undecided, to be drawn when
+    their data comes (a correction approved late can be held out); nothing of theirs is
+    trained on meanwhile (False here)."""
     decided = await store.recorded_splits(session, conversation_ids=conversations)
+    carried = {c: False for c in passed}
     split = split_conversations([(r.conversation_id, r.correction or "") for r in corrections],
-                                sorted(conversations), decided, policy)
-    new = {c: h for c, h in split.items() if c not in decided}
-    if not new:
-        return split
-    await store.record_splits(session, splits=new)
-    return await store.recorded_splits(session, conversation_ids=conversations)
+                                sorted(used), {**decided, **carried}, policy)
+    new = {c: h for c, h in split.items() if c not in decided and c not in carried}
+    if new:
+        await store.record_splits(session, splits=new)
+        decided = await store.recorded_splits(session, conversation_ids=conversations)
+    return {c: False if c in carried else decided.get(c, False) for c in conversations}

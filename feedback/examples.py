@@ -35,8 +35,9 @@ class Dataset:
     sft: list[Example] = field(default_factory=list)
     kto: list[Example] = field(default_factory=list)
     heldout: list[Example] = field(default_factory=list)  # corrections in held-out conversations
-    watermark: int = 0  # the highest feedback id this dataset has seen
     report: dict[str, Any] = field(default_factory=dict)
+    # feedback id -> (revision, role): what the run building it consumes (storage.runs)
+    consumed: dict[int, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def hash(self) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from feedback import erasure
 from feedback.dataset import Dataset, DatasetPolicy, build_dataset, read_examples, write_jsonl
 from feedback.evaluate import GatePolicy, gate, parity
 from feedback.job import TrainJob
@@ -30,9 +31,9 @@ from feedback.redaction import Redactor
 from inference.adapters import adapter_rank
 from inference.base import ChatMessage, GenerationRequest, InferenceBackend, TextDelta
 from inference.errors import InferenceError
-from storage import adapters, runs
+from storage import adapters, privacy, runs
 from storage.feedback import eligible_count
-from storage.models import RunStatus, utcnow
+from storage.models import AdapterVersion, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,14 @@ async def should_train(sessions: async_sessionmaker[AsyncSession], cfg: LoopConf
                        ) -> tuple[bool, str]:
     """The threshold job's test: enough new eligible feedback, spaced by the minimum interval."""
     async with sessions() as s:
-        new = await eligible_count(s, since=await runs.seen_watermark(s))
+        new = await eligible_count(s)
         last = await runs.last_started(s)
         state = await adapters.serving(s)
+        retrain = await privacy.retrain_due(s)
     if state.canary is not None:
         return False, f"canary {state.canary.name} is still being evaluated"
+    if retrain is not None and (last is None or utcnow() - last >= cfg.min_interval):
+        return True, retrain  # forgotten data: a run without it (from the base if need be)
     if new < cfg.min_new_feedback:
         return False, f"{new} new eligible feedback (threshold {cfg.min_new_feedback})"
     if last is not None and utcnow() - last < cfg.min_interval:
@@ -136,26 +140,36 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         why = f"canary {state.canary.name} is still being evaluated"
         await _finish(sessions, run_id, RunStatus.SKIPPED, error=why)
         return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
-    parent = state.active if cfg.incremental else None
-    since = (parent.feedback_watermark or 0) if parent else 0  # new data since the parent's
+    # never continue from an adapter trained on forgotten data: start from the base without it
+    parent = state.active if cfg.incremental and not _tainted(state.active) else None
+    mark = await erasure.erasure_mark(sessions)  # before reading any data
     pool = [e for r in done if r.status == RunStatus.SUCCEEDED
             for e in read_examples(cfg.runs_dir / f"run-{r.id}" / "sft.jsonl")]
-    async with sessions() as s:
+    async with sessions() as s:  # what the parent's runs have not learned yet
+        learned = await runs.lineage(s, adapter=parent.name if parent else None)
         ds = await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor,
-                                 since=since, replay_pool=pool)
+                                 learned_by=learned, replay_pool=pool)
+        await runs.record_consumed(s, run_id=run_id, consumed=ds.consumed)
     template = cfg.train or TrainJob(model_dir=cfg.model_dir, out_dir="", work_dir="")
+    why = None
     if not ds.sft and len(ds.kto) < template.kto_min_examples:
         why = "no training data in the new feedback"
+    elif len(ds.heldout) < cfg.gate.min_heldout:  # the gate would reject any candidate
+        why = (f"{len(ds.heldout)} held-out corrections in the new feedback (the gate needs "
+               f"{cfg.gate.min_heldout})")
+    if why is not None:
         await _finish(sessions, run_id, RunStatus.SKIPPED, error=why, dataset_hash=ds.hash,
-                      feedback_watermark=ds.watermark, metrics={"dataset": ds.report})
+                      metrics={"dataset": ds.report})
         return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
     name = adapters.adapter_name(cfg.adapter_prefix, run_id)
     work = cfg.runs_dir / f"run-{run_id}"
     job = _write_job(ds, template, cfg, work, name, parent.path if parent else None)
+    await erasure.record_run_data(sessions, run_id=run_id, examples=[*ds.sft, *ds.kto,
+                                                                     *ds.heldout],
+                                  mark=mark, work=work)  # whose data; none deleted meanwhile
     log_path = work / "train.log"
     async with sessions() as s:
-        await runs.record_dataset(s, run_id=run_id, dataset_hash=ds.hash,
-                                  feedback_watermark=ds.watermark, adapter_name=name,
+        await runs.record_dataset(s, run_id=run_id, dataset_hash=ds.hash, adapter_name=name,
                                   log_path=str(log_path))
     report = await _train(cfg, job, log_path)
     report["dataset"] = ds.report
@@ -170,10 +184,16 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
     version = adapters.new_version(
         name=name, path=job.out_dir, rank=adapter_rank(job.out_dir),
         parent_name=parent.name if parent else None, run_id=run_id,
-        feedback_watermark=ds.watermark, dataset_hash=ds.hash, metrics=report)
+        dataset_hash=ds.hash, metrics=report)
     await _finish(sessions, run_id, RunStatus.SUCCEEDED, register=version, metrics=report)
+    async with sessions() as s:  # forgotten while it trained: tainted as it registers
+        await privacy.propagate_taint(s)
     log.info("run %s registered %s as the canary", run_id, name)
     return CycleResult(run_id, RunStatus.SUCCEEDED, name, (), report)
+
+
+def _tainted(version: AdapterVersion | None) -> bool:
+    return version is not None and version.tainted_at is not None
 
 
 def _write_job(ds: Dataset, template: TrainJob, cfg: LoopConfig, work: Path, name: str,

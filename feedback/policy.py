@@ -1,8 +1,10 @@
-"""The dataset policy (RELIABILITY.md section 2): which feedback counts, and how much.
+"""The dataset policy: which feedback counts, and how much.
 
 Pure functions over the rows `storage.feedback` returns: trust weights (reviewers weigh
-more, new accounts less), a per-user cap, a minimum of distinct voters, quarantine of
-bursts of new voters (brigading), and the held-out split of conversations.
+more, new accounts less, web votes as configured), a per-user cap, a minimum of distinct
+voters, quarantine of bursts of new voters (brigading), and the held-out split of
+conversations. `judge_votes` is the one rule every decision from votes uses: the dataset's
+labels and the canary's verdict (feedback.canary).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from storage.models import ReviewStatus
 
 @dataclass(frozen=True)
 class DatasetPolicy:
-    """How feedback becomes data (RELIABILITY.md section 2)."""
+    """How feedback becomes data, and how votes count (in the dataset and the canary)."""
 
     heldout_percent: int = 20
     split_salt: str = "chatloop-heldout-v1"
@@ -28,6 +30,7 @@ class DatasetPolicy:
     trusted_weight: float = 3.0  # a reviewer's vote; a trusted vote alone is enough
     new_voter_weight: float = 0.5
     new_voter_age: timedelta = timedelta(days=7)
+    web_vote_weight: float = 0.0  # an untrusted web vote (anyone can open a browser); 0: none
     per_user_cap: int = 50  # feedback rows one voter may contribute to one run
     burst_window: timedelta = timedelta(minutes=10)
     burst_min_votes: int = 10  # new-voter votes in one window that look like brigading
@@ -40,14 +43,42 @@ class DatasetPolicy:
 
 
 @dataclass(frozen=True)
+class Verdicts:
+    """What the votes on some answers say, under the policy."""
+
+    kept: list[FeedbackRow]  # the rows within the per-user cap, in feedback order
+    labels: dict[int, bool]  # answer id -> liked?, for answers whose weighted vote counts
+    quarantined: frozenset[int]  # feedback ids of votes set aside as brigading
+    counted: frozenset[int]  # feedback ids of the votes behind the labels
+
+
+def judge_votes(rows: Sequence[FeedbackRow], first_seen: Mapping[str, datetime],
+                policy: DatasetPolicy) -> Verdicts:
+    """The one rule for every decision from votes: burst quarantine, the per-user cap, trust
+    weights and the distinct-voter minimum, per answer (rows in feedback order)."""
+    quarantined = frozenset(quarantine(rows, first_seen, policy))
+    kept = cap_per_user(rows, policy.per_user_cap)
+    labels = vote_labels(kept, first_seen, quarantined, policy)
+    counted = frozenset(r.id for r in kept if r.rating is not None and r.answer_id in labels
+                        and r.id not in quarantined and vote_weight(r, first_seen, policy) > 0)
+    return Verdicts(kept, labels, quarantined, counted)
+
+
+@dataclass(frozen=True)
 class Selection:
     """The feedback a dataset uses, and what the policy decided about it."""
 
     rows: list[FeedbackRow]  # within the per-user cap, in feedback order
-    corrections: list[FeedbackRow]  # the approved corrections among them
+    corrections: list[FeedbackRow]  # the approved corrections among them not yet learned
     labels: dict[int, bool]  # answer id -> liked?, for answers whose weighted vote counts
     quarantined: frozenset[int]  # feedback ids of votes set aside as brigading
-    total: int  # feedback rows before the cap
+    read: tuple[FeedbackRow, ...] = ()  # every row read, before the cap
+    corrected: frozenset[int] = frozenset()  # answers with an approved correction, any age
+    counted: frozenset[int] = frozenset()  # feedback ids of the votes behind the labels
+
+    @property
+    def total(self) -> int:
+        return len(self.read)
 
     @property
     def capped(self) -> int:
@@ -57,12 +88,14 @@ class Selection:
 def select_feedback(rows: Sequence[FeedbackRow], first_seen: Mapping[str, datetime],
                     policy: DatasetPolicy) -> Selection:
     """Apply the policy to feedback rows (in feedback order); `first_seen`: when each voter
-    was first active."""
-    quarantined = quarantine(rows, first_seen, policy)
-    kept = cap_per_user(rows, policy.per_user_cap)
-    corrections = [r for r in kept if r.correction and r.review_status == ReviewStatus.APPROVED]
-    return Selection(kept, corrections, vote_labels(kept, first_seen, quarantined, policy),
-                     frozenset(quarantined), len(rows))
+    was first active. Only fresh corrections are new training data; a learned one still
+    marks its answer as corrected (no vote label for it)."""
+    verdicts = judge_votes(rows, first_seen, policy)
+    approved = [r for r in verdicts.kept
+                if r.correction and r.review_status == ReviewStatus.APPROVED]
+    return Selection(verdicts.kept, [r for r in approved if r.fresh], verdicts.labels,
+                     verdicts.quarantined, tuple(rows),
+                     frozenset(r.answer_id for r in approved), verdicts.counted)
 
 
 def is_new(row: FeedbackRow, first_seen: Mapping[str, datetime], policy: DatasetPolicy) -> bool:
@@ -97,17 +130,34 @@ def cap_per_user(rows: Sequence[FeedbackRow], cap: int) -> list[FeedbackRow]:
     return kept
 
 
+def is_web(row: FeedbackRow) -> bool:
+    """Whether the feedback came from the web chat (its source, or a `web:` identity)."""
+    return row.source == "web" or row.voter_id.startswith("web:")
+
+
+def vote_weight(row: FeedbackRow, first_seen: Mapping[str, datetime],
+                policy: DatasetPolicy) -> float:
+    """How much one vote counts: a reviewer's most, a new voter's less, an untrusted web
+    vote `web_vote_weight` times as much (0: not at all)."""
+    if row.trusted:
+        return policy.trusted_weight
+    weight = policy.new_voter_weight if is_new(row, first_seen, policy) else 1.0
+    return weight * policy.web_vote_weight if is_web(row) else weight
+
+
 def vote_labels(rows: Sequence[FeedbackRow], first_seen: Mapping[str, datetime],
                 quarantined: set[int] | frozenset[int], policy: DatasetPolicy) -> dict[int, bool]:
-    """answer id -> liked?, for answers whose weighted vote has enough distinct voters."""
+    """answer id -> liked?, for answers whose weighted vote has enough distinct voters (a
+    vote of weight 0 is no voter)."""
     score: dict[int, float] = defaultdict(float)
     voters: dict[int, set[str]] = defaultdict(set)
     trusted: set[int] = set()
     for r in rows:
         if r.rating is None or r.id in quarantined:
             continue
-        weight = (policy.trusted_weight if r.trusted else
-                  policy.new_voter_weight if is_new(r, first_seen, policy) else 1.0)
+        weight = vote_weight(r, first_seen, policy)
+        if weight <= 0:
+            continue
         score[r.answer_id] += weight * r.rating
         voters[r.answer_id].add(r.voter_id)
         if r.trusted:

@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from feedback.canary import CanaryPolicy, evaluate_canary
+from feedback.erasure import apply_retention
 from feedback.loop import LoopConfig, run_cycle, should_train
 from inference.base import InferenceBackend
 from inference.registry import AdapterRegistry
@@ -135,6 +136,8 @@ class ScheduleConfig:
     misfire_grace: timedelta = timedelta(minutes=30)
     lease_ttl: timedelta = timedelta(seconds=60)
     canary: CanaryPolicy = CanaryPolicy()
+    retention_days: int | None = None  # CHATLOOP_RETENTION_DAYS; None: no retention job
+    retention_cron: str = "15 4 * * *"  # daily, at a fixed time whatever restarts the leader
 
 
 # APScheduler's persistent store pickles a job's function by reference and its kwargs by
@@ -158,6 +161,12 @@ async def canary_job(key: str) -> None:
     sched = _LIVE.get(key)
     if sched is not None:
         await sched.canary()
+
+
+async def retention_job(key: str) -> None:
+    sched = _LIVE.get(key)
+    if sched is not None:
+        await sched.retention()
 
 
 class LearningScheduler:
@@ -214,6 +223,9 @@ class LearningScheduler:
         if self.schedule.cron:
             aps.add_job(cron_job, CronTrigger.from_crontab(self.schedule.cron), id="learn-cron",
                         **kw)
+        if self.schedule.retention_days:
+            aps.add_job(retention_job, CronTrigger.from_crontab(self.schedule.retention_cron),
+                        id="learn-retention", **kw)
         aps.start()
         self._aps = aps
         log.info("leading the learning loop scheduler (%s)", self.key)
@@ -236,9 +248,18 @@ class LearningScheduler:
                  "; ".join(result.reasons))
 
     async def canary(self) -> None:
-        outcome = await evaluate_canary(self.sessions, self.schedule.canary)
+        outcome = await evaluate_canary(self.sessions, self.schedule.canary,
+                                        rules=self.loop_cfg.dataset)
         self.results.append(outcome)
         await self.adapters.sync()
+
+    async def retention(self) -> None:
+        """Delete what is older than the retention period (the daily job)."""
+        if self.schedule.retention_days is None:  # a job stored when it was set
+            return
+        report = await apply_retention(self.sessions, days=self.schedule.retention_days,
+                                       runs_dir=self.loop_cfg.runs_dir)
+        self.results.append(report)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop` is set: renew leadership every third of the lease TTL."""

@@ -68,13 +68,12 @@ async def get(session: AsyncSession, name: str) -> AdapterVersion | None:
 
 
 def new_version(*, name: str, path: str, rank: int, parent_name: str | None, run_id: int | None,
-                feedback_watermark: int, dataset_hash: str, metrics: dict[str, Any],
+                dataset_hash: str, metrics: dict[str, Any],
                 status: AdapterStatus = AdapterStatus.CANARY) -> AdapterVersion:
     """A version row for a candidate that passed the gate (the caller adds it, in the run's
     transaction)."""
     return AdapterVersion(name=name, path=path, rank=rank, parent_name=parent_name, run_id=run_id,
-                          feedback_watermark=feedback_watermark, dataset_hash=dataset_hash,
-                          metrics=metrics, status=status)
+                          dataset_hash=dataset_hash, metrics=metrics, status=status)
 
 
 async def _set(session: AsyncSession, name: str, status: AdapterStatus) -> None:

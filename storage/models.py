@@ -60,6 +60,16 @@ class RunStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+class FeedbackRole(StrEnum):
+    """What a run did with the revision of a feedback row it read (runfeedback.role)."""
+
+    TRAINED = "trained"  # in the candidate's training data (a label or a correction)
+    HELDOUT = "heldout"  # kept from training for the gate; trained on after a run passes
+    UNUSED = "unused"  # read, no label from it (a lone vote, a pending correction, ...)
+    QUARANTINED = "quarantined"  # set aside as brigading
+    CAPPED = "capped"  # over the per-user cap: a later run takes it
+
+
 class Conversation(SQLModel, table=True):
     """One chat (or thread) on one channel; a reset starts a new epoch."""
 
@@ -85,8 +95,8 @@ class Message(SQLModel, table=True):
     role: str = Field(max_length=16)
     text: str
     external_message_id: str | None = Field(default=None, max_length=128)
-    author_id: str | None = Field(default=None, max_length=128)
-    reply_to_id: int | None = Field(default=None, foreign_key="message.id")
+    author_id: str | None = Field(default=None, max_length=128, index=True)  # forget finds them
+    reply_to_id: int | None = Field(default=None, foreign_key="message.id", index=True)
     created_at: datetime = _ts(nullable=False)
     # answers only
     model: str | None = Field(default=None, max_length=256)
@@ -110,7 +120,7 @@ class InboundEvent(SQLModel, table=True):
     external_event_id: str = Field(max_length=128)
     status: str = Field(default=EventStatus.RECEIVED, max_length=16)
     payload: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
-    message_id: int | None = Field(default=None, foreign_key="message.id")
+    message_id: int | None = Field(default=None, foreign_key="message.id", index=True)
     received_at: datetime = _ts(nullable=False)
     # the gateway process working on the event, until when: another may resume it after that
     owner: str | None = Field(default=None, max_length=128)
@@ -127,7 +137,7 @@ class Feedback(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("answer_id", "voter_id"),)
     id: int | None = Field(default=None, primary_key=True)
     answer_id: int = Field(foreign_key="message.id", index=True)
-    voter_id: str = Field(max_length=128)
+    voter_id: str = Field(max_length=128, index=True)
     rating: int | None = None  # +1 / -1
     reason: str | None = None
     correction: str | None = None
@@ -136,6 +146,9 @@ class Feedback(SQLModel, table=True):
     review_status: str | None = Field(default=None, max_length=16)
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
+    # bumped by every change (vote, correction, review decision): runs consume revisions
+    revision: int = Field(default=1, sa_column=Column(Integer, nullable=False,
+                                                      server_default="1"))
 
 
 class AdapterVersion(SQLModel, table=True):
@@ -148,11 +161,13 @@ class AdapterVersion(SQLModel, table=True):
     rank: int
     parent_name: str | None = Field(default=None, max_length=128)
     run_id: int | None = Field(default=None, foreign_key="trainingrun.id")
-    feedback_watermark: int | None = None
     dataset_hash: str | None = Field(default=None, max_length=64)
     metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
+    # when it was found to be trained on data since forgotten (its run's, or its parent's)
+    tainted_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
 
 
 class TrainingRun(SQLModel, table=True):
@@ -167,7 +182,6 @@ class TrainingRun(SQLModel, table=True):
     status: str = Field(default=RunStatus.RUNNING, max_length=16, index=True)
     trigger: str = Field(default="manual", max_length=32)
     dataset_hash: str | None = Field(default=None, max_length=64)
-    feedback_watermark: int | None = None
     adapter_name: str | None = Field(default=None, max_length=128)
     metrics: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     log_path: str | None = None
@@ -179,6 +193,21 @@ class TrainingRun(SQLModel, table=True):
     heartbeat_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+    # when data it used was forgotten (set even while it runs: its adapter is then tainted)
+    tainted_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class RunFeedback(SQLModel, table=True):
+    """A feedback row's revision that a run read, and what it did with it: a later change
+    (a new revision) is new to later runs (feedback.dataset)."""
+
+    __table_args__ = (Index("ix_runfeedback_feedback", "feedback_id", "revision"),)
+    run_id: int = Field(foreign_key="trainingrun.id", primary_key=True)
+    # no foreign key: forgetting a person deletes their feedback, not the runs' records
+    feedback_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    revision: int
+    role: str = Field(max_length=16)
 
 
 class Lease(SQLModel, table=True):
@@ -187,3 +216,37 @@ class Lease(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     holder: str = Field(max_length=128)
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class RunIdentity(SQLModel, table=True):
+    """A person whose data a training run used: the salted hash of their identity
+    (storage.privacy), recorded when the run builds its dataset."""
+
+    run_id: int = Field(foreign_key="trainingrun.id", primary_key=True)
+    identity_hash: str = Field(max_length=64, primary_key=True, index=True)
+
+
+class ForgottenIdentity(SQLModel, table=True):
+    """A forgotten person: only the salted hash of their identity is kept, so that later
+    datasets and exports leave out whatever they write again."""
+
+    identity_hash: str = Field(primary_key=True, max_length=64)
+    forgotten_at: datetime = _ts(nullable=False)
+
+
+class InstallationSecret(SQLModel, table=True):
+    """Per-installation random values (the identity-hash salt), made by the migration."""
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=256)
+
+
+class AuditLog(SQLModel, table=True):
+    """Who approved, rejected, promoted, rolled back, forgot or deleted what, and when."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = _ts(nullable=False)
+    actor: str = Field(max_length=160)  # a reviewer's identity, cli:<os user>, system:<job>
+    action: str = Field(max_length=32, index=True)
+    target: str = Field(max_length=256)
+    detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))

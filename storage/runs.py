@@ -1,4 +1,4 @@
-"""Training runs: the run lease, heartbeats, outcomes, and the watermark of feedback seen.
+"""Training runs: the run lease, heartbeats, outcomes, and the feedback revisions consumed.
 
 The run lease is the one `running` row the database allows (a partial unique index): a
 run that stops heartbeating is failed by the next one to start.
@@ -6,17 +6,19 @@ run that stops heartbeating is failed by the next one to start.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import AdapterVersion, RunStatus, TrainingRun, utcnow
+from storage.models import AdapterVersion, RunFeedback, RunStatus, TrainingRun, utcnow
 
-# the outcomes whose watermark counts as seen: a failed run may not have looked at its data
-_SEEN = (RunStatus.SUCCEEDED, RunStatus.REJECTED, RunStatus.SKIPPED)
+# the outcomes whose consumed revisions count as seen (by the threshold): a failed run may
+# not have looked at its data
+CONSUMING = (RunStatus.SUCCEEDED, RunStatus.REJECTED, RunStatus.SKIPPED)
 
 
 async def start_run(session: AsyncSession, *, trigger: str, stale_after: timedelta) -> int | None:
@@ -45,24 +47,34 @@ async def heartbeat(session: AsyncSession, *, run_id: int) -> None:
 
 
 async def record_dataset(session: AsyncSession, *, run_id: int, dataset_hash: str,
-                         feedback_watermark: int, adapter_name: str, log_path: str) -> None:
+                         adapter_name: str, log_path: str) -> None:
     """What the run trains on and what it will call its adapter (and commit)."""
-    await _set(session, run_id, dataset_hash=dataset_hash, feedback_watermark=feedback_watermark,
-               adapter_name=adapter_name, log_path=log_path)
+    await _set(session, run_id, dataset_hash=dataset_hash, adapter_name=adapter_name,
+               log_path=log_path)
+    await session.commit()
+
+
+async def record_consumed(session: AsyncSession, *, run_id: int,
+                          consumed: Mapping[int, tuple[int, str]]) -> None:
+    """The feedback the run read: feedback id -> (the revision read, its role); commits.
+    Counts once the run finishes without failing (CONSUMING)."""
+    rows = [{"run_id": run_id, "feedback_id": fid, "revision": rev, "role": role}
+            for fid, (rev, role) in consumed.items()]
+    for i in range(0, len(rows), 1000):  # bounded statements
+        await session.execute(insert(RunFeedback), rows[i:i + 1000])
     await session.commit()
 
 
 async def finish_run(
     session: AsyncSession, *, run_id: int, status: RunStatus, error: str | None = None,
     metrics: dict[str, Any] | None = None, dataset_hash: str | None = None,
-    feedback_watermark: int | None = None, register: AdapterVersion | None = None,
+    register: AdapterVersion | None = None,
 ) -> None:
     """Close the run with its outcome (the values given; None leaves a column as it is) and,
     in the same transaction, add the adapter version it `register`s; commits."""
     if register is not None:
         session.add(register)
-    values = dict(error=error, metrics=metrics, dataset_hash=dataset_hash,
-                  feedback_watermark=feedback_watermark)
+    values = dict(error=error, metrics=metrics, dataset_hash=dataset_hash)
     await _set(session, run_id, status=status, finished_at=utcnow(),
                **{k: v for k, v in values.items() if v is not None})
     await session.commit()
@@ -72,11 +84,22 @@ async def _set(session: AsyncSession, run_id: int, **values: Any) -> None:
     await session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**values))
 
 
-async def seen_watermark(session: AsyncSession) -> int:
-    """The highest feedback watermark of a run that finished without failing (succeeded,
-    rejected or skipped): feedback up to it has been considered; 0 if none."""
-    stmt = select(func.max(TrainingRun.feedback_watermark)).where(TrainingRun.status.in_(_SEEN))
-    return int((await session.execute(stmt)).scalar() or 0)
+async def lineage(session: AsyncSession, *, adapter: str | None) -> list[int]:
+    """The runs that trained `adapter` and its ancestors (what an incremental candidate
+    continuing from it already knows), newest first; none for the base model (None)."""
+    out: list[int] = []
+    seen: set[str] = set()
+    while adapter is not None and adapter not in seen:
+        seen.add(adapter)
+        stmt = select(AdapterVersion.run_id, AdapterVersion.parent_name).where(
+            AdapterVersion.name == adapter)
+        found = (await session.execute(stmt)).first()
+        if found is None:
+            break
+        if found.run_id is not None:
+            out.append(found.run_id)
+        adapter = found.parent_name
+    return out
 
 
 async def last_started(session: AsyncSession) -> datetime | None:

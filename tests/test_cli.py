@@ -47,6 +47,30 @@ def test_webchat_under_serve_requires_a_token(tmp_path: Path) -> None:
     assert done.returncode == 2 and "CHATLOOP_WEBCHAT_TOKEN" in done.stderr
 
 
+def test_webchat_under_serve_requires_a_secret_for_its_identities() -> None:
+    done = chatloop("serve", env={"CHATLOOP_WEBCHAT_ENABLED": "true",
+                                  "CHATLOOP_WEBCHAT_TOKEN": "t0ken"})
+    assert done.returncode == 2 and "CHATLOOP_WEBCHAT_SECRET" in done.stderr
+
+
+def test_the_old_reviewer_list_is_refused_with_the_new_form() -> None:
+    done = chatloop("serve", env={"CHATLOOP_REVIEWER_IDS": '["111"]'})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "chatloop: bad configuration: CHATLOOP_REVIEWER_IDS: Value error, no longer read: "
+        "reviewers are identities (channel:id); remove it and set "
+        """CHATLOOP_REVIEWERS='["telegram:111"]'""")
+
+
+def test_the_demo_keeps_its_web_identity_secret(tmp_path: Path) -> None:
+    from chatloop.cli import _kept_secret
+
+    path = tmp_path / "var/webchat-secret"
+    secret = _kept_secret(path)
+    assert len(secret) >= 32 and _kept_secret(path) == secret  # the same after a restart
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
 def test_bad_configuration_is_named() -> None:
     done = chatloop("serve", env={"CHATLOOP_PORT": "99999"})
     assert done.returncode == 2 and "CHATLOOP_PORT" in done.stderr

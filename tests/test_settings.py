@@ -21,10 +21,12 @@ TRAIN_COMMAND = f"{sys.executable} -m feedback.train"  # an executable on PATH o
 VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_DATABASE_URL", "postgresql://u@h/db", "storage.database_url",
      "postgresql://u@h/db"),
+    ("CHATLOOP_RETENTION_DAYS", "30", "storage.retention_days", 30),
     ("CHATLOOP_HOST", "0.0.0.0", "gateway.host", "0.0.0.0"),
     ("CHATLOOP_PORT", "8123", "gateway.port", 8123),
     ("CHATLOOP_WEBCHAT_ENABLED", "true", "webchat.enabled", True),
     ("CHATLOOP_WEBCHAT_TOKEN", "web-secret", "webchat.token", "web-secret"),
+    ("CHATLOOP_WEBCHAT_SECRET", "k" * 32, "webchat.secret", "k" * 32),
     ("CHATLOOP_INFERENCE_URL", "http://vllm:8001/v1", "inference.url", "http://vllm:8001/v1"),
     ("CHATLOOP_INFERENCE_API_KEY", "vllm-key", "inference.api_key", "vllm-key"),
     ("CHATLOOP_SERVED_MODEL_NAME", "base-7b", "inference.served_model_name", "base-7b"),
@@ -43,7 +45,8 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_HISTORY_MESSAGES", "4", "core.history_messages", 4),
     ("CHATLOOP_RATE_LIMIT_PER_MINUTE", "7", "core.rate_limit_per_minute", 7),
     ("CHATLOOP_MAX_CONCURRENT_GENERATIONS", "3", "core.max_concurrent_generations", 3),
-    ("CHATLOOP_REVIEWER_IDS", '["U1", "42"]', "core.reviewer_ids", ["U1", "42"]),
+    ("CHATLOOP_REVIEWERS", '["slack:T0/U0ABC", "telegram:111"]', "core.reviewers",
+     ["slack:T0/U0ABC", "telegram:111"]),
     ("CHATLOOP_EVENT_LEASE_S", "2.5", "core.event_lease_s", 2.5),
     ("CHATLOOP_REPLICA_ID", "gw-1", "core.replica_id", "gw-1"),
     ("CHATLOOP_ADAPTERS_DIR", "/adapters", "learn.adapters_dir", Path("/adapters")),
@@ -57,6 +60,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_LEARN_HELDOUT_PERCENT", "25", "learn.heldout_percent", 25),
     ("CHATLOOP_LEARN_MIN_VOTERS", "3", "learn.min_voters", 3),
     ("CHATLOOP_LEARN_PER_USER_CAP", "11", "learn.per_user_cap", 11),
+    ("CHATLOOP_LEARN_WEB_VOTE_WEIGHT", "0.5", "learn.web_vote_weight", 0.5),
     ("CHATLOOP_LEARN_INCLUDE_LIKED", "false", "learn.include_liked", False),
     ("CHATLOOP_LEARN_REPLAY_FRACTION", "0.25", "learn.replay_fraction", 0.25),
     ("CHATLOOP_LEARN_REDACT_PATTERNS", r'{"ORDER": "#\\d+"}', "learn.redact_patterns",
@@ -206,6 +210,16 @@ def test_the_learning_loop_trains_with_the_training_jobs_defaults() -> None:
     assert dataclasses.asdict(job) == dataclasses.asdict(default)
 
 
+def test_web_votes_weigh_nothing_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_environment(monkeypatch)
+    assert loop_config(Settings(_env_file=None)).dataset.web_vote_weight == 0.0
+    monkeypatch.setenv("CHATLOOP_LEARN_WEB_VOTE_WEIGHT", "1")
+    assert loop_config(Settings(_env_file=None)).dataset.web_vote_weight == 1.0
+    monkeypatch.setenv("CHATLOOP_LEARN_WEB_VOTE_WEIGHT", "-0.5")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None)
+
+
 def test_neftune_is_off_by_default_and_configurable() -> None:
     assert loop_config(Settings(_env_file=None)).train.neftune_alpha is None
     on = Settings(_env_file=None, learn={"neftune_alpha": 5})  # type: ignore[arg-type]
@@ -249,3 +263,37 @@ def test_the_training_worker_command_is_configurable_and_checked() -> None:
                                  "feedback.train"]
     with pytest.raises(ValidationError, match="not an executable on PATH"):
         Settings(_env_file=None, learn={"train_command": "no-such-launcher -m feedback.train"})  # type: ignore[arg-type]
+
+
+def test_the_old_reviewer_list_is_refused_saying_how_to_write_the_new_one(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clear_environment(monkeypatch)
+    monkeypatch.setenv("CHATLOOP_REVIEWER_IDS", '["111", "U0ABC"]')
+    with pytest.raises(ValidationError) as bad:
+        Settings(_env_file=None)
+    assert describe_error(bad.value) == (
+        "CHATLOOP_REVIEWER_IDS: Value error, no longer read: reviewers are identities "
+        "(channel:id); remove it and set "
+        """CHATLOOP_REVIEWERS='["telegram:111", "slack:TEAM_ID/U0ABC"]'""")
+    monkeypatch.delenv("CHATLOOP_REVIEWER_IDS")
+    env_file = tmp_path / ".env"
+    env_file.write_text('CHATLOOP_REVIEWER_IDS=["42"]\n')
+    with pytest.raises(ValidationError) as bad:
+        Settings(_env_file=env_file)
+    assert describe_error(bad.value).endswith("""CHATLOOP_REVIEWERS='["telegram:42"]'""")
+
+
+@pytest.mark.parametrize(("entry", "why"), [
+    ("web:abc", "web identities are never reviewers"),
+    ("111", "is not telegram:USER_ID or slack:TEAM_ID/USER_ID"),
+    ("slack:U0ABC", "is not telegram:USER_ID or slack:TEAM_ID/USER_ID"),  # no team
+    ("telegram:ann", "is not telegram:USER_ID or slack:TEAM_ID/USER_ID"),
+])
+def test_reviewers_are_telegram_or_slack_identities(monkeypatch: pytest.MonkeyPatch,
+                                                     entry: str, why: str) -> None:
+    clear_environment(monkeypatch)
+    monkeypatch.setenv("CHATLOOP_REVIEWERS", f'["telegram:111", "{entry}"]')
+    with pytest.raises(ValidationError) as bad:
+        Settings(_env_file=None)
+    assert describe_error(bad.value).startswith("CHATLOOP_REVIEWERS: ")
+    assert why in describe_error(bad.value)

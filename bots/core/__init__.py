@@ -16,6 +16,7 @@ from bots.core.conversation import HELP_TEXT, ConversationCore
 from bots.core.recovery import MAX_RESUMES
 from bots.core.turns import APOLOGIES, APOLOGY
 from bots.core.types import (
+    PRIVATE_CHANNELS,
     Accepted,
     CoreLimits,
     FeedbackResult,
@@ -27,12 +28,15 @@ from bots.core.types import (
     SinkFor,
     StaticRouter,
     TurnResult,
+    channel_of,
     default_owner,
+    identity,
 )
 from storage.feedback import UnknownAnswer
 
 __all__ = [
     "APOLOGIES", "APOLOGY", "HELP_TEXT", "MAX_RESUMES", "Accepted", "ConversationCore",
-    "CoreLimits", "FeedbackResult", "InboundMessage", "Outcome", "ReplySink", "Resumed",
-    "Router", "SinkFor", "StaticRouter", "TurnResult", "UnknownAnswer", "default_owner",
+    "CoreLimits", "FeedbackResult", "InboundMessage", "Outcome", "PRIVATE_CHANNELS", "ReplySink",
+    "Resumed", "Router", "SinkFor", "StaticRouter", "TurnResult", "UnknownAnswer", "channel_of",
+    "default_owner", "identity",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -45,8 +46,10 @@ class ConversationCore:
 
     def __init__(self, *, sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
                  fitter: PromptFitter, system_prompt: str, limits: CoreLimits,
-                 router: Router | None = None, reviewer_ids: frozenset[str] = frozenset(),
+                 router: Router | None = None, reviewers: Collection[str] = frozenset(),
                  owner: str | None = None) -> None:
+        """`reviewers`: identities (`channel:id`) whose feedback is trusted; a web identity
+        there is refused (ValueError): the web's reviewers are its authenticated operators."""
         self.sessions = sessions
         self._engine = turn_engine(sessions.kw["bind"])
         self._limits = limits
@@ -58,7 +61,7 @@ class ConversationCore:
         self._leases = Leases(sessions, owner=owner or default_owner(),
                               lease_s=limits.event_lease_s)
         self._recovery = Recovery(sessions=sessions, turns=self._turns, leases=self._leases)
-        self._feedback = FeedbackDesk(sessions, reviewer_ids=reviewer_ids)
+        self._feedback = FeedbackDesk(sessions, reviewers=reviewers)
 
     @property
     def backend(self) -> InferenceBackend:
@@ -73,8 +76,12 @@ class ConversationCore:
         return self._leases.owner
 
     @property
-    def reviewer_ids(self) -> frozenset[str]:
-        return self._feedback.reviewer_ids
+    def reviewers(self) -> frozenset[str]:
+        return self._feedback.reviewers
+
+    def is_reviewer(self, who: str) -> bool:
+        """Whether the identity `who` is a configured reviewer."""
+        return self._feedback.trusted(who)
 
     # -- turns --------------------------------------------------------------------------------
 
@@ -104,7 +111,7 @@ class ConversationCore:
                 f"That message is too long ({len(text)} characters; the limit is "
                 f"{self._limits.max_input_chars}). Please shorten it.",
             )
-        if not self._rate.allow(f"{msg.channel}:{msg.user_id}"):
+        if not self._rate.allow(msg.author):
             return await self._reject(
                 msg, sink, "You are sending messages too quickly. Please wait a minute."
             )
@@ -113,7 +120,7 @@ class ConversationCore:
                 s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id)
             turn = await conversations.begin_turn(
                 s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
-                text=text, author_id=msg.user_id, external_message_id=msg.message_id,
+                text=text, author_id=msg.author, external_message_id=msg.message_id,
                 payload=payload.dump(msg), owner=self.owner, lease_until=self._leases.until(),
             )
         if turn is None:
@@ -174,17 +181,23 @@ class ConversationCore:
     # -- feedback -----------------------------------------------------------------------------
 
     async def vote(self, *, answer_id: int, voter_id: str, rating: int, source: str,
-                   reason: str | None = None, event_id: str | None = None) -> FeedbackResult:
-        """Store a vote; with `event_id`, its platform delivery too (one transaction)."""
+                   reason: str | None = None, event_id: str | None = None,
+                   operator: bool = False) -> FeedbackResult:
+        """Store the vote of `voter_id` (an identity, `channel:id`); with `event_id`, its
+        platform delivery too (one transaction). UnknownAnswer unless the answer is one this
+        voter may rate (bots.core.feedback). `operator`: the channel authenticated the voter
+        as one of its operators (trusted like a reviewer)."""
         return await self._feedback.vote(answer_id=answer_id, voter_id=voter_id, rating=rating,
                                          source=source, reason=reason,
-                                         delivery=_delivery(source, event_id))
+                                         delivery=_delivery(source, event_id),
+                                         operator=operator)
 
     async def correct(self, *, answer_id: int, voter_id: str, text: str, source: str,
-                      event_id: str | None = None) -> FeedbackResult:
-        """Store a correction; with `event_id`, its platform delivery too (one transaction)."""
+                      event_id: str | None = None, operator: bool = False) -> FeedbackResult:
+        """Store a correction, as `vote` does a vote: untrusted ones await review."""
         return await self._feedback.correct(answer_id=answer_id, voter_id=voter_id, text=text,
-                                            source=source, delivery=_delivery(source, event_id))
+                                            source=source, delivery=_delivery(source, event_id),
+                                            operator=operator)
 
     async def reviewer_reply(self, msg: InboundMessage, *, source: str) -> bool:
         return await self._feedback.reviewer_reply(msg, source=source)

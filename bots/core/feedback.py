@@ -1,37 +1,61 @@
-"""Votes and corrections, each stored with its platform delivery in one transaction."""
+"""Votes and corrections, each stored with its platform delivery in one transaction.
+
+Who may give feedback on what: a voter is an identity (`channel:id`); an answer takes
+feedback only from its own channel, and in a private channel (the web chat) only from the
+person who asked. Anything else is `UnknownAnswer`, exactly like an id that does not exist.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bots.core.types import FeedbackResult, InboundMessage
+from bots.core.types import PRIVATE_CHANNELS, FeedbackResult, InboundMessage, channel_of
 from storage import conversations, events
 from storage import feedback as store
 from storage.feedback import Delivery, Stored
+
+
+def check_reviewers(reviewers: Collection[str]) -> frozenset[str]:
+    """Reviewers as identities; a private channel's identities (the web's, issued to any
+    browser that asks) are refused: they are never reviewers."""
+    for who in reviewers:
+        if channel_of(who) in PRIVATE_CHANNELS:
+            raise ValueError(f"{who!r}: {channel_of(who)} identities are never reviewers")
+    return frozenset(reviewers)
 
 
 class FeedbackDesk:
     """Stores feedback for every channel; reviewers' corrections are trusted (approved)."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *,
-                 reviewer_ids: frozenset[str]) -> None:
-        self._sessions, self.reviewer_ids = sessions, reviewer_ids
+                 reviewers: Collection[str]) -> None:
+        self._sessions, self.reviewers = sessions, check_reviewers(reviewers)
+
+    def trusted(self, who: str, *, operator: bool = False) -> bool:
+        """Whether feedback from `who` is trusted: a configured reviewer, or a person the
+        channel authenticated as one of its operators."""
+        return operator or who in self.reviewers
 
     async def vote(self, *, answer_id: int, voter_id: str, rating: int, source: str,
-                   reason: str | None = None, delivery: Delivery | None = None
-                   ) -> FeedbackResult:
+                   reason: str | None = None, delivery: Delivery | None = None,
+                   operator: bool = False) -> FeedbackResult:
         async with self._sessions() as s:
             stored = await store.record_vote(
                 s, answer_id=answer_id, voter_id=voter_id, rating=rating, source=source,
-                reason=reason, trusted=voter_id in self.reviewer_ids, delivery=delivery)
+                reason=reason, trusted=self.trusted(voter_id, operator=operator),
+                delivery=delivery, **_where(voter_id))
         return _result(stored)
 
     async def correct(self, *, answer_id: int, voter_id: str, text: str, source: str,
-                      delivery: Delivery | None = None) -> FeedbackResult:
+                      delivery: Delivery | None = None, operator: bool = False
+                      ) -> FeedbackResult:
         async with self._sessions() as s:
             stored = await store.record_correction(
                 s, answer_id=answer_id, voter_id=voter_id, text=text, source=source,
-                trusted=voter_id in self.reviewer_ids, delivery=delivery)
+                trusted=self.trusted(voter_id, operator=operator), delivery=delivery,
+                **_where(voter_id))
         return _result(stored)
 
     async def reviewer_reply(self, msg: InboundMessage, *, source: str) -> bool:
@@ -51,10 +75,17 @@ class FeedbackDesk:
             if answer is None or answer.id is None or not msg.text:
                 await s.commit()
                 return False
-            await store.record_correction(s, answer_id=answer.id, voter_id=msg.user_id,
+            await store.record_correction(s, answer_id=answer.id, voter_id=msg.author,
                                           text=msg.text, source=source,
-                                          trusted=msg.user_id in self.reviewer_ids)
+                                          trusted=self.trusted(msg.author),
+                                          **_where(msg.author))
         return True
+
+
+def _where(voter: str) -> dict[str, str | None]:
+    """Which answers `voter` may give feedback on (see the module docstring)."""
+    channel = channel_of(voter)
+    return {"channel": channel, "asked_by": voter if channel in PRIVATE_CHANNELS else None}
 
 
 def _result(stored: Stored) -> FeedbackResult:

@@ -57,7 +57,7 @@ class Recovery:
             log.info("resuming %s event %s", event.channel, event.external_event_id)
             sink = await sink_for(msg, Resumed(event.id, event.shown_ref))
             if stored is not None and stored.id is not None:
-                await self._turns.deliver(turn, stored.id, stored.text, sink)
+                await self._turns.deliver(turn, stored.id, stored.text, sink, stored.adapter)
             else:
                 await self._turns.run(turn, question.text, sink)
         return True

@@ -85,7 +85,7 @@ class Turns:
         if not progress.text.strip():
             return await self._failed(turn, progress, "empty_answer", sink, APOLOGY, meta)
         answer_id = await self._store(turn, progress.text, AnswerStatus.OK, meta)
-        return await self.deliver(turn, answer_id, progress.text, sink)
+        return await self.deliver(turn, answer_id, progress.text, sink, progress.adapter)
 
     def _meta(self, progress: _Progress, done: Finished | None = None) -> AnswerMeta:
         return AnswerMeta(
@@ -102,16 +102,16 @@ class Turns:
         meta = dataclasses.replace(meta or self._meta(progress), error_kind=kind)
         answer_id = await self._store(turn, progress.text, AnswerStatus.FAILED, meta)
         await sink.fail(apology)
-        return TurnResult(Outcome.FAILED, answer_id, progress.text, kind)
+        return TurnResult(Outcome.FAILED, answer_id, progress.text, kind, progress.adapter)
 
-    async def deliver(self, turn: TurnStart, answer_id: int, text: str,
-                      sink: ReplySink) -> TurnResult:
+    async def deliver(self, turn: TurnStart, answer_id: int, text: str, sink: ReplySink,
+                      adapter: str | None) -> TurnResult:
         """Show a stored answer, then close its event (a crash before that re-delivers it)."""
         external_id = await sink.finish(text, answer_id)
         async with self._engine.connect() as s:
             await conversations.mark_delivered(s, turn=turn, answer_id=answer_id,
                                                external_message_id=external_id)
-        return TurnResult(Outcome.ANSWERED, answer_id, text)
+        return TurnResult(Outcome.ANSWERED, answer_id, text, adapter=adapter)
 
     async def close(self, turn: TurnStart, why: str) -> None:
         """End a turn nobody will finish: a stored answer is left undelivered, else the turn

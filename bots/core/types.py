@@ -11,10 +11,32 @@ from typing import Protocol
 
 from storage.conversations import TurnStart
 
+# Channels whose conversations belong to the one person who asked (the web chat: each browser
+# has its own): feedback there is accepted only on one's own answers.
+PRIVATE_CHANNELS = frozenset({"web"})
+
+
+def identity(channel: str, user: str) -> str:
+    """A person as every part of chatloop knows them: `channel:id` (`telegram:111`,
+    `slack:T0/U0ABC`, `web:<server-issued id>`). The one place identities are made: messages'
+    authors, voters, rate limits, per-user caps and reviewer lists all use it."""
+    if not channel or ":" in channel or not user:
+        raise ValueError(f"no identity for channel {channel!r} and user {user!r}")
+    return f"{channel}:{user}"
+
+
+def channel_of(who: str) -> str:
+    """The channel of an identity made by `identity`; ValueError for anything else."""
+    channel, sep, user = who.partition(":")
+    if not (channel and sep and user):
+        raise ValueError(f"not an identity (channel:id): {who!r}")
+    return channel
+
 
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
-    """A normalised message from any channel; `event_id` is the platform's delivery id."""
+    """A normalised message from any channel; `event_id` is the platform's delivery id and
+    `user_id` the author's id within the channel (Slack: `TEAM/USER`)."""
 
     channel: str
     event_id: str
@@ -23,6 +45,11 @@ class InboundMessage:
     text: str
     thread_id: str = ""
     message_id: str | None = None
+
+    @property
+    def author(self) -> str:
+        """The author's identity (`channel:id`)."""
+        return identity(self.channel, self.user_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +110,7 @@ class TurnResult:
     answer_id: int | None = None
     text: str = ""
     error_kind: str | None = None
+    adapter: str | None = None  # the adapter that answered; None: the base model
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,7 +100,8 @@ class SlackChannel:
         await listed.wait()
 
     async def _sink_for(self, msg: InboundMessage, _: Resumed) -> SlackSink:
-        return self._sink(msg.chat_id, msg.thread_id, msg.user_id, self.team_id)
+        team, user = convert.split_user(msg.user_id)
+        return self._sink(msg.chat_id, msg.thread_id, user, team or self.team_id)
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -145,11 +146,12 @@ class SlackChannel:
         if found.kind == Kind.THREAD:  # a follow-up, if the bot is part of this thread
             if not await self._core.knows_thread(msg):
                 return
-            if self._agent_corrections and msg.user_id in self._core.reviewer_ids:
+            if self._agent_corrections and self._core.is_reviewer(msg.author):
                 # a reviewer answering in the thread after the bot corrects its answer
                 await self._core.reviewer_reply(msg, source="slack_thread")
                 return
-        sink = self._sink(msg.chat_id, msg.thread_id, msg.user_id, found.team_id or self.team_id)
+        _, user = convert.split_user(msg.user_id)
+        sink = self._sink(msg.chat_id, msg.thread_id, user, found.team_id or self.team_id)
         accepted = await self._core.accept(msg, sink)
         if isinstance(accepted, Accepted):
             self._spawn(self._answer(accepted, sink))
@@ -163,11 +165,11 @@ class SlackChannel:
     async def _on_vote(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await ack()
         click = convert.click(body)
-        if click is None:
+        if click is None or not click.voter_id:
             return
         rating = 1 if body["actions"][0].get("action_id") == render.VOTE_UP else -1
         try:
-            await self._core.vote(answer_id=click.answer_id, voter_id=click.user_id,
+            await self._core.vote(answer_id=click.answer_id, voter_id=click.voter_id,
                                   rating=rating, source=CHANNEL)
         except UnknownAnswer:
             log.warning("slack: vote on unknown answer %s", click.answer_id)
@@ -186,7 +188,7 @@ class SlackChannel:
 
     async def _on_correction(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         found = convert.suggestion(body)
-        if found is None:
+        if found is None or not found.voter_id:
             await ack()
             return
         if not found.text:
@@ -194,7 +196,7 @@ class SlackChannel:
                       errors={render.CORRECTION_BLOCK: "Please write the better answer."})
             return
         try:
-            await self._core.correct(answer_id=found.answer_id, voter_id=found.user_id,
+            await self._core.correct(answer_id=found.answer_id, voter_id=found.voter_id,
                                      text=found.text, source=CHANNEL)
         except UnknownAnswer:
             await ack(response_action="errors",

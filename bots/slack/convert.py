@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from bots.core import InboundMessage
+from bots.core import InboundMessage, identity
 from bots.slack.render import CORRECTION_BLOCK, CORRECTION_INPUT
 
 CHANNEL = "slack"
@@ -29,6 +29,37 @@ class Inbound:
     kind: Kind
     message: InboundMessage
     team_id: str | None
+
+
+def user_key(team: str | None, user: str) -> str:
+    """A Slack user's id within the channel, `TEAM/USER` (user ids are only unique within
+    their workspace); the bare user id if no team is known."""
+    return f"{team}/{user}" if team else user
+
+
+def split_user(user_id: str) -> tuple[str | None, str]:
+    """(team, user) of a `user_key` (team None for a bare id, as events recorded before
+    identities carried the team)."""
+    team, sep, user = user_id.partition("/")
+    return (team, user) if sep else (None, user_id)
+
+
+def voter(body: dict[str, Any]) -> str:
+    """The identity of the person who clicked or submitted (interactivity payloads name the
+    team in `user.team_id`, or else in `team.id`); empty if the payload names no user."""
+    user = body.get("user") or {}
+    if not user.get("id"):
+        return ""
+    team = user.get("team_id") or (body.get("team") or {}).get("id")
+    return identity(CHANNEL, user_key(team, user["id"]))
+
+
+def _event_team(body: dict[str, Any], event: dict[str, Any]) -> str | None:
+    """The author's team: the event's own fields first (shared channels, Enterprise Grid),
+    then the envelope's."""
+    auths = body.get("authorizations") or [{}]
+    return (event.get("user_team") or event.get("team") or body.get("team_id")
+            or auths[0].get("team_id"))
 
 
 def strip_mention(text: str, bot_user_id: str | None) -> str:
@@ -61,13 +92,14 @@ def inbound(body: dict[str, Any], *, bot_user_id: str | None) -> Inbound | None:
     else:
         return None
     ts = event.get("ts") or event.get("event_ts") or ""
+    team = _event_team(body, event)
     msg = InboundMessage(
         channel=CHANNEL, event_id=str(body.get("event_id") or f"{event.get('channel')}:{ts}"),
-        chat_id=event.get("channel") or "", user_id=user,
+        chat_id=event.get("channel") or "", user_id=user_key(team, user),
         text=strip_mention(event.get("text") or "", bot_user_id),
         thread_id=event.get("thread_ts") or ts, message_id=ts,
     )
-    return Inbound(kind, msg, event.get("user_team") or event.get("team") or body.get("team_id"))
+    return Inbound(kind, msg, team)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +107,7 @@ class Click:
     """A feedback button pressed under an answer."""
 
     answer_id: int
-    user_id: str
+    voter_id: str  # an identity: slack:TEAM/USER
     channel_id: str
     message_ts: str
     message: dict[str, Any]
@@ -92,7 +124,7 @@ def click(body: dict[str, Any]) -> Click | None:
     container = body.get("container") or {}
     message = body.get("message") or {}
     return Click(
-        answer_id=answer_id, user_id=(body.get("user") or {}).get("id", ""),
+        answer_id=answer_id, voter_id=voter(body),
         channel_id=container.get("channel_id") or (body.get("channel") or {}).get("id", ""),
         message_ts=container.get("message_ts") or message.get("ts", ""),
         message=message, trigger_id=body.get("trigger_id", ""),
@@ -104,7 +136,7 @@ class Suggestion:
     """A submitted "Suggest a better answer" modal."""
 
     answer_id: int
-    user_id: str
+    voter_id: str  # an identity: slack:TEAM/USER
     text: str
 
 
@@ -117,4 +149,4 @@ def suggestion(body: dict[str, Any]) -> Suggestion | None:
         return None
     values = (view.get("state") or {}).get("values") or {}
     text = ((values.get(CORRECTION_BLOCK) or {}).get(CORRECTION_INPUT) or {}).get("value") or ""
-    return Suggestion(answer_id, (body.get("user") or {}).get("id", ""), text.strip())
+    return Suggestion(answer_id, voter(body), text.strip())

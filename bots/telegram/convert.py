@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update, User
 
-from bots.core import InboundMessage
+from bots.core import InboundMessage, identity
 from bots.telegram.outbound import Target
 
 CHANNEL = "telegram"
@@ -42,7 +42,7 @@ class Vote:
     query_id: str
     answer_id: int
     rating: int
-    voter_id: str
+    voter_id: str  # an identity: telegram:USER
     where: Target | None  # None when the answer's message is no longer accessible
     answer_message_id: int | None
 
@@ -51,7 +51,7 @@ class Vote:
 class Correct:
     update_id: int
     answer_id: int
-    voter_id: str
+    voter_id: str  # an identity: telegram:USER
     text: str
     where: Target
 
@@ -111,7 +111,8 @@ def classify(update: Update, me: User) -> Action:
         return Skip("no text")
     fixed = correction_target(msg, me)
     if fixed is not None:
-        return Correct(update.update_id, fixed, str(msg.from_user.id), msg.text, _target(msg))
+        return Correct(update.update_id, fixed, identity(CHANNEL, str(msg.from_user.id)),
+                       msg.text, _target(msg))
     text = msg.text if private else _addressed_text(msg, me)
     if text is None:
         return Skip("group message not addressed to the bot")
@@ -171,7 +172,8 @@ def _callback(update: Update, me: User) -> Action:
         where = Target(message.chat.id, thread if topic else None)
         answer_msg = message.message_id
     return Vote(update.update_id, query.id, int(found.group(1)),
-                1 if found.group(2) == "u" else -1, str(query.from_user.id), where, answer_msg)
+                1 if found.group(2) == "u" else -1, identity(CHANNEL, str(query.from_user.id)),
+                where, answer_msg)
 
 
 def vote_keyboard(answer_id: int) -> InlineKeyboardMarkup:

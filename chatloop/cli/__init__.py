@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import SecretStr
 
 from chatloop.cli.common import die, load_settings, setup_logging
 from chatloop.cli.learn import register as register_learning_loop
+from chatloop.cli.privacy import register as register_privacy
 from chatloop.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="chatloop: chat + feedback loop")
@@ -24,6 +28,7 @@ model_app = typer.Typer(no_args_is_help=True, help="The base model.")
 app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 register_learning_loop(app)  # adapters, feedback export, runs, train, review, scheduler
+register_privacy(app)  # forget, audit
 
 log = logging.getLogger("chatloop")
 
@@ -69,6 +74,9 @@ def serve() -> None:
     settings = load_settings()
     if settings.webchat.enabled and settings.webchat.token is None:
         die("CHATLOOP_WEBCHAT_ENABLED=true requires CHATLOOP_WEBCHAT_TOKEN under `serve`")
+    if settings.webchat.enabled and settings.webchat.secret is None:  # every replica's key
+        die("CHATLOOP_WEBCHAT_ENABLED=true requires CHATLOOP_WEBCHAT_SECRET (16+ random "
+            "characters, the same on every replica) under `serve`")
     _run(settings, webchat=settings.webchat.enabled)
 
 
@@ -88,17 +96,39 @@ def demo() -> None:
         prepare_model(inference.model_source, Path(inference.model),
                       cache_dir=inference.model_cache)
     settings.webchat.token = None
+    if settings.webchat.secret is None:
+        settings.webchat.secret = SecretStr(_kept_secret(DEMO_SECRET))
     demo_sized = {"min_feedback": 5, "min_interval_s": 60, "check_interval_s": 30,
-                  "canary_min_votes": 5}
+                  "canary_min_votes": 5, "web_vote_weight": 1.0,
+                  # a passing adapter serves every conversation at once: the person at the
+                  # browser sees what their corrections taught
+                  "canary_percent": 100.0}
     for name, value in demo_sized.items():  # unless set in the environment
         if name not in settings.learn.model_fields_set:
             setattr(settings.learn, name, value)
     gateway = settings.gateway
     typer.echo(f"chatloop demo: open http://{gateway.host}:{gateway.port}/chat")
-    _run(settings, webchat=True, learning=True)
+    _run(settings, webchat=True, learning=True, web_operator=True)
 
 
-def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
+DEMO_SECRET = Path("var/webchat-secret")
+
+
+def _kept_secret(path: Path) -> str:
+    """The secret stored at `path`, made (random, readable by this user only) if missing:
+    the demo's browsers keep their identities across restarts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
+def _run(settings: Settings, *, webchat: bool, learning: bool = False,
+         web_operator: bool = False) -> None:
     import uvicorn
 
     from chatloop.app import ConfigError, build_app, build_services
@@ -111,7 +141,7 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False) -> None:
             services = await build_services(settings)
         except (DatabaseNotReady, ConfigError) as exc:
             die(str(exc))
-        app = build_app(services, webchat=webchat)
+        app = build_app(services, webchat=webchat, web_operator=web_operator)
         gateway = settings.gateway
         server = uvicorn.Server(uvicorn.Config(app, host=gateway.host, port=gateway.port,
                                                log_level="info"))

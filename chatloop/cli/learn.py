@@ -57,23 +57,26 @@ def adapters_list() -> None:
 
     rows = _run(main)
     typer.echo(f"{'NAME':<14}{'STATUS':<11}{'RANK':>5}  {'PARENT':<14}{'RUN':>5}  "
-               f"{'HELDOUT LOSS':<18}CREATED")
+               f"{'HELDOUT LOSS':<18}{'CREATED':<18}TAINTED")
     for v in rows:
         m = v.metrics or {}
         loss = (f"{m['parent']['heldout_loss']:.3f}->{m['candidate']['heldout_loss']:.3f}"
                 if m.get("candidate", {}).get("heldout_loss") is not None else "-")
         typer.echo(f"{v.name:<14}{v.status:<11}{v.rank:>5}  {v.parent_name or '-':<14}"
-                   f"{v.run_id or '-':>5}  {loss:<18}{v.created_at:%Y-%m-%d %H:%M}")
+                   f"{v.run_id or '-':>5}  {loss:<18}{v.created_at:%Y-%m-%d %H:%M}  "
+                   + (f"tainted {v.tainted_at:%Y-%m-%d %H:%M}" if v.tainted_at else "-"))
 
 
 @adapters_app.command("promote")
 def adapters_promote(name: str) -> None:
     """Make NAME the active adapter (the current one is retired)."""
-    from storage import adapters
+    from storage import adapters, audit
 
     async def main() -> None:
         async with _db() as (_, sessions), sessions() as s:
             await adapters.promote(s, name=name)
+            await audit.log(s, actor=audit.cli_actor(), action=audit.Action.PROMOTE,
+                            target=f"adapter:{name}")
 
     _run(main)
     typer.echo(f"{name} is now active (gateways pick it up within seconds)")
@@ -82,18 +85,21 @@ def adapters_promote(name: str) -> None:
 @adapters_app.command("rollback")
 def adapters_rollback() -> None:
     """Reject the canary, or retire the active adapter and restore its parent."""
-    from storage import adapters
+    from storage import adapters, audit
 
     async def main() -> tuple[str, str | None]:
         async with _db() as (_, sessions), sessions() as s:
-            return await adapters.rollback(s)
+            removed, active = await adapters.rollback(s)
+            await audit.log(s, actor=audit.cli_actor(), action=audit.Action.ROLLBACK,
+                            target=f"adapter:{removed}", detail={"active": active})
+            return removed, active
 
     removed, active = _run(main)
     typer.echo(f"rolled back {removed}; active: {active or 'base model'}")
 
 
 def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None:
-    """Recent training runs: status, trigger, adapter, metrics, log path."""
+    """Recent training runs: status, trigger, adapter, metrics, corrections, log path."""
     from storage.runs import recent_runs
 
     async def main() -> list[Any]:
@@ -109,9 +115,14 @@ def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None
                    f"{cand.get('heldout_accuracy') or 0:.2f} golden "
                    f"{parent.get('golden_loss') or 0:.3f}->{cand.get('golden_loss') or 0:.3f}"
                    if cand else "-")
+        data = m.get("dataset", {})
+        corrections = (f"corrections trained {data['corrections_trained']} held out "
+                       f"{data['corrections_heldout']} carried over "
+                       f"{data['corrections_carried_over']}"
+                       if "corrections_trained" in data else "corrections -")
         typer.echo(f"#{r.id} {r.status:<9} {r.trigger:<9} {r.adapter_name or '-':<10} "
-                   f"{r.started_at:%Y-%m-%d %H:%M} {metrics}  log={r.log_path or '-'}"
-                   + (f"\n    {r.error}" if r.error else ""))
+                   f"{r.started_at:%Y-%m-%d %H:%M} {metrics}  {corrections}  "
+                   f"log={r.log_path or '-'}" + (f"\n    {r.error}" if r.error else ""))
 
 
 def train(now: Annotated[bool, typer.Option("--now", help="run one cycle now")] = False) -> None:
@@ -166,20 +177,28 @@ def review(
 
 
 @feedback_app.command("export")
-def export(out: Annotated[Path, typer.Option(help="JSONL file to write")] = Path("dataset.jsonl"),
-           since: Annotated[int, typer.Option(help="feedback id watermark")] = 0) -> None:
+def export(
+    out: Annotated[Path, typer.Option(help="JSONL file to write")] = Path("dataset.jsonl"),
+) -> None:
     """Write the (redacted) dataset the next run would build, as JSONL."""
     from chatloop.app import loop_config
-    from feedback.dataset import build_dataset, write_jsonl
+    from feedback import erasure
+    from feedback.dataset import build_dataset
+    from storage import adapters, runs
 
     cfg = loop_config(load_settings())
 
-    async def main() -> Any:
-        async with _db() as (_, sessions), sessions() as s:
-            return await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor, since=since)
+    async def build(s: Any) -> Any:
+        active = (await adapters.serving(s)).active if cfg.incremental else None
+        learned = await runs.lineage(s, adapter=active.name if active else None)
+        return await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor,
+                                   learned_by=learned)
+
+    async def main() -> Any:  # written and registered: forget and retention rewrite it too
+        async with _db() as (_, sessions):
+            return await erasure.export(sessions, runs_dir=cfg.runs_dir, out=out, build=build)
 
     ds = _run(main)
-    write_jsonl(ds.rows(), out)
     typer.echo(f"wrote {len(ds.rows())} rows to {out} (dataset {ds.hash[:12]}): "
                + json.dumps(ds.report))
 

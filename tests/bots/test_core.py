@@ -17,6 +17,9 @@ from bots.core import (
     Outcome,
     Resumed,
     StaticRouter,
+    UnknownAnswer,
+    channel_of,
+    identity,
 )
 from inference.errors import BackendUnavailable
 from inference.prompt import PromptFitter
@@ -30,13 +33,14 @@ def tokenizer(model_dir):  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def make_core(sessions, tokenizer, backend=None, adapter=None, owner=None, **limits):  # type: ignore[no-untyped-def]
+def make_core(sessions, tokenizer, backend=None, adapter=None, owner=None,  # type: ignore[no-untyped-def]
+              reviewers=frozenset(), **limits):
     backend = backend or ScriptedBackend()
     return ConversationCore(
         sessions=sessions, backend=backend,
         fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=128),
         system_prompt="Be brief.", limits=CoreLimits(max_tokens=128, **limits),
-        router=StaticRouter(adapter), owner=owner,
+        router=StaticRouter(adapter), owner=owner, reviewers=reviewers,
     )
 
 
@@ -315,8 +319,71 @@ async def test_a_vote_with_its_delivery_is_acted_on_once(sessions, tokenizer) ->
     core = make_core(sessions, tokenizer)
     answered = await core.handle(msg("q", "e1"), RecordingSink())
     assert answered.answer_id is not None
-    votes = [await core.vote(answer_id=answered.answer_id, voter_id="u1", rating=-1,
+    votes = [await core.vote(answer_id=answered.answer_id, voter_id="test:u1", rating=-1,
                              source="test", event_id="cb-1") for _ in range(2)]
     assert [v.first_delivery for v in votes] == [True, False]
     assert (votes[1].rating, votes[1].trusted) == (-1, False)
     assert not await core.record_delivery("test", "cb-1")  # the vote's delivery is recorded
+
+
+def test_a_person_is_their_channel_and_their_id_there() -> None:
+    assert identity("telegram", "111") == "telegram:111"
+    assert identity("slack", "T0/U0ABC") == "slack:T0/U0ABC"
+    assert channel_of("web:abc") == "web" and msg("q", "e").author == "test:u1"
+    for channel, user in (("", "1"), ("a:b", "1"), ("web", "")):
+        with pytest.raises(ValueError):
+            identity(channel, user)
+    for bad in ("111", ":1", "web:"):
+        with pytest.raises(ValueError, match="not an identity"):
+            channel_of(bad)
+
+
+def _on(channel: str, user: str, event: str) -> InboundMessage:
+    return InboundMessage(channel=channel, event_id=event, chat_id=f"{user}/c", user_id=user,
+                          text="When do you open?")
+
+
+async def test_authors_and_rate_limits_are_identities(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer, rate_limit_per_minute=1)
+    here = await core.handle(_on("test", "u1", "e1"), RecordingSink())
+    elsewhere = await core.handle(_on("other", "u1", "e1"), RecordingSink())
+    again = await core.handle(_on("test", "u1", "e2"), RecordingSink())
+    assert (here.outcome, elsewhere.outcome, again.outcome) == ("answered", "answered",
+                                                                "rejected")
+    async with sessions() as s:
+        authors = (await s.execute(select(Message.author_id).where(Message.role == "user")
+                                   .order_by(Message.id))).scalars().all()
+    assert authors == ["test:u1", "other:u1"]  # the same id on two channels: two people
+
+
+async def test_feedback_is_taken_only_where_it_belongs(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer, reviewers=frozenset({"telegram:111"}))
+    tg = (await core.handle(_on("telegram", "42", "t1"), RecordingSink())).answer_id
+    web = (await core.handle(_on("web", "a", "w1"), RecordingSink())).answer_id
+    assert tg is not None and web is not None
+    for answer, voter in ((tg, "web:a"),  # another channel's answer
+                          (web, "telegram:111"),  # a reviewer, of another channel
+                          (web, "web:b")):  # another browser's conversation
+        with pytest.raises(UnknownAnswer, match=f"no answer with id {answer}$"):
+            await core.vote(answer_id=answer, voter_id=voter, rating=1, source="t")
+        with pytest.raises(UnknownAnswer, match=f"no answer with id {answer}$"):
+            await core.correct(answer_id=answer, voter_id=voter, text="Nine.", source="t")
+    with pytest.raises(ValueError, match="not an identity"):  # a bare id is nobody
+        await core.vote(answer_id=tg, voter_id="111", rating=1, source="t")
+    reviewer = await core.correct(answer_id=tg, voter_id="telegram:111", text="Nine.",
+                                  source="t")
+    group_member = await core.vote(answer_id=tg, voter_id="telegram:43", rating=1, source="t")
+    asker = await core.correct(answer_id=web, voter_id="web:a", text="Nine.", source="t")
+    assert (reviewer.trusted, reviewer.review_status) == (True, "approved")
+    assert (group_member.trusted, asker.trusted, asker.review_status) == (False, False,
+                                                                          "pending")
+    operator = await core.correct(answer_id=web, voter_id="web:a", text="Ten.", source="t",
+                                  operator=True)  # the channel vouches for its operator
+    assert (operator.trusted, operator.review_status) == (True, "approved")
+
+
+def test_web_identities_are_never_reviewers(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="never reviewers"):
+        make_core(sessions, tokenizer, reviewers=frozenset({"telegram:111", "web:abc"}))
+    with pytest.raises(ValueError, match="not an identity"):
+        make_core(sessions, tokenizer, reviewers=frozenset({"111"}))

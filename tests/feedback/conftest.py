@@ -19,7 +19,7 @@ from inference.prompt import PromptFitter
 from tests.fakes.inference import ScriptedBackend
 from tests.fakes.sinks import RecordingSink
 
-REVIEWER = "reviewer-1"
+REVIEWER = "test:reviewer-1"  # an identity, channel:id, like every voter
 
 
 @pytest.fixture(scope="session")
@@ -32,21 +32,24 @@ def make_core(sessions, tokenizer, backend=None, router: Router | None = None): 
         sessions=sessions, backend=backend or ScriptedBackend(answer=lambda r: "I don't know."),
         fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=64),
         system_prompt="Be brief.", limits=CoreLimits(max_tokens=64, rate_limit_per_minute=10_000),
-        router=router, reviewer_ids=frozenset({REVIEWER}))
+        router=router, reviewers=frozenset({REVIEWER}))
 
 
 @dataclass
 class Asker:
-    """Simulated users: each `ask` is a new conversation (its own chat) unless `chat` is given."""
+    """Simulated users: each `ask` is a new conversation (its own chat) unless `chat` is given;
+    `user` is the asker's identity (its channel is the conversation's)."""
 
     core: ConversationCore
     n: int = 0
 
-    async def ask(self, question: str, *, chat: str | None = None, user: str = "u1") -> int:
+    async def ask(self, question: str, *, chat: str | None = None,
+                  user: str = "test:u1") -> int:
         self.n += 1
         key = uuid.uuid4().hex[:12]
-        msg = InboundMessage(channel="test", event_id=f"e{key}", chat_id=chat or f"c{key}",
-                             user_id=user, text=question)
+        channel, _, user_id = user.partition(":")
+        msg = InboundMessage(channel=channel, event_id=f"e{key}", chat_id=chat or f"c{key}",
+                             user_id=user_id, text=question)
         result = await self.core.handle(msg, RecordingSink())
         assert result.answer_id is not None
         return result.answer_id

@@ -10,24 +10,27 @@ import sys
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from chatloop.app import adapter_source
 from feedback.canary import CanaryPolicy, Decision, Votes, decide, evaluate_canary
+from feedback.policy import DatasetPolicy
 from inference.base import ChatMessage, Finished, GenerationRequest
 from inference.registry import AdapterRegistry, DrainingBackend, in_canary
 from storage import adapters
-from storage.models import AdapterStatus
+from storage.models import AdapterStatus, Message, utcnow
 from tests.conftest import ROOT
 from tests.fakes.inference import ScriptedBackend
 from tests.feedback.conftest import Asker, make_core
 
 POLICY = CanaryPolicy(min_votes=20, max_votes=500, margin=0.05)
+RULES = DatasetPolicy()  # the dataset's vote rules, defaults: two voters, a cap, quarantine
 
 
 async def add(sessions, name: str, status: AdapterStatus, parent: str | None = None) -> None:  # type: ignore[no-untyped-def]
     async with sessions() as s:
         s.add(adapters.new_version(name=name, path=f"/adapters/{name}", rank=8,
-                                   parent_name=parent, run_id=None, feedback_watermark=0,
+                                   parent_name=parent, run_id=None,
                                    dataset_hash="h", metrics={}, status=status))
         await s.commit()
 
@@ -96,12 +99,26 @@ async def test_a_refresh_never_holds_up_routing(sessions) -> None:  # type: igno
     await router.aclose()
 
 
+async def regulars(sessions, users: Asker, n: int = 20) -> list[str]:  # type: ignore[no-untyped-def]
+    """`n` voters who have been around for a month (not new, so no burst of them)."""
+    voters = [f"test:regular{i}" for i in range(n)]
+    for v in voters:
+        await users.ask("hello", user=v)
+    async with sessions() as s:
+        await s.execute(update(Message).where(Message.author_id.in_(voters))
+                        .values(created_at=utcnow() - timedelta(days=30)))
+        await s.commit()
+    return voters
+
+
 async def _simulate(sessions, tokenizer, *, canary_down: float, active_down: float,  # type: ignore[no-untyped-def]
                     conversations: int = 120) -> None:
+    """Each answer judged by two regulars (a group chat), with a deterministic 👎 share."""
     backend = ScriptedBackend(adapters={"fb-v1", "fb-v2"})
     core = make_core(sessions, tokenizer, backend,
                      router=registry(sessions, backend, canary_percent=50, refresh_s=0))
     users = Asker(core)
+    voters = await regulars(sessions, users)
     counts = {"fb-v1": 0, "fb-v2": 0}
     for i in range(conversations):
         answer = await users.ask(f"question {i}?")
@@ -109,16 +126,17 @@ async def _simulate(sessions, tokenizer, *, canary_down: float, active_down: flo
         assert adapter is not None
         rate = canary_down if adapter == "fb-v2" else active_down
         counts[adapter] += 1
-        down = (counts[adapter] % 10) < rate * 10  # a deterministic share of 👎
-        await core.vote(answer_id=answer, voter_id=f"u{i}", rating=-1 if down else 1,
-                        source="test")
+        down = (counts[adapter] % 10) < rate * 10
+        for voter in (voters[2 * i % len(voters)], voters[(2 * i + 1) % len(voters)]):
+            await core.vote(answer_id=answer, voter_id=voter, rating=-1 if down else 1,
+                            source="test")
 
 
 async def test_canary_with_a_good_rate_is_promoted(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
     await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
     await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
     await _simulate(sessions, tokenizer, canary_down=0.1, active_down=0.2)
-    outcome = await evaluate_canary(sessions, POLICY)
+    outcome = await evaluate_canary(sessions, POLICY, rules=RULES)
     assert outcome.decision == Decision.PROMOTE and outcome.canary_votes.n > 40
     assert await statuses(sessions) == {"fb-v1": "retired", "fb-v2": "active"}
     router = registry(sessions, canary_percent=50)
@@ -129,10 +147,43 @@ async def test_canary_with_a_worse_rate_is_rolled_back(sessions, tokenizer) -> N
     await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
     await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
     await _simulate(sessions, tokenizer, canary_down=0.6, active_down=0.1)
-    assert (await evaluate_canary(sessions, POLICY)).decision == Decision.ROLLBACK
+    assert (await evaluate_canary(sessions, POLICY, rules=RULES)).decision == Decision.ROLLBACK
     assert await statuses(sessions) == {"fb-v1": "active", "fb-v2": "rejected"}
     router = registry(sessions, canary_percent=50)
     assert {await router.route(c) for c in range(50)} == {"fb-v1"}
+
+
+async def test_one_voters_thirty_thumbs_up_do_not_promote_the_canary(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The canary counts votes by the dataset's rule: an answer needs two voters (or a
+    reviewer), so one enthusiast's thirty 👍 on thirty canary answers are no evidence."""
+    await add(sessions, "fb-v1", AdapterStatus.ACTIVE)
+    await add(sessions, "fb-v2", AdapterStatus.CANARY, parent="fb-v1")
+    backend = ScriptedBackend(adapters={"fb-v1", "fb-v2"})
+    core = make_core(sessions, tokenizer, backend,
+                     router=registry(sessions, backend, canary_percent=50, refresh_s=0))
+    users = Asker(core)
+    fan, *others = await regulars(sessions, users)
+    served = {"fb-v1": 0, "fb-v2": 0}
+    i = 0
+    while served["fb-v2"] < 30 or served["fb-v1"] < 30:
+        answer = await users.ask(f"question {i}?")
+        adapter = backend.requests[-1].adapter
+        i += 1
+        if served[adapter] >= 30:
+            continue
+        served[adapter] += 1
+        if adapter == "fb-v2":
+            await core.vote(answer_id=answer, voter_id=fan, rating=1, source="test")
+        else:  # the active adapter: judged by two regulars each, one in five 👎
+            for voter in others[served[adapter] % 9 * 2:][:2]:
+                await core.vote(answer_id=answer, voter_id=voter,
+                                rating=-1 if served[adapter] % 5 == 0 else 1, source="test")
+    outcome = await evaluate_canary(sessions, POLICY, rules=RULES)
+    assert outcome.decision == Decision.WAIT and outcome.canary_votes == Votes(0, 0)
+    assert outcome.control_votes == Votes(30, 6)
+    assert await statuses(sessions) == {"fb-v1": "active", "fb-v2": "canary"}
+    # counted vote by vote, as before, they would have promoted it
+    assert decide(Votes(30, 0), outcome.control_votes, POLICY) == Decision.PROMOTE
 
 
 async def test_rollback_restores_the_parent_and_promote_retires_the_active(sessions) -> None:  # type: ignore[no-untyped-def]

@@ -44,8 +44,8 @@ async def test_review_lists_and_approves_pending_corrections(sqlite_url, tmp_pat
     sessions = session_factory(engine)
     core = make_core(sessions, tokenizer)
     answer = await Asker(core).ask("Do you ship to Germany?")
-    suggestion = await core.correct(answer_id=answer, voter_id="u7", text="Yes, for 14 pounds.",
-                                    source="test")
+    suggestion = await core.correct(answer_id=answer, voter_id="test:u7",
+                                    text="Yes, for 14 pounds.", source="test")
     listed = await chatloop(sqlite_url, tmp_path, "review")
     assert listed.returncode == 0, listed.stderr
     assert "suggested: Yes, for 14 pounds." in listed.stdout and "1 pending" in listed.stdout

@@ -18,7 +18,9 @@ from sqlalchemy import update
 from feedback import review
 from feedback.dataset import DatasetPolicy, build_dataset, heldout_conversation
 from feedback.redaction import Redactor
-from storage.models import Message, utcnow
+from storage import feedback as store
+from storage import runs
+from storage.models import Message, RunStatus, utcnow
 from tests.conftest import ROOT
 from tests.feedback.conftest import REVIEWER, Asker, make_core
 
@@ -38,7 +40,7 @@ async def test_trusted_correction_is_sft_data_and_untrusted_waits_for_review(
     a1 = await users.ask("How long do I have to return something?")
     a2 = await users.ask("Do you price match?")
     await core.correct(answer_id=a1, voter_id=REVIEWER, text="45 days.", source="test")
-    await core.correct(answer_id=a2, voter_id="u9", text="Yes, within 14 days.", source="test")
+    await core.correct(answer_id=a2, voter_id="test:u9", text="Yes, within 14 days.", source="test")
     ds = await build(sessions)
     assert [(e.prompt, e.completion, e.rejected) for e in ds.sft] == [(
         [{"role": "system", "content": "Be brief."},
@@ -103,11 +105,11 @@ async def test_thumbs_need_distinct_voters_or_a_trusted_one(sessions, tokenizer)
     core = make_core(sessions, tokenizer)
     users = Asker(core)
     one_vote, two_votes, reviewer_down = [await users.ask(f"q{i}?") for i in range(3)]
-    await core.vote(answer_id=one_vote, voter_id="u1", rating=1, source="test")
-    for voter in ("u1", "u2"):
+    await core.vote(answer_id=one_vote, voter_id="test:u1", rating=1, source="test")
+    for voter in ("test:u1", "test:u2"):
         await core.vote(answer_id=two_votes, voter_id=voter, rating=1, source="test")
     await core.vote(answer_id=reviewer_down, voter_id=REVIEWER, rating=-1, source="test")
-    await core.vote(answer_id=reviewer_down, voter_id="u3", rating=1, source="test")
+    await core.vote(answer_id=reviewer_down, voter_id="test:u3", rating=1, source="test")
     ds = await build(sessions)
     labels = {e.answer_id: e.label for e in ds.kto}
     assert labels == {two_votes: True, reviewer_down: False}
@@ -119,7 +121,7 @@ async def test_per_user_cap_limits_one_voters_influence(sessions, tokenizer) -> 
     users = Asker(core)
     answers = [await users.ask(f"question {i}?") for i in range(5)]
     for i, a in enumerate(answers):
-        for voter in ("spammer", f"other{i}"):
+        for voter in ("test:spammer", f"test:other{i}"):
             await core.vote(answer_id=a, voter_id=voter, rating=1, source="test")
     ds = await build(sessions, replace(POLICY, per_user_cap=2, burst_min_votes=100))
     assert ds.report["capped_rows"] == 3
@@ -144,7 +146,7 @@ async def test_a_burst_of_new_voters_is_quarantined(sessions, tokenizer) -> None
     core = make_core(sessions, tokenizer)
     users = Asker(core)
     target = await users.ask("Is the Fellrunner waterproof?")
-    old_voters = [f"regular{i}" for i in range(3)]
+    old_voters = [f"test:regular{i}" for i in range(3)]
     for v in old_voters:
         await users.ask("hello", user=v)
     async with sessions() as s:  # the regulars have been around for a month
@@ -156,7 +158,7 @@ async def test_a_burst_of_new_voters_is_quarantined(sessions, tokenizer) -> None
     policy = replace(POLICY, burst_min_votes=5, burst_new_share=0.6)
     assert (await build(sessions, policy)).report["quarantined_votes"] == 0
     for i in range(8):
-        await core.vote(answer_id=target, voter_id=f"fresh{i}", rating=-1, source="test")
+        await core.vote(answer_id=target, voter_id=f"test:fresh{i}", rating=-1, source="test")
     ds = await build(sessions, policy)
     assert ds.report["quarantined_votes"] == 8
     assert {e.answer_id: e.label for e in ds.kto} == {target: True}  # the regulars still count
@@ -177,16 +179,51 @@ async def test_context_keeps_recent_turns_within_the_token_budget(sessions, toke
     assert narrow[1]["content"].startswith("earlier question 2")
 
 
-async def test_watermark_limits_the_dataset_to_new_feedback(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+async def consumed_by_a_run(sessions, ds) -> list[int]:  # type: ignore[no-untyped-def]
+    """Record `ds` as consumed by a run that succeeded; the lineage of its adapter."""
+    async with sessions() as s:
+        run_id = await runs.start_run(s, trigger="manual", stale_after=timedelta(minutes=5))
+        await runs.record_consumed(s, run_id=run_id, consumed=ds.consumed)
+        await runs.finish_run(s, run_id=run_id, status=RunStatus.SUCCEEDED)
+    return [run_id]
+
+
+async def test_a_dataset_holds_what_the_runs_before_it_did_not_learn(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
     core = make_core(sessions, tokenizer)
     users = Asker(core)
-    first = await users.ask("first?")
+    first, second, later, liked = [await users.ask(f"question {i}?") for i in range(4)]
     await core.correct(answer_id=first, voter_id=REVIEWER, text="One.", source="test")
+    await core.correct(answer_id=later, voter_id="test:u9", text="Later.", source="test")
+    for voter in ("test:u1", "test:u2"):
+        await core.vote(answer_id=liked, voter_id=voter, rating=1, source="test")
     ds = await build(sessions)
-    second = await users.ask("second?")
+    assert [(e.completion, e.label) for e in ds.kto if e.source == "vote"] == [
+        ("I don't know.", True)]
+    learned = await consumed_by_a_run(sessions, ds)
+    assert (await build(sessions, learned_by=learned)).rows() == []  # nothing new
     await core.correct(answer_id=second, voter_id=REVIEWER, text="Two.", source="test")
-    newer = await build(sessions, since=ds.watermark)
-    assert [e.completion for e in newer.sft] == ["Two."] and newer.watermark > ds.watermark
+    async with sessions() as s:  # a correction approved after the run
+        [pending] = await review.pending(s)
+        await review.decide(s, feedback_id=pending.feedback_id, approve=True)
+    for voter in ("test:u1", "test:u2"):  # 👍 turned 👎
+        await core.vote(answer_id=liked, voter_id=voter, rating=-1, source="test")
+    newer = await build(sessions, learned_by=learned)
+    assert sorted(e.completion for e in newer.sft) == ["Later.", "Two."]
+    assert [(e.answer_id, e.label) for e in newer.kto if e.source == "vote"] == [(liked, False)]
+    assert newer.report["corrections_trained"] == 2
+    assert sorted(e.completion for e in (await build(sessions)).sft) == [  # from the base
+        "Later.", "One.", "Two."]
+
+
+async def test_two_web_identities_make_no_label_unless_web_votes_weigh(
+        sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    answer = await Asker(make_core(sessions, tokenizer)).ask("Do you deliver on Sundays?")
+    async with sessions() as s:
+        for voter in ("web:a", "web:b"):
+            await store.record_vote(s, answer_id=answer, voter_id=voter, rating=1, source="web")
+    assert (await build(sessions)).kto == []  # the default, as under `serve`: weight 0
+    demo = replace(POLICY, web_vote_weight=1.0)  # as in `chatloop demo`
+    assert [(e.answer_id, e.label) for e in (await build(sessions, demo)).kto] == [(answer, True)]
 
 
 async def test_export_writes_redacted_jsonl(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]

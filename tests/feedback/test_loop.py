@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from feedback.loop import run_cycle, should_train
 from storage import adapters
-from storage.models import AdapterVersion, TrainingRun
+from storage.models import AdapterVersion, RunFeedback, TrainingRun
 from tests.fakes.inference import ScriptedBackend
 from tests.feedback.conftest import REVIEWER, Asker, eventually, loop_config, make_core
 
@@ -50,7 +50,13 @@ async def test_a_passing_candidate_is_registered_as_the_canary_and_served(
     assert backend.adapters == {"fb-v1"}  # hot-loaded, parity-checked
     [run] = await runs(sessions)
     assert run.status == "succeeded" and run.dataset_hash == version.dataset_hash
-    assert run.feedback_watermark == version.feedback_watermark > 0
+    counts = {k: run.metrics["dataset"][k] for k in ("corrections_trained",
+                                                     "corrections_heldout")}
+    async with sessions() as s:  # what the run consumed: each correction, in its role
+        roles = [r.role for r in (await s.execute(select(RunFeedback))).scalars()]
+    assert sum(counts.values()) == len(roles) == 4
+    assert counts == {"corrections_trained": roles.count("trained"),
+                      "corrections_heldout": roles.count("heldout")}
     assert run.metrics["parity"]["score"] == 1.0 and run.log_path.endswith("train.log")
 
 
@@ -163,9 +169,10 @@ async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_
     async with sessions() as s:
         await adapters.promote(s, name="fb-v1")
     core = make_core(sessions, tokenizer)
-    answer = await Asker(core).ask("Do you sell gift cards?")
-    await core.correct(answer_id=answer, voter_id=REVIEWER, text="Yes, 10 to 500 pounds.",
-                       source="test")
+    for question in ("Do you sell gift cards?", "Can I buy a gift voucher?"):  # one held out
+        answer = await Asker(core).ask(question)
+        await core.correct(answer_id=answer, voter_id=REVIEWER, text="Yes, 10 to 500 pounds.",
+                           source="test")
     second = await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")
     assert (second.status, second.adapter) == ("succeeded", "fb-v2")
     work = tmp_path / "runs/run-2"
@@ -175,7 +182,10 @@ async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_
     first_run = (tmp_path / "runs/run-1/sft.jsonl").read_text().splitlines()
     new = [r for r in rows if r["source"] == "correction"]
     replay = [r for r in rows if r["source"] == "replay"]
-    assert [r["completion"] for r in new] == ["Yes, 10 to 500 pounds."]  # only the new feedback
-    assert len(replay) == 1 and len(first_run) == 3  # half of one new example, rounded up
+    held = [json.loads(line)["completion"] for line in
+            (tmp_path / "runs/run-1/heldout.jsonl").read_text().splitlines()]
+    # run 1's held-out correction (carried over) and the new one; nothing run 1 trained on
+    assert [r["completion"] for r in new] == [*held, "Yes, 10 to 500 pounds."]
+    assert len(replay) == 1 and len(first_run) == 3  # half of two new examples
     async with sessions() as s:
         assert (await adapters.get(s, "fb-v2")).parent_name == "fb-v1"

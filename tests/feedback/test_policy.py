@@ -11,6 +11,7 @@ from feedback.policy import (
     DatasetPolicy,
     heldout_conversation,
     is_new,
+    judge_votes,
     select_feedback,
     split_conversations,
 )
@@ -146,17 +147,93 @@ def test_assemble_puts_corrections_by_split_and_liked_answers_in_sft() -> None:
     chosen = select_feedback(rows, OLD, POLICY)
     chats = {a: [{"role": "user", "content": f"question {a}?"}] for a in (10, 20, 30)}
     ds = assemble(chosen, prompts=chats, heldout={10: False, 20: True, 30: False},
-                  redactor=REDACT, policy=POLICY, since=0)
+                  redactor=REDACT, policy=POLICY, carried={10})
     assert [(e.answer_id, e.source, e.completion, e.rejected) for e in ds.sft] == [
         (10, "correction", "Ten.", "answer 10"), (30, "liked", "answer 30", None)]
     assert [(e.answer_id, e.label) for e in ds.kto] == [(10, True), (10, False), (30, True)]
     assert [e.completion for e in ds.heldout] == ["Twenty."]
-    assert ds.watermark == 6 and ds.report["labelled_answers"] == 2
+    assert ds.report["labelled_answers"] == 2
+    assert {k: ds.report[k] for k in ("corrections_trained", "corrections_heldout",
+                                      "corrections_carried_over")} == {
+        "corrections_trained": 1, "corrections_heldout": 1, "corrections_carried_over": 1}
+    assert ds.consumed == {1: (1, "trained"), 2: (1, "heldout"), 3: (1, "trained"),
+                           4: (1, "trained"), 5: (1, "unused"), 6: (1, "unused")}
     no_liked = assemble(chosen, prompts=chats, heldout={10: False, 20: True, 30: False},
                         redactor=REDACT, policy=replace(POLICY, include_liked=False))
     assert [e.source for e in no_liked.sft] == ["correction"]
-    assert assemble(select_feedback([], OLD, POLICY), prompts={}, heldout={},
-                    redactor=REDACT, policy=POLICY, since=41).watermark == 41
+    assert no_liked.report["corrections_carried_over"] == 0
+
+
+def test_every_row_read_gets_the_role_the_run_gave_it() -> None:
+    policy = replace(POLICY, per_user_cap=1, burst_min_votes=3)
+    rows = [fb(1, 10, "u1", rating=1), fb(2, 10, "u2", rating=1),  # a label: trained
+            fb(3, 20, "u1", rating=1),  # u1's second row: over the cap
+            fb(4, 30, "u3", rating=1),  # a lone vote: no label
+            fb(5, 40, "u4", correction="Maybe."),  # pending
+            fb(6, 50, "u5", rating=1, conversation=99)]  # in a held-out conversation
+    burst = [fb(7 + i, 60, f"n{i}", rating=-1, at=NOW + timedelta(days=1))
+             for i in range(3)]  # new voters, all at once
+    chosen = select_feedback(rows + burst, OLD, policy)
+    chats = {r.answer_id: [{"role": "user", "content": r.question}] for r in rows + burst}
+    heldout = {r.conversation_id: r.conversation_id == 99 for r in rows + burst}
+    ds = assemble(chosen, prompts=chats, heldout=heldout, redactor=REDACT, policy=policy)
+    assert {i: role for i, (_, role) in ds.consumed.items()} == {
+        1: "trained", 2: "trained", 3: "capped", 4: "unused", 5: "unused", 6: "heldout",
+        7: "quarantined", 8: "quarantined", 9: "quarantined"}
+
+
+def test_a_users_vote_and_approved_correction_are_one_row_trained_on_for_the_correction(
+        ) -> None:
+    """A burst of new users' 👎 is quarantined, but the corrections they suggested and a
+    reviewer approved (on the same rows) are training data, and recorded so."""
+    policy = replace(POLICY, burst_min_votes=3)
+    rows = [fb(i, 10 * i, f"n{i}", rating=-1, correction=f"Fix {i}.", review="approved")
+            for i in range(1, 5)]
+    chosen = select_feedback(rows, OLD, policy)
+    assert chosen.quarantined == {1, 2, 3, 4} and len(chosen.corrections) == 4
+    chats = {r.answer_id: [{"role": "user", "content": r.question}] for r in rows}
+    heldout = {r.conversation_id: r.id == 4 for r in rows}
+    ds = assemble(chosen, prompts=chats, heldout=heldout, redactor=REDACT, policy=policy)
+    assert [e.completion for e in ds.sft] == ["Fix 1.", "Fix 2.", "Fix 3."]
+    assert {i: role for i, (_, role) in ds.consumed.items()} == {
+        1: "trained", 2: "trained", 3: "trained", 4: "heldout"}
+    assert (ds.report["corrections_trained"], ds.report["corrections_heldout"]) == (3, 1)
+
+
+def test_a_learned_correction_is_not_trained_again_and_still_rules_out_a_vote_label() -> None:
+    learned = replace(fb(1, 10, "reviewer", correction="Ten.", trusted=True), fresh=False)
+    votes = [replace(fb(2, 10, "u1", rating=1), revision=3), fb(3, 10, "u2", rating=1)]
+    chosen = select_feedback([learned, *votes], OLD, POLICY)
+    assert chosen.corrections == [] and chosen.corrected == {10}
+    ds = assemble(chosen, prompts={10: [{"role": "user", "content": "question 10?"}]},
+                  heldout={10: False}, redactor=REDACT, policy=POLICY)
+    assert ds.sft == ds.kto == [] and ds.consumed[2] == (3, "unused")
+
+
+def test_web_votes_weigh_what_the_setting_says() -> None:
+    seen = OLD | {"web:a": NOW - timedelta(days=30), "web:b": NOW - timedelta(days=30)}
+    web = [replace(fb(1, 10, "web:a", rating=1), source="web"),
+           replace(fb(2, 10, "web:b", rating=1), source="web")]
+    assert labels(web, seen) == {}  # weight 0: two web identities make no label
+    assert labels(web, seen, replace(POLICY, web_vote_weight=1.0)) == {10: True}
+    prefixed = [replace(r, source="") for r in web]  # known as web by the identity alone
+    assert labels(prefixed, seen) == {}
+    # a web vote of weight 0 is no voter: with a regular's vote, still one voter
+    assert labels([*web, fb(3, 10, "u1", rating=-1)], seen) == {}
+    # half weight: the web voters' 👍 and a regular's 👎 cancel out
+    mixed = [*web, fb(3, 10, "u1", rating=-1)]
+    assert labels(mixed, seen, replace(POLICY, web_vote_weight=0.5)) == {}
+    assert labels(mixed, seen, replace(POLICY, web_vote_weight=1.0)) == {10: True}
+    reviewer = replace(fb(4, 10, "reviewer", rating=-1, trusted=True), source="web")
+    assert labels([*web, reviewer], seen) == {10: False}  # a trusted vote weighs as trusted
+
+
+def test_the_canary_and_the_dataset_judge_votes_by_one_rule() -> None:
+    rows = [fb(1, 10, "u1", rating=1), fb(2, 10, "u2", rating=-1), fb(3, 10, "u3", rating=-1),
+            fb(4, 20, "u1", rating=1), fb(5, 30, "u4", rating=1)]
+    verdicts = judge_votes(rows, OLD, POLICY)
+    assert verdicts.labels == select_feedback(rows, OLD, POLICY).labels == {10: False}
+    assert verdicts.counted == {1, 2, 3}
 
 
 def _ex(i: int, question: str | None = None, answer: str | None = None) -> Example:

@@ -82,8 +82,9 @@ def scheduler(db_url: str, tmp_path, model_dir, fake: str) -> LearningScheduler:
 async def test_two_schedulers_on_one_postgres_database_start_one_run(
         db_url, sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
     core = make_core(sessions, tokenizer)
-    answer = await Asker(core).ask("How long does delivery take?")
-    await core.correct(answer_id=answer, voter_id=REVIEWER, text="3 days.", source="test")
+    for question in ("How long does delivery take?", "When will my parcel come?"):
+        answer = await Asker(core).ask(question)  # one trained on, one held out for the gate
+        await core.correct(answer_id=answer, voter_id=REVIEWER, text="3 days.", source="test")
     first, second = (scheduler(db_url, tmp_path, model_dir, "pass 1") for _ in range(2))
     try:
         assert [await first.tick(), await second.tick()] == [True, False]

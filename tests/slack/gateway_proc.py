@@ -71,7 +71,7 @@ def scripted(seconds: float = 0.0, **kw: Any) -> ScriptedBackend:
 def slack_settings(db_url: str, api_base: str, **kw: Any) -> Settings:
     values: dict[str, Any] = dict(
         database_url=db_url, slack_bot_token=TOKEN, slack_signing_secret=SECRET,
-        slack_api_base=api_base, slack_update_interval_s=0.02, reviewer_ids=["UREV"],
+        slack_api_base=api_base, slack_update_interval_s=0.02, reviewers=["slack:T111/UREV"],
         rate_limit_per_minute=1000, max_tokens=64,
         event_lease_s=1.0)  # a killed gateway's events are taken over after a second
     values.update(kw)

@@ -11,7 +11,8 @@ def test_mention_becomes_a_message_in_the_mention_thread() -> None:
     assert found is not None and found.kind == convert.Kind.MENTION
     msg = found.message
     assert (msg.channel, msg.event_id, msg.chat_id, msg.user_id, msg.text) == \
-        ("slack", "Ev0001", "C111", "U222", "summarize this")
+        ("slack", "Ev0001", "C111", "T111/U222", "summarize this")
+    assert msg.author == "slack:T111/U222"  # user ids are unique per workspace only
     assert msg.thread_id == msg.message_id == "1735689600.000100" and found.team_id == "T111"
 
 
@@ -81,10 +82,29 @@ def test_feedback_buttons_carry_the_answer_and_the_vote() -> None:
 def test_interactivity_payloads_are_read() -> None:
     click = convert.click(payload("block_actions"))
     assert click is not None
-    assert (click.answer_id, click.user_id, click.channel_id, click.message_ts) == \
-        (2, "U222", "C111", "1735689602.000300")
+    assert (click.answer_id, click.voter_id, click.channel_id, click.message_ts) == \
+        (2, "slack:T111/U222", "C111", "1735689602.000300")
     suggestion = convert.suggestion(payload("view_submission"))
-    assert suggestion == convert.Suggestion(2, "U222", "We open at 9.")
+    assert suggestion == convert.Suggestion(2, "slack:T111/U222", "We open at 9.")
     foreign = payload("view_submission")
     foreign["view"]["private_metadata"] = "C111"
     assert convert.suggestion(foreign) is None
+
+
+def test_the_identity_carries_the_users_team_wherever_the_payload_says_it() -> None:
+    shared = payload("app_mention", team="T111", user_team="T999")  # a shared channel
+    found = convert.inbound(shared, bot_user_id="U0BOT")
+    assert found is not None and found.message.author == "slack:T999/U222"
+    bare = payload("dm")
+    del bare["event"]["team"], bare["team_id"]  # only the authorizations name the team
+    found = convert.inbound(bare, bot_user_id="U0BOT")
+    assert found is not None and found.message.author == "slack:T111/U222"
+    click = payload("block_actions")
+    del click["user"]["team_id"]  # the workspace of the action instead
+    click["team"]["id"] = "T222"
+    assert convert.click(click).voter_id == "slack:T222/U222"  # type: ignore[union-attr]
+    other = payload("view_submission")
+    other["user"]["team_id"] = "T333"  # an Enterprise Grid user of another workspace
+    assert convert.suggestion(other).voter_id == "slack:T333/U222"  # type: ignore[union-attr]
+    assert convert.split_user("T111/U222") == ("T111", "U222")
+    assert convert.split_user("U222") == (None, "U222")  # recorded before identities

@@ -8,7 +8,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from bots.core import InboundMessage
 from storage.models import Feedback, Message
+from tests.fakes.sinks import RecordingSink
 from tests.fakes.slack_api import Posted
 from tests.slack.conftest import Gateway, Launch, payload, thread_of
 
@@ -52,7 +54,8 @@ async def test_vote_is_stored_then_changed_and_the_button_shows_it(gw: Gateway) 
     posted, answer_id = await _answer(gw)
     assert (await gw.interact(_click(posted, "vote_up"))).status_code == 200
     [fb] = await _feedback(gw)
-    assert (fb.answer_id, fb.voter_id, fb.rating, fb.source) == (answer_id, "U222", 1, "slack")
+    assert (fb.answer_id, fb.voter_id, fb.rating, fb.source) == (answer_id, "slack:T111/U222", 1,
+                                                               "slack")
     await gw.fake.wait_for(lambda: posted.edits == 1)
     assert _styles(posted)["vote_up"] == "primary" and _styles(posted)["vote_down"] is None
     assert posted.text == "Echo: summarize this"  # the answer stays visible
@@ -104,7 +107,7 @@ async def test_agent_reply_after_the_bot_is_a_trusted_correction(launch: Launch,
         await asyncio.sleep(0.2)
         [fb] = await _feedback(gw)
         assert (fb.answer_id, fb.voter_id, fb.correction, fb.trusted, fb.source) == \
-            (answer_id, "UREV", "Actually we open at 8.", True, "slack_thread")
+            (answer_id, "slack:T111/UREV", "Actually we open at 8.", True, "slack_thread")
         assert len(gw.backend.requests) == 1  # the agent's reply is not answered
         async with gw.services.sessions() as s:
             assert len((await s.execute(select(Message))).all()) == 2
@@ -115,3 +118,27 @@ async def test_agent_replies_are_ordinary_follow_ups_unless_configured(gw: Gatew
     await gw.event(payload("thread_reply", user="UREV", text="Actually we open at 8."))
     await gw.answered("C111", "1735689600.000100", count=2)
     assert await _feedback(gw) == []
+
+
+async def test_a_reviewer_is_a_user_of_one_workspace(gw: Gateway) -> None:
+    _, answer_id = await _answer(gw)
+    outsider = _submission(answer_id, "We open at 7.", user="UREV")
+    outsider["user"]["team_id"] = outsider["team"]["id"] = "T999"  # UREV of another team
+    assert (await gw.interact(outsider)).status_code == 200
+    [fb] = await _feedback(gw)
+    assert (fb.voter_id, fb.trusted, fb.review_status) == ("slack:T999/UREV", False, "pending")
+
+
+async def test_feedback_on_another_channels_answer_is_as_if_it_did_not_exist(
+        gw: Gateway) -> None:
+    posted, _ = await _answer(gw)
+    web = await gw.services.core.handle(InboundMessage(
+        channel="web", event_id="w1", chat_id="x/tab", user_id="x", text="hi"), RecordingSink())
+    click = _click(posted, "vote_up", user="UREV")
+    click["actions"][0]["value"] = str(web.answer_id)
+    assert (await gw.interact(click)).status_code == 200
+    r = await gw.interact(_submission(web.answer_id or 0, "Better.", user="UREV"))
+    assert r.json() == {"response_action": "errors",
+                        "errors": {"correction_block": "That answer no longer exists."}}
+    await gw.idle()
+    assert await _feedback(gw) == [] and posted.edits == 0

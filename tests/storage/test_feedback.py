@@ -47,6 +47,29 @@ async def test_feedback_on_a_question_or_unknown_id_is_refused(sessions) -> None
             await feedback.record_vote(s, answer_id=99999, voter_id="v", rating=1, source="test")
 
 
+async def test_feedback_is_taken_only_on_its_channel_and_from_its_asker(sessions) -> None:  # type: ignore[no-untyped-def]
+    answer = await _answer(sessions, await _turn(sessions))  # channel "test", asked by "u1"
+    refusals = []
+    async with sessions() as s:
+        for where in ({"channel": "web"}, {"channel": "test", "asked_by": "u2"},
+                      {"asked_by": "test:u1"}):
+            with pytest.raises(feedback.UnknownAnswer) as refused:
+                await feedback.record_vote(s, answer_id=answer, voter_id="u2", rating=1,
+                                           source="test", **where)
+            refusals.append(str(refused.value))
+            with pytest.raises(feedback.UnknownAnswer):
+                await feedback.record_correction(s, answer_id=answer, voter_id="u2", text="x",
+                                                 source="test", trusted=True, **where)
+        with pytest.raises(feedback.UnknownAnswer) as missing:
+            await feedback.record_vote(s, answer_id=answer + 100, voter_id="u2", rating=1,
+                                       source="test", channel="test")
+        # the same words as for an id that does not exist: nothing tells them apart
+        assert set(refusals) == {f"no answer with id {answer}"}
+        assert str(missing.value) == f"no answer with id {answer + 100}"
+        assert (await s.execute(select(func.count()).select_from(Feedback))).scalar() == 0
+        fb = (await feedback.record_vote(s, answer_id=answer, voter_id="u1", rating=1,
+                                         source="test", channel="test", asked_by="u1")).feedback
+        assert (fb.answer_id, fb.voter_id) == (answer, "u1")
 
 
 async def test_a_vote_and_its_delivery_are_stored_together_once(sessions) -> None:  # type: ignore[no-untyped-def]

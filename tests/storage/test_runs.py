@@ -1,11 +1,14 @@
-"""Training runs on SQLite and PostgreSQL: the run lease, heartbeats, outcomes, watermarks."""
+"""Training runs on SQLite and PostgreSQL: the run lease, heartbeats, outcomes, lineage and
+the feedback revisions a run consumed."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+from sqlalchemy import select
+
 from storage import adapters, runs
-from storage.models import RunStatus, TrainingRun, utcnow
+from storage.models import AdapterStatus, RunFeedback, RunStatus, TrainingRun, utcnow
 
 STALE = timedelta(minutes=5)
 
@@ -49,29 +52,49 @@ async def test_a_run_records_its_dataset_and_registers_its_adapter_with_its_outc
         sessions) -> None:  # type: ignore[no-untyped-def]
     async with sessions() as s:
         run_id = await runs.start_run(s, trigger="manual", stale_after=STALE)
-        await runs.record_dataset(s, run_id=run_id, dataset_hash="h" * 64, feedback_watermark=7,
+        await runs.record_dataset(s, run_id=run_id, dataset_hash="h" * 64,
                                   adapter_name="fb-v1", log_path="/runs/run-1/train.log")
         version = adapters.new_version(name="fb-v1", path="/adapters/fb-v1", rank=4,
-                                       parent_name=None, run_id=run_id, feedback_watermark=7,
+                                       parent_name=None, run_id=run_id,
                                        dataset_hash="h" * 64, metrics={"ok": 1})
         await runs.finish_run(s, run_id=run_id, status=RunStatus.SUCCEEDED, metrics={"ok": 1},
                               register=version)
         [run] = await runs.recent_runs(s)
         registered = await adapters.get(s, "fb-v1")
-    assert (run.status, run.dataset_hash, run.feedback_watermark, run.adapter_name) == (
-        "succeeded", "h" * 64, 7, "fb-v1")
+    assert (run.status, run.dataset_hash, run.adapter_name) == ("succeeded", "h" * 64, "fb-v1")
     assert run.log_path == "/runs/run-1/train.log" and run.metrics == {"ok": 1}
     assert registered is not None and registered.run_id == run_id
 
 
-async def test_the_seen_watermark_ignores_failed_runs_and_the_last_start_is_aware(
+async def test_a_run_records_what_it_consumed_and_the_last_start_is_aware(
         sessions) -> None:  # type: ignore[no-untyped-def]
     async with sessions() as s:
-        assert await runs.seen_watermark(s) == 0 and await runs.last_started(s) is None
-        for status, watermark in ((RunStatus.SUCCEEDED, 5), (RunStatus.REJECTED, 9),
-                                  (RunStatus.FAILED, 20), (RunStatus.SKIPPED, 7)):
-            run_id = await runs.start_run(s, trigger="manual", stale_after=STALE)
-            await runs.finish_run(s, run_id=run_id, status=status, feedback_watermark=watermark)
-        assert await runs.seen_watermark(s) == 9
+        assert await runs.last_started(s) is None
+        run_id = await runs.start_run(s, trigger="manual", stale_after=STALE)
+        consumed = {i: (i % 3 + 1, "trained" if i % 2 else "heldout") for i in range(1, 2500)}
+        await runs.record_consumed(s, run_id=run_id, consumed=consumed)
+        await runs.record_consumed(s, run_id=run_id, consumed={})
+        rows = (await s.execute(select(RunFeedback))).scalars().all()
         started = await runs.last_started(s)
+    assert {r.feedback_id: (r.revision, r.role) for r in rows} == consumed
+    assert {r.run_id for r in rows} == {run_id}
     assert started is not None and timedelta(0) <= utcnow() - started < timedelta(minutes=1)
+
+
+async def test_an_adapters_lineage_is_the_runs_behind_it_and_its_ancestors(sessions) -> None:  # type: ignore[no-untyped-def]
+    async with sessions() as s:
+        ids = []
+        for n, parent in ((1, None), (2, "fb-v1"), (3, "fb-v1"), (4, "fb-v3")):
+            run_id = await runs.start_run(s, trigger="manual", stale_after=STALE)
+            ids.append(run_id)
+            version = adapters.new_version(
+                name=f"fb-v{n}", path=f"/a/{n}", rank=4, parent_name=parent, run_id=run_id,
+                dataset_hash="h", metrics={}, status=AdapterStatus.RETIRED)
+            await runs.finish_run(s, run_id=run_id, status=RunStatus.SUCCEEDED, register=version)
+        s.add(adapters.new_version(name="imported", path="/a/i", rank=4, parent_name="fb-v2",
+                                   run_id=None, dataset_hash="h", metrics={}))
+        await s.commit()
+        assert await runs.lineage(s, adapter="fb-v4") == [ids[3], ids[2], ids[0]]
+        assert await runs.lineage(s, adapter="imported") == [ids[1], ids[0]]
+        assert await runs.lineage(s, adapter=None) == []
+        assert await runs.lineage(s, adapter="fb-v404") == []

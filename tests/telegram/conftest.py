@@ -78,7 +78,7 @@ def make_core(sessions: Any, tokenizer: Any, backend: ScriptedBackend, *,
         sessions=sessions, backend=backend,
         fitter=PromptFitter(tokenizer, context_tokens=2048, max_tokens=128),
         system_prompt="Be brief.", limits=CoreLimits(max_tokens=128, **limits),
-        reviewer_ids=reviewers,
+        reviewers=reviewers,
     )
 
 

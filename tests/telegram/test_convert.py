@@ -102,7 +102,7 @@ def test_vote_button_carries_the_answer_id() -> None:
     action = classify(load("callback_vote"), ME)
     assert isinstance(action, Vote)
     assert (action.answer_id, action.rating, action.voter_id, action.answer_message_id) == (
-        11, -1, "42", 14)
+        11, -1, "telegram:42", 14)
     assert isinstance(classify(load("callback_vote", data="regen:11"), ME), StaleButton)
     up = load("callback_vote", data="v:11:u")
     assert classify(up, ME).rating == 1  # type: ignore[union-attr]
@@ -118,7 +118,7 @@ def test_reply_to_the_correction_prompt_is_a_correction() -> None:
     action = classify(load("correction_reply"), ME)
     assert isinstance(action, Correct)
     assert (action.answer_id, action.text, action.voter_id) == (
-        11, "We open at eight on weekdays.", "42")
+        11, "We open at eight on weekdays.", "telegram:42")
 
 
 def test_prompt_sent_by_the_bot_parses_to_the_link_the_converter_expects() -> None:

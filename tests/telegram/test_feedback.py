@@ -31,7 +31,7 @@ async def test_vote_then_change_it_then_correct_the_answer(start_bot) -> None:  
         [vote] = (await s.execute(select(Feedback))).scalars().all()
     answer_id = int(up.split(":")[1])
     assert (vote.answer_id, vote.voter_id, vote.rating, vote.source) == (
-        answer_id, "42", -1, "telegram")
+        answer_id, "telegram:42", -1, "telegram")
 
     bot.fake.say(chat, "We open at eight.", reply_to=prompt[0])
     thanks = await eventually(lambda: [m for m in bot.fake.sent(chat["id"])
@@ -46,7 +46,7 @@ async def test_vote_then_change_it_then_correct_the_answer(start_bot) -> None:  
 
 
 async def test_reviewer_corrections_are_trusted(start_bot) -> None:  # type: ignore[no-untyped-def]
-    bot = await start_bot(reviewers=frozenset({"42"}))
+    bot = await start_bot(reviewers=frozenset({"telegram:42"}))
     chat = bot.fake.private()
     answer, _, down = await _answered(bot, chat)
     bot.fake.press(answer, down)
@@ -83,7 +83,8 @@ async def test_a_vote_in_a_group_is_per_user(start_bot) -> None:  # type: ignore
     await eventually(lambda: len(bot.fake.answered_callbacks) == 2)
     async with bot.sessions() as s:
         votes = (await s.execute(select(Feedback).order_by(Feedback.voter_id))).scalars().all()
-    assert [(v.voter_id, v.rating) for v in votes] == [("43", 1), ("44", -1)]
+    assert [(v.voter_id, v.rating) for v in votes] == [("telegram:43", 1),
+                                                      ("telegram:44", -1)]
 
 
 async def test_a_correction_in_a_group_is_stored_not_answered(start_bot) -> None:  # type: ignore[no-untyped-def]
@@ -99,5 +100,5 @@ async def test_a_correction_in_a_group_is_stored_not_answered(start_bot) -> None
     await eventually(lambda: bot.fake.sent(group["id"])[-1]["text"].startswith("Thanks!"))
     async with bot.sessions() as s:
         fb = (await s.execute(select(Feedback))).scalar_one()
-    assert (fb.voter_id, fb.rating, fb.correction) == ("44", -1, "The right answer.")
+    assert (fb.voter_id, fb.rating, fb.correction) == ("telegram:44", -1, "The right answer.")
     assert len(bot.backend.requests) == 1
