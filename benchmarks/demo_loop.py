@@ -2,13 +2,15 @@
 
 Starts `chatloop demo` (SQLite, the bundled model in the embedded engine, the learning loop
 with the demo's thresholds) on a fresh database, and acts as the person at the browser: asks
-the synthetic company's questions in the web chat, answers each with 👎 and the company's
+the synthetic company's questions in the web chat (each in its own tab, or all in one with
+--one-chat), answers each with 👎 and the company's
 answer as a correction (trusted: the demo's user is the local operator), then keeps asking
 other phrasings of the same questions until an answer says it came from a trained adapter.
 
 Reports the time from the last correction to the first adapter answer (the issue's goal:
 about ten minutes on two CPU cores) and token-F1 of the answers to the other phrasings before
 and after. Usage: .venv/bin/python benchmarks/demo_loop.py [--corrections 6] [--deadline 1500]
+[--one-chat]
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ask(client: httpx.Client, text: str) -> dict[str, object]:
+def ask(client: httpx.Client, text: str, chat: str = "probe") -> dict[str, object]:
     """One web chat turn: the final answer, its id and the adapter that answered."""
-    body = {"event_id": f"ev-{time.monotonic_ns()}", "chat_id": "bench", "text": text}
+    body = {"event_id": f"ev-{time.monotonic_ns()}", "chat_id": chat, "text": text}
     out: dict[str, object] = {}
     with client.stream("POST", "/api/chat", json=body) as r:
         r.raise_for_status()
@@ -64,7 +66,7 @@ def probe_f1(client: httpx.Client, intents: list[dict]) -> tuple[float, set[obje
     return median(scores), routes
 
 
-def main(corrections: int, deadline_s: float) -> None:
+def main(corrections: int, deadline_s: float, one_chat: bool) -> None:
     intents = COMPANY["intents"][:corrections]
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="chatloop-demo-") as tmp:
@@ -77,13 +79,13 @@ def main(corrections: int, deadline_s: float) -> None:
             proc = subprocess.Popen([chatloop, "demo"], cwd=ROOT, env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
         try:
-            result = drive(f"http://127.0.0.1:{port}", intents, deadline_s)
+            result = drive(f"http://127.0.0.1:{port}", intents, deadline_s, one_chat)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
         if result.get("adapter") is None:
             print(log.read_text()[-4000:])
-    rows = [{"corrections": corrections,
+    rows = [{"corrections": corrections, "chats": "one" if one_chat else "one per question",
              "first correction → adapter answer s": result.get("to_adapter_s"),
              "last correction → adapter answer s": result.get("after_last_s"),
              "adapter": result.get("adapter"),
@@ -93,7 +95,8 @@ def main(corrections: int, deadline_s: float) -> None:
     write_json("demo_loop", {"rows": rows, **result})
 
 
-def drive(base: str, intents: list[dict], deadline_s: float) -> dict[str, object]:
+def drive(base: str, intents: list[dict], deadline_s: float,
+          one_chat: bool) -> dict[str, object]:
     with httpx.Client(base_url=base, timeout=600) as client:
         started = time.monotonic()
         while True:  # the demo prepares the model and migrates first
@@ -108,8 +111,8 @@ def drive(base: str, intents: list[dict], deadline_s: float) -> dict[str, object
         client.get("/chat")  # the browser's identity cookie
         f1_before, _ = probe_f1(client, intents)
         first = None
-        for intent in intents:
-            got = ask(client, intent["questions"][0])
+        for i, intent in enumerate(intents):  # each question in its own tab, or all in one
+            got = ask(client, intent["questions"][0], "chat" if one_chat else f"chat{i}")
             client.post("/api/vote", json={"answer_id": got["answer_id"], "rating": -1})
             r = client.post("/api/correction",
                             json={"answer_id": got["answer_id"], "text": intent["answer"]})
@@ -135,5 +138,7 @@ if __name__ == "__main__":
     ap.add_argument("--corrections", type=int, default=6)
     ap.add_argument("--deadline", type=float, default=1500.0,
                     help="seconds to wait for an adapter answer after the last correction")
+    ap.add_argument("--one-chat", action="store_true",
+                    help="ask every question in one conversation (one browser tab)")
     args = ap.parse_args()
-    main(args.corrections, args.deadline)
+    main(args.corrections, args.deadline, args.one_chat)
