@@ -212,15 +212,4 @@ def split_conversations(corrections: Sequence[tuple[int, str]], conversations: I
     for c in conversations:
         if c not in out:
             out[c] = heldout_conversation(c, policy)
-    corrected = {c for c, _ in corrections}
-    _hold_one_new(out, corrected, corrected - set(decided), policy)
     return out
-
-
-def _hold_one_new(out: dict[int, bool], corrected: set[int], new: set[int],
-                  policy: DatasetPolicy) -> None:
-    """With no corrected conversation held out and two or more newly split ones (a handful
-    of corrections, where the hash alone often holds out none), hold out the new one lowest
-    in hash order: the gate then has data to judge on, and the rest is trained."""
-    if policy.heldout_percent and len(new) >= 2 and not any(out[c] for c in corrected):
-        out[min(new, key=lambda c: (_split_hash(c, policy), c))] = True

@@ -257,15 +257,3 @@ def test_replay_sample_is_deterministic_and_excludes_new_examples() -> None:
     assert a == replay_sample(pool, new, 0.5, seed=7) and len(a) == 2
     assert all(e.source == "replay" and e.answer_id >= 4 for e in a)
     assert replay_sample(pool, new, 0.5, seed=8) != a
-
-
-def test_a_handful_of_new_corrections_always_gives_the_gate_one() -> None:
-    policy = replace(POLICY, heldout_percent=20)
-    lucky = [c for c in range(200) if not heldout_conversation(c, policy)][:5]  # hash: none
-    split = split_conversations([(c, f"Answer {c}.") for c in lucky], lucky, {}, policy)
-    assert sum(split.values()) == 1  # one for the gate, four trained
-    one = split_conversations([(lucky[0], "Only.")], lucky[:1], {}, policy)
-    assert one == {lucky[0]: False}  # a single correction is never all held out
-    decided = {lucky[0]: True}  # the gate already has one: nothing more
-    again = split_conversations([(c, f"A{c}.") for c in lucky], lucky, decided, policy)
-    assert sum(again.values()) == 1
