@@ -8,42 +8,23 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from chatloop.cli.common import die, load_settings, setup_logging
+from chatloop.cli.common import (
+    cycle,
+    database,
+    die,
+    load_settings,
+    report_cycle,
+    run,
+    setup_logging,
+)
 
 adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: list, promote, roll back.")
 feedback_app = typer.Typer(no_args_is_help=True, help="Feedback data.")
-T = TypeVar("T")
-
-
-@asynccontextmanager
-async def _db() -> AsyncIterator[tuple[Any, Any]]:
-    from storage.db import make_engine, session_factory
-    from storage.migrate import check_ready
-
-    engine = make_engine(load_settings().storage.database_url)
-    try:
-        await check_ready(engine)
-        yield engine, session_factory(engine)
-    finally:
-        await engine.dispose()
-
-
-def _run(main: Callable[[], Awaitable[T]]) -> T:
-    from feedback.review import NotPending
-    from storage.adapters import RegistryError
-    from storage.db import DatabaseNotReady
-
-    try:
-        return asyncio.run(main())  # type: ignore[arg-type]
-    except (DatabaseNotReady, RegistryError, NotPending) as exc:
-        die(str(exc))
 
 
 @adapters_app.command("list")
@@ -52,10 +33,10 @@ def adapters_list() -> None:
     from storage import adapters
 
     async def main() -> list[Any]:
-        async with _db() as (_, sessions), sessions() as s:
+        async with database() as (_, sessions), sessions() as s:
             return await adapters.all_versions(s)
 
-    rows = _run(main)
+    rows = run(main)
     typer.echo(f"{'NAME':<14}{'STATUS':<11}{'RANK':>5}  {'PARENT':<14}{'RUN':>5}  "
                f"{'HELDOUT LOSS':<18}{'CREATED':<18}TAINTED")
     for v in rows:
@@ -73,12 +54,12 @@ def adapters_promote(name: str) -> None:
     from storage import adapters, audit
 
     async def main() -> None:
-        async with _db() as (_, sessions), sessions() as s:
+        async with database() as (_, sessions), sessions() as s:
             await adapters.promote(s, name=name)
             await audit.log(s, actor=audit.cli_actor(), action=audit.Action.PROMOTE,
                             target=f"adapter:{name}")
 
-    _run(main)
+    run(main)
     typer.echo(f"{name} is now active (gateways pick it up within seconds)")
 
 
@@ -88,13 +69,13 @@ def adapters_rollback() -> None:
     from storage import adapters, audit
 
     async def main() -> tuple[str, str | None]:
-        async with _db() as (_, sessions), sessions() as s:
+        async with database() as (_, sessions), sessions() as s:
             removed, active = await adapters.rollback(s)
             await audit.log(s, actor=audit.cli_actor(), action=audit.Action.ROLLBACK,
                             target=f"adapter:{removed}", detail={"active": active})
             return removed, active
 
-    removed, active = _run(main)
+    removed, active = run(main)
     typer.echo(f"rolled back {removed}; active: {active or 'base model'}")
 
 
@@ -103,10 +84,10 @@ def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None
     from storage.runs import recent_runs
 
     async def main() -> list[Any]:
-        async with _db() as (_, sessions), sessions() as s:
+        async with database() as (_, sessions), sessions() as s:
             return await recent_runs(s, limit=limit)
 
-    for r in _run(main):
+    for r in run(main):
         m = r.metrics or {}
         cand, parent = m.get("candidate", {}), m.get("parent", {})
         metrics = (f"heldout {parent.get('heldout_loss') or 0:.3f}->"
@@ -127,8 +108,7 @@ def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None
 
 def train(now: Annotated[bool, typer.Option("--now", help="run one cycle now")] = False) -> None:
     """Run one learning-loop cycle by hand (the scheduler's code path)."""
-    from chatloop.app import loop_config, make_backend
-    from feedback.loop import run_cycle
+    from chatloop.app import loop_config
 
     if not now:
         die("the scheduler starts runs; pass --now to run one cycle by hand")
@@ -136,19 +116,10 @@ def train(now: Annotated[bool, typer.Option("--now", help="run one cycle now")] 
     settings = load_settings()
 
     async def main() -> Any:
-        async with _db() as (_, sessions):
-            backend = make_backend(settings)
-            try:
-                return await run_cycle(sessions, backend, loop_config(settings), trigger="manual")
-            finally:
-                await backend.aclose()
+        async with database() as (_, sessions):
+            return await cycle(settings, sessions, loop_config(settings), trigger="manual")
 
-    result = _run(main)
-    typer.echo(f"run #{result.run_id}: {result.status} {result.adapter or ''}")
-    for reason in result.reasons:
-        typer.echo(f"  {reason}")
-    if result.status == "failed":
-        raise typer.Exit(1)
+    report_cycle(run(main))
 
 
 def review(
@@ -159,14 +130,14 @@ def review(
     from feedback import review as queue
 
     async def main() -> list[Any]:
-        async with _db() as (_, sessions), sessions() as s:
+        async with database() as (_, sessions), sessions() as s:
             for fid in approve or []:
                 await queue.decide(s, feedback_id=fid, approve=True)
             for fid in reject or []:
                 await queue.decide(s, feedback_id=fid, approve=False)
             return await queue.pending(s)
 
-    pending = _run(main)
+    pending = run(main)
     if approve or reject:
         typer.echo(f"decided {len(approve or []) + len(reject or [])}; {len(pending)} pending")
         return
@@ -195,10 +166,10 @@ def export(
                                    learned_by=learned)
 
     async def main() -> Any:  # written and registered: forget and retention rewrite it too
-        async with _db() as (_, sessions):
+        async with database() as (_, sessions):
             return await erasure.export(sessions, runs_dir=cfg.runs_dir, out=out, build=build)
 
-    ds = _run(main)
+    ds = run(main)
     typer.echo(f"wrote {len(ds.rows())} rows to {out} (dataset {ds.hash[:12]}): "
                + json.dumps(ds.report))
 
@@ -216,7 +187,7 @@ def scheduler() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        async with _db() as (engine, sessions):
+        async with database() as (engine, sessions):
             backend = make_backend(settings)
             sched = LearningScheduler(engine=engine, sessions=sessions, backend=backend,
                                       adapters=adapter_registry(settings, sessions, backend),
@@ -228,7 +199,7 @@ def scheduler() -> None:
             finally:
                 await backend.aclose()
 
-    _run(main)
+    run(main)
 
 
 def register(app: typer.Typer) -> None:

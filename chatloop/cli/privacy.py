@@ -11,8 +11,15 @@ from typing import Annotated, Any
 
 import typer
 
-from chatloop.cli.common import die, load_settings, setup_logging
-from chatloop.cli.learn import _db, _run
+from chatloop.cli.common import (
+    cycle,
+    database,
+    die,
+    load_settings,
+    report_cycle,
+    run,
+    setup_logging,
+)
 from chatloop.settings import Settings
 
 
@@ -37,7 +44,7 @@ def forget(
     runs_dir = settings.learn.runs_dir.resolve()
 
     async def main() -> erasure.Report:
-        async with _db() as (_, sessions):
+        async with database() as (_, sessions):
             if identity is not None:
                 return await erasure.forget_person(sessions, identity=identity,
                                                    runs_dir=runs_dir, actor=cli_actor())
@@ -45,7 +52,7 @@ def forget(
             return await erasure.forget_conversation(sessions, conversation_id=conversation,
                                                      runs_dir=runs_dir, actor=cli_actor())
 
-    report = _run(main)
+    report = run(main)
     who = identity if identity is not None else f"conversation {conversation}"
     if identity is None and not report.erased.counts:
         die(f"no conversation with id {conversation}")
@@ -74,15 +81,14 @@ def _summary(who: str, report: Any) -> str:
 def _retrain(settings: Settings) -> None:
     """`train --now` from the base model; a tainted canary is rolled back first (it would
     hold the run back, and is never promoted)."""
-    from chatloop.app import loop_config, make_backend
-    from feedback.loop import run_cycle
+    from chatloop.app import loop_config
     from storage import adapters, audit
 
     setup_logging()
     cfg = replace(loop_config(settings), incremental=False)
 
     async def main() -> Any:
-        async with _db() as (_, sessions):
+        async with database() as (_, sessions):
             async with sessions() as s:
                 canary = (await adapters.serving(s)).canary
                 if canary is not None and canary.tainted_at is not None:
@@ -90,18 +96,9 @@ def _retrain(settings: Settings) -> None:
                     await audit.log(s, actor=audit.cli_actor(), action=audit.Action.ROLLBACK,
                                     target=f"adapter:{removed}",
                                     detail={"active": active, "tainted": True})
-            backend = make_backend(settings)
-            try:
-                return await run_cycle(sessions, backend, cfg, trigger="forget")
-            finally:
-                await backend.aclose()
+            return await cycle(settings, sessions, cfg, trigger="forget")
 
-    result = _run(main)
-    typer.echo(f"run #{result.run_id}: {result.status} {result.adapter or ''}")
-    for reason in result.reasons:
-        typer.echo(f"  {reason}")
-    if result.status == "failed":
-        raise typer.Exit(1)
+    report_cycle(run(main))
 
 
 def audit_log(
@@ -113,10 +110,10 @@ def audit_log(
     from storage import audit
 
     async def main() -> list[Any]:
-        async with _db() as (_, sessions), sessions() as s:
+        async with database() as (_, sessions), sessions() as s:
             return await audit.recent(s, limit=limit, action=action)
 
-    for e in _run(main):
+    for e in run(main):
         detail = f"  {json.dumps(e.detail, sort_keys=True)}" if e.detail else ""
         typer.echo(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.actor:<24} {e.action:<10} {e.target}{detail}")
 
