@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -37,20 +38,28 @@ async def _drop_pg_database(name: str) -> None:
         await admin.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A freshly migrated database: a SQLite file, or a new database on the PostgreSQL server."""
-    if request.param == "sqlite":
+@asynccontextmanager
+async def database_at(kind: str, revision: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A database migrated up to `revision`: a SQLite file under `tmp_path`, or a new
+    database on the PostgreSQL server (dropped afterwards)."""
+    if kind == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'chatloop.db'}"
-        await upgrade_async(url)
+        await upgrade_async(url, revision)
         yield url
         return
     name, url = await _fresh_pg_database()
     try:
-        await upgrade_async(url)
+        await upgrade_async(url, revision)
         yield url
     finally:
         await _drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A freshly migrated database: a SQLite file, or a new database on the PostgreSQL server."""
+    async with database_at(request.param, "head", tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from storage.db import make_engine
 from storage.migrate import alembic_config, upgrade_async
-from tests.conftest import _drop_pg_database, _fresh_pg_database
+from tests.conftest import database_at
 
 BEFORE = "0004_conversation_split"
 NOW = datetime(2026, 11, 30, 10, tzinfo=UTC)
@@ -24,17 +24,8 @@ NOW = datetime(2026, 11, 30, 10, tzinfo=UTC)
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def old_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A database migrated only up to the revision before identities."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        await upgrade_async(url, BEFORE)
+    async with database_at(request.param, BEFORE, tmp_path) as url:
         yield url
-        return
-    name, url = await _fresh_pg_database()
-    try:
-        await upgrade_async(url, BEFORE)
-        yield url
-    finally:
-        await _drop_pg_database(name)
 
 
 class OldRows:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from storage import feedback
 from storage.db import make_engine, session_factory
 from storage.migrate import upgrade_async
-from tests.conftest import _drop_pg_database, _fresh_pg_database
+from tests.conftest import database_at
 
 BEFORE = "0005_identities"
 NOW = datetime(2026, 11, 30, 10, tzinfo=UTC)
@@ -23,17 +23,8 @@ NOW = datetime(2026, 11, 30, 10, tzinfo=UTC)
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def old_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """A database migrated only up to the revision before feedback revisions."""
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
-        await upgrade_async(url, BEFORE)
+    async with database_at(request.param, BEFORE, tmp_path) as url:
         yield url
-        return
-    name, url = await _fresh_pg_database()
-    try:
-        await upgrade_async(url, BEFORE)
-        yield url
-    finally:
-        await _drop_pg_database(name)
 
 
 async def _insert(conn: Any, table: str, **values: Any) -> int:
