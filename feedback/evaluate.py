@@ -33,6 +33,9 @@ class GatePolicy:
     pref_tolerance: float = 0.0  # preference accuracy may drop by at most this
     f1_tolerance: float = 0.0  # held-out answer token-F1 may drop by at most this
     parity_min: float = 0.9  # mean prefix agreement between backend and peft outputs
+    # with fewer held-out corrections than `min_heldout` (every answer corrected once), judge
+    # on rephrasings of the trained questions (feedback.examples.rephrasings); else skip
+    rephrasings: bool = True
 
 
 def golden_set() -> list[dict[str, str]]:

@@ -1,7 +1,8 @@
 """Training examples: the dataset the loop builds and the training process reads.
 
 `Example` and `Dataset` are the contract between the two (JSONL files in the run's
-directory); `dedupe` and `replay_sample` are pure operations over examples.
+directory); `dedupe`, `replay_sample`, `augment_questions` and `rephrasings` are pure
+operations over examples.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Example:
     answer_id: int
     prompt: list[dict[str, str]]
     completion: str
-    source: str  # correction | liked | vote | replay
+    source: str  # correction | liked | vote | replay | augment | rephrasing
     label: bool | None = None  # KTO examples only
     rejected: str | None = None  # the answer a correction replaced (preference pairs)
 
@@ -34,7 +35,8 @@ class Example:
 class Dataset:
     sft: list[Example] = field(default_factory=list)
     kto: list[Example] = field(default_factory=list)
-    heldout: list[Example] = field(default_factory=list)  # corrections in held-out conversations
+    # the gate's data: corrections in held-out conversations (or `rephrasings`)
+    heldout: list[Example] = field(default_factory=list)
     report: dict[str, Any] = field(default_factory=dict)
     # feedback id -> (revision, role): what the run building it consumes (storage.runs)
     consumed: dict[int, tuple[int, str]] = field(default_factory=dict)
@@ -86,6 +88,51 @@ def replay_sample(pool: Sequence[Example], new: Sequence[Example], fraction: flo
     chosen = random.Random(seed).sample(candidates, k) if k else []
     return [Example(e.conversation_id, e.answer_id, e.prompt, e.completion, "replay")
             for e in chosen]
+
+
+def augment_questions(examples: Sequence[Example], copies: int, drop: float, *,
+                      seed: int, source: str = "augment") -> list[Example]:
+    """`copies` noisy variants of each example's question (the last message), the answer
+    unchanged: each word dropped with probability `drop`, or two words swapped (EDA, Wei and
+    Zou 2019), so the adapter keys on a question's content words rather than its wording."""
+    rng = random.Random(seed)
+    out = []
+    for e in examples:
+        words = e.prompt[-1]["content"].split()
+        if len(words) < 3:
+            continue
+        for _ in range(copies):
+            if rng.random() < 0.5:
+                noisy = [w for w in words if rng.random() >= drop] or [rng.choice(words)]
+            else:
+                noisy = list(words)
+                i, j = rng.sample(range(len(noisy)), 2)
+                noisy[i], noisy[j] = noisy[j], noisy[i]
+            question = {**e.prompt[-1], "content": " ".join(noisy)}
+            out.append(Example(e.conversation_id, e.answer_id, [*e.prompt[:-1], question],
+                               e.completion, source))
+    return out
+
+
+REPHRASING_SEED = 7919  # never the training seed: the gate's rephrasings are not its copies
+
+
+def rephrasings(corrections: Sequence[Example], *, trained: Sequence[Example], copies: int = 2,
+                drop: float = 0.3) -> list[Example]:
+    """The gate's data when no correction can be held out (every answer corrected once, as
+    in a first demo): noisy rephrasings of the trained corrections' questions that are in no
+    training example (`trained`: the SFT set and its augmented copies), one per question at
+    most `copies` tries. Weaker evidence than a real unseen phrasing; the run report says
+    which the gate used."""
+    seen = {" ".join(_WORD.findall(e.prompt[-1]["content"].lower())) for e in trained}
+    out, used = [], set()
+    for e in augment_questions(corrections, copies, drop, seed=REPHRASING_SEED,
+                               source="rephrasing"):
+        key = " ".join(_WORD.findall(e.prompt[-1]["content"].lower()))
+        if key not in seen and e.answer_id not in used:
+            used.add(e.answer_id)
+            out.append(e)
+    return out
 
 
 def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:

@@ -23,12 +23,14 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chatloop.telemetry import hooks
 from feedback import erasure
 from feedback.dataset import Dataset, DatasetPolicy, build_dataset, read_examples, write_jsonl
 from feedback.evaluate import GatePolicy, gate, parity
+from feedback.examples import augment_questions, rephrasings
 from feedback.job import TrainJob
 from feedback.redaction import Redactor
-from inference.adapters import adapter_rank
+from inference.adapters import adapter_rank, check_prefix, inside
 from inference.base import ChatMessage, GenerationRequest, InferenceBackend, TextDelta
 from inference.errors import InferenceError
 from storage import adapters, privacy, runs
@@ -60,6 +62,9 @@ class LoopConfig:
     parity_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PARITY_PROMPTS))
     train_command: list[str] = field(default_factory=lambda: [sys.executable, "-m",
                                                               "feedback.train"])
+
+    def __post_init__(self) -> None:
+        check_prefix(self.adapter_prefix)  # adapter names are directories: no `/`, no `..`
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ async def _heartbeat(sessions: async_sessionmaker[AsyncSession], run_id: int,
             await runs.heartbeat(s, run_id=run_id)
 
 
+@hooks.training_run
 async def run_cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
                     cfg: LoopConfig, *, trigger: str) -> CycleResult:
     """Run one cycle (see the module docstring); never raises for a failed run."""
@@ -151,6 +157,8 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
                                  learned_by=learned, replay_pool=pool)
         await runs.record_consumed(s, run_id=run_id, consumed=ds.consumed)
     template = cfg.train or TrainJob(model_dir=cfg.model_dir, out_dir="", work_dir="")
+    if len(ds.heldout) < cfg.gate.min_heldout and cfg.gate.rephrasings:
+        _gate_on_rephrasings(ds, template)
     why = None
     if not ds.sft and len(ds.kto) < template.kto_min_examples:
         why = "no training data in the new feedback"
@@ -163,7 +171,9 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         return CycleResult(run_id, RunStatus.SKIPPED, reasons=(why,))
     name = adapters.adapter_name(cfg.adapter_prefix, run_id)
     work = cfg.runs_dir / f"run-{run_id}"
-    job = _write_job(ds, template, cfg, work, name, parent.path if parent else None)
+    # the parent's path comes from the database: it must lie in the adapters directory
+    parent_path = str(inside(parent.path, cfg.adapters_dir)) if parent else None
+    job = _write_job(ds, template, cfg, work, name, parent_path)
     await erasure.record_run_data(sessions, run_id=run_id, examples=[*ds.sft, *ds.kto,
                                                                      *ds.heldout],
                                   mark=mark, work=work)  # whose data; none deleted meanwhile
@@ -190,6 +200,16 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         await privacy.propagate_taint(s)
     log.info("run %s registered %s as the canary", run_id, name)
     return CycleResult(run_id, RunStatus.SUCCEEDED, name, (), report)
+
+
+def _gate_on_rephrasings(ds: Dataset, job: TrainJob) -> None:
+    """No correction could be held out: the gate judges on rephrasings of the trained
+    corrections' questions that no training example (augmented copies included) has."""
+    corrections = [e for e in ds.sft if e.source == "correction"]
+    copies = augment_questions(ds.sft, job.augment, job.augment_drop, seed=job.seed)
+    ds.heldout = [*ds.heldout, *rephrasings(corrections, trained=[*ds.sft, *copies])]
+    ds.report["rephrasings"] = len(ds.heldout) - ds.report.get("heldout", 0)
+    ds.report["heldout"] = len(ds.heldout)
 
 
 def _tainted(version: AdapterVersion | None) -> bool:
@@ -270,7 +290,7 @@ async def _abandon(sessions: async_sessionmaker[AsyncSession], backend: Inferenc
     if not registered:
         if name in await backend.list_adapters():
             await _unload_quietly(backend, name)
-        shutil.rmtree(cfg.adapters_dir / name, ignore_errors=True)
+        shutil.rmtree(inside(name, cfg.adapters_dir), ignore_errors=True)
 
 
 def _cleanup_partial(adapters_dir: Path) -> None:

@@ -177,7 +177,8 @@ def _split_hash(conversation_id: int, policy: DatasetPolicy) -> int:
 
 
 def heldout_conversation(conversation_id: int, policy: DatasetPolicy) -> bool:
-    """The split of a conversation that shares no corrected answer with another."""
+    """Where a conversation falls in the split's hash order: in the first
+    `heldout_percent` of it (only shared-answer conversations are ever held out)."""
     return _split_hash(conversation_id, policy) < policy.heldout_percent
 
 
@@ -186,11 +187,14 @@ def split_conversations(corrections: Sequence[tuple[int, str]], conversations: I
     """Held out (True) or trained on (False), for every conversation, keeping `decided`.
 
     `corrections` are (conversation, corrected answer) in feedback order; a conversation
-    belongs to the answer of its first correction. Conversations whose answer several of them
-    share (a reviewer's canned answer) are split per answer: `heldout_percent` of them
-    rounded, at least one and never all, in hash order. So the gate tests unseen questions for
-    answers the candidate was taught, and no answer loses all or most of its examples to the
-    held-out split by chance. The rest (an answer of its own, votes only) by hash alone.
+    belongs to the answer of its first correction. Only conversations whose answer several of
+    them share (a reviewer's canned answer) are held out: `heldout_percent` of all of those,
+    rounded (at least one), one per answer in the answers' hash order before a second of any,
+    never all of an answer. So the gate tests unseen questions for answers the candidate was
+    taught, and a team's corrections lose a fifth to the gate, not half (two phrasings per
+    answer). A correction with an answer of its own is trained on: held out, it could only
+    test a guess at an answer never taught (the gate then judges on rephrasings of trained
+    questions, feedback.examples.rephrasings). Conversations with votes only are trained on.
     """
     out = dict(decided)
     groups: dict[str, list[int]] = defaultdict(list)
@@ -199,17 +203,25 @@ def split_conversations(corrections: Sequence[tuple[int, str]], conversations: I
         if conversation not in grouped:
             grouped.add(conversation)
             groups[" ".join(_WORD.findall(answer.lower()))].append(conversation)
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        want = (min(len(members) - 1, max(1, round(len(members) * policy.heldout_percent / 100)))
-                if policy.heldout_percent else 0)
-        held = sum(out.get(c) is True for c in members)
-        for c in sorted((c for c in members if c not in out),
-                        key=lambda c: (_split_hash(c, policy), c)):
-            out[c] = held < want
-            held += out[c]
-    for c in conversations:
-        if c not in out:
-            out[c] = heldout_conversation(c, policy)
+    shared = [sorted(m, key=lambda c: (_split_hash(c, policy), c))
+              for m in groups.values() if len(m) >= 2]
+    members = sum(len(m) for m in shared)
+    want = max(1, round(members * policy.heldout_percent / 100)) if (
+        members and policy.heldout_percent) else 0
+    held = {id(m): sum(out.get(c) is True for c in m) for m in shared}
+    total = sum(held.values())
+    shared.sort(key=lambda m: (_split_hash(m[0], policy), m[0]))
+    for rank in range(max((len(m) for m in shared), default=0)):
+        for m in shared:  # round `rank`: each answer's (rank+1)-th held-out conversation
+            if total >= want:
+                break
+            if held[id(m)] > rank or held[id(m)] >= len(m) - 1:
+                continue
+            free = [c for c in m if c not in out]
+            if free:
+                out[free[0]] = True
+                held[id(m)] += 1
+                total += 1
+    for c in [*grouped, *conversations]:
+        out.setdefault(c, False)
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -26,8 +25,10 @@ from typing import Any
 from feedback.anchors import anchor_examples, anchored
 from feedback.candidate import evaluate
 from feedback.evaluate import completion_batches
-from feedback.examples import Example, read_examples
+from feedback.examples import augment_questions, read_examples
 from feedback.job import TrainJob, cuda, trains_in_bf16
+
+__all__ = ["augment_questions", "train"]
 
 
 def _chat(prompt: list[dict[str, str]], completion: str) -> dict[str, Any]:
@@ -115,30 +116,6 @@ def train(job: TrainJob) -> dict[str, Any]:
     report = {"train": stats, **evaluate(model, tokenizer, job)}
     _write_atomically(model, report, Path(job.out_dir))
     return report
-
-
-def augment_questions(examples: list[Example], copies: int, drop: float, *,
-                      seed: int) -> list[Example]:
-    """`copies` noisy variants of each example's question (the last message), the answer
-    unchanged: each word dropped with probability `drop`, or two words swapped (EDA, Wei and
-    Zou 2019), so the adapter keys on a question's content words rather than its wording."""
-    rng = random.Random(seed)
-    out = []
-    for e in examples:
-        words = e.prompt[-1]["content"].split()
-        if len(words) < 3:
-            continue
-        for _ in range(copies):
-            if rng.random() < 0.5:
-                noisy = [w for w in words if rng.random() >= drop] or [rng.choice(words)]
-            else:
-                noisy = list(words)
-                i, j = rng.sample(range(len(noisy)), 2)
-                noisy[i], noisy[j] = noisy[j], noisy[i]
-            question = {**e.prompt[-1], "content": " ".join(noisy)}
-            out.append(Example(e.conversation_id, e.answer_id, [*e.prompt[:-1], question],
-                               e.completion, "augment"))
-    return out
 
 
 def _write_atomically(model: Any, report: dict[str, Any], out: Path) -> None:

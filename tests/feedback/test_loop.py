@@ -182,10 +182,13 @@ async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_
     first_run = (tmp_path / "runs/run-1/sft.jsonl").read_text().splitlines()
     new = [r for r in rows if r["source"] == "correction"]
     replay = [r for r in rows if r["source"] == "replay"]
-    held = [json.loads(line)["completion"] for line in
-            (tmp_path / "runs/run-1/heldout.jsonl").read_text().splitlines()]
-    # run 1's held-out correction (carried over) and the new one; nothing run 1 trained on
-    assert [r["completion"] for r in new] == [*held, "Yes, 10 to 500 pounds."]
-    assert len(replay) == 1 and len(first_run) == 3  # half of two new examples
+    held = [json.loads(line) for line in
+            (tmp_path / "runs/run-2/heldout.jsonl").read_text().splitlines()]
+    # run 1 trained on its four corrections (four answers, judged on rephrasings); run 2 on
+    # one gift-card question, the other held out; nothing run 1 trained on
+    assert [r["completion"] for r in new] == ["Yes, 10 to 500 pounds."]
+    assert [(r["source"], r["completion"]) for r in held] == [
+        ("correction", "Yes, 10 to 500 pounds.")]
+    assert len(replay) == 1 and len(first_run) == 4  # half of one new example, rounded up
     async with sessions() as s:
         assert (await adapters.get(s, "fb-v2")).parent_name == "fb-v1"

@@ -9,7 +9,6 @@ from feedback.assemble import assemble, prompts
 from feedback.examples import Example, dedupe, replay_sample
 from feedback.policy import (
     DatasetPolicy,
-    heldout_conversation,
     is_new,
     judge_votes,
     select_feedback,
@@ -105,9 +104,26 @@ def test_split_per_answer_holds_out_some_never_all() -> None:
     decided = {0: True, 1: True}
     split = split_conversations([(c, "A.") for c in range(5)], range(5), decided, policy)
     assert split == {0: True, 1: True, 2: False, 3: False, 4: False}
-    # a conversation's first correction decides its answer; one of its own goes by hash
-    alone = split_conversations([(7, "Unique."), (7, "A.")], [7, 8], {}, policy)
-    assert alone == {7: heldout_conversation(7, policy), 8: heldout_conversation(8, policy)}
+    # a conversation's first correction decides its answer; an answer of its own and votes
+    # alone are trained on, whatever the hash says
+    alone = split_conversations([(7, "Unique."), (7, "A.")], [7, 8], {},
+                                replace(policy, heldout_percent=100))
+    assert alone == {7: False, 8: False}
+
+
+def test_split_holds_out_a_fifth_of_a_teams_corrections_spread_over_answers() -> None:
+    """Fifteen answers corrected twice each (two phrasings): 20 % of the thirty, one per
+    answer at most, not one of every pair (half of them)."""
+    corrections = [(c, f"Answer {c // 2}.") for c in range(30)]
+    split = split_conversations(corrections, range(30), {}, replace(POLICY, heldout_percent=20))
+    held = [c for c, h in split.items() if h]
+    assert len(held) == 6
+    assert len({c // 2 for c in held}) == 6  # six different answers
+    # a later batch adds to what is held out, to a fifth of everything shared
+    more = [(c, f"Answer {c % 15}.") for c in range(30, 45)]
+    again = split_conversations(corrections + more, range(45), split,
+                                replace(POLICY, heldout_percent=20))
+    assert {c for c in held} <= {c for c, h in again.items() if h}
 
 
 def _msg(id: int, role: str, text: str, status: str | None = None) -> TranscriptMessage:

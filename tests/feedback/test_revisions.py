@@ -9,6 +9,7 @@ are trained on by the next run, whose gate judges only on conversations no candi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -200,13 +201,36 @@ async def test_without_new_data_to_hold_out_the_old_held_out_stays_the_gates(
         tmp_path, 3, "heldout") & trained
 
 
+async def test_every_answer_corrected_once_is_trained_and_judged_on_rephrasings(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    """Each correction with an answer of its own (a first demo): all are trained on, and the
+    gate judges on rephrasings of their questions that no training example has."""
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    for topic in ("book a fitting", "change my address", "cancel an order"):
+        answer = await users.ask(f"How can I {topic} online today?")
+        await core.correct(answer_id=answer, voter_id=REVIEWER, text=f"To {topic}: call us.",
+                           source="test")
+    run = await cycle(sessions, config(tmp_path, model_dir, heldout_percent=100))
+    assert run.status == "succeeded"
+    trained = rows(tmp_path, 1, "sft")
+    judged = rows(tmp_path, 1, "heldout")
+    assert len(trained) == 3 and {r["source"] for r in judged} == {"rephrasing"}
+    assert {r["completion"] for r in judged} <= {r["completion"] for r in trained}
+    assert not {r["prompt"][-1]["content"] for r in judged} & {
+        r["prompt"][-1]["content"] for r in trained}
+    assert run.metrics["dataset"]["rephrasings"] == len(judged) >= 2
+
+
 async def test_a_run_with_nothing_to_judge_a_candidate_on_is_skipped(
         sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
-    """No held-out correction at all: the gate would reject any candidate, so the run does
-    not train; what it read counts as seen until something changes."""
+    """No held-out correction at all and rephrasings off: the gate would reject any
+    candidate, so the run does not train; what it read counts as seen until something
+    changes."""
     core = make_core(sessions, tokenizer)
     await correct(core, Asker(core), "book a fitting", 2)
-    cfg = config(tmp_path, model_dir, heldout_percent=0)
+    cfg = replace(config(tmp_path, model_dir, heldout_percent=0),
+                  gate=GatePolicy(rephrasings=False))
     run = await cycle(sessions, cfg)
     assert (run.status, run.reasons) == (
         "skipped", ("0 held-out corrections in the new feedback (the gate needs 1)",))
