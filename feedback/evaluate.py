@@ -50,7 +50,7 @@ def gate(report: dict[str, Any], policy: GatePolicy) -> list[str]:
     if report["heldout_examples"] < policy.min_heldout:
         reasons.append(f"only {report['heldout_examples']} held-out examples "
                        f"(need {policy.min_heldout})")
-    else:
+    elif report["heldout_examples"]:  # none allowed (min_heldout 0): the golden set alone
         if not cand["heldout_loss"] < base["heldout_loss"] * (1 - policy.min_improvement):
             reasons.append(f"held-out loss {cand['heldout_loss']:.4f} does not beat "
                            f"{base['heldout_loss']:.4f}")

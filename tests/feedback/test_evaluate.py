@@ -51,3 +51,13 @@ def test_the_gate_wants_held_out_answers_right_not_only_a_lower_loss() -> None:
     perfect["parent"]["heldout_accuracy"] = 1.0
     assert gate(perfect, GatePolicy()) == []  # already perfect: staying perfect is enough
     assert "held-out examples" in gate({**_report(), "heldout_examples": 0}, GatePolicy())[0]
+
+
+def test_with_no_held_out_data_allowed_the_gate_judges_the_golden_set_alone() -> None:
+    empty = {"heldout_loss": None, "heldout_accuracy": 0.0, "heldout_f1": 0.0,
+             "heldout_wrong": 0.0, "golden_loss": 1.3, "pref_accuracy": None}
+    report = {"heldout_examples": 0, "parent": empty, "candidate": dict(empty)}
+    assert gate(report, GatePolicy(min_heldout=0)) == []
+    assert gate(report, GatePolicy()) == ["only 0 held-out examples (need 1)"]
+    report["candidate"]["golden_loss"] = 2.0
+    assert gate(report, GatePolicy(min_heldout=0))[0].startswith("golden-set loss rose")
