@@ -3,6 +3,9 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 RUN useradd --create-home --uid 1000 chatloop
+# the named volumes' mount points, owned by the user that writes them: a fresh volume takes
+# its owner from the image (model preparation writes /models, the trainer /adapters, /runs)
+RUN mkdir -p /models /adapters /runs && chown chatloop:chatloop /models /adapters /runs
 COPY pyproject.toml README.md ./
 COPY chatloop chatloop
 COPY bots bots

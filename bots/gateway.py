@@ -11,6 +11,8 @@ from typing import Protocol
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
+from bots.edge import BodyCaps, CachedProbe
+
 log = logging.getLogger(__name__)
 
 
@@ -55,8 +57,12 @@ def steady_gc(gen0_threshold: int = 7000) -> Iterator[None]:
 
 
 def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
-               on_shutdown: Callable[[], Awaitable[None]] | None = None) -> FastAPI:
-    """`ready` returns {component: "ok" | reason}; /readyz is 200 only when all are "ok"."""
+               on_shutdown: Callable[[], Awaitable[None]] | None = None,
+               ready_cache_s: float = 5.0) -> FastAPI:
+    """`ready` returns {component: "ok" | terse reason}; /readyz is 200 only when all are
+    "ok", and runs `ready` at most once per `ready_cache_s`. Request bodies are capped per
+    path prefix (bots.edge.BODY_CAPS); no OpenAPI schema or docs are served."""
+    probe = CachedProbe(ready, ttl_s=ready_cache_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -80,7 +86,9 @@ def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
             if on_shutdown is not None:
                 await on_shutdown()
 
-    app = FastAPI(title="chatloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="chatloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.add_middleware(BodyCaps)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -88,7 +96,7 @@ def create_app(*, channels: Sequence[Channel], ready: ReadyCheck,
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = await ready()
+        checks = await probe()
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ok, **checks}, status_code=200 if ok else 503)
 

@@ -19,11 +19,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from bots.core import (
     APOLOGY,
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "web"
 PAGE = Path(__file__).with_name("webchat.html")
+Body = TypeVar("Body", bound=BaseModel)
+TOKEN_IN_QUERY = ("<!doctype html><title>chatloop</title><p>The access token goes after "
+                  "<code>#</code>, never in the query: open <code>/chat#token=…</code> (or "
+                  "<code>/chat</code> and enter it), and change the token that was sent here.")
 
 
 # Bodies name no user: one sent anyway (as older pages did) is ignored like any unknown field.
@@ -131,6 +135,15 @@ class WebChat:
         if not hmac.compare_digest(given.encode(), self._token.encode()):
             raise HTTPException(status_code=401, detail="web chat access token required")
 
+    async def _read(self, request: Request, model: type[Body]) -> Body:
+        """The body as `model`, read and parsed only once the token is checked (401 first)."""
+        self._authorise(request)
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:  # bad JSON, too deeply nested, lone surrogates
+            raise HTTPException(status_code=422, detail=exc.errors(
+                include_url=False, include_context=False, include_input=False)) from None
+
     def _visitor(self, request: Request) -> Visitor:
         uid = self._ids.of(request)
         return Visitor(uid, False) if uid else Visitor(self._ids.issue(), True)
@@ -142,19 +155,21 @@ class WebChat:
 
     def routes(self) -> APIRouter:
         router = APIRouter()
-        auth = [Depends(self._authorise)]
 
         @router.get("/", response_class=HTMLResponse, include_in_schema=False)
         @router.get("/chat", response_class=HTMLResponse)
         async def page(request: Request) -> HTMLResponse:
             # the page holds no data (the API checks the token); it brings the identity
+            if "token" in request.query_params:  # a query string lands in access logs
+                return HTMLResponse(TOKEN_IN_QUERY, status_code=400)
             visitor = self._visitor(request)
             response = HTMLResponse(PAGE.read_text())
             self._welcome(response, visitor, request)
             return response
 
-        @router.post("/api/chat", dependencies=auth)
-        async def chat(body: ChatIn, request: Request) -> StreamingResponse:
+        @router.post("/api/chat")
+        async def chat(request: Request) -> StreamingResponse:
+            body = await self._read(request, ChatIn)
             visitor = self._visitor(request)
             # the conversation and the delivery are the browser's own: prefixed with its id
             msg = InboundMessage(channel=CHANNEL, event_id=f"{visitor.uid}/{body.event_id}",
@@ -164,8 +179,9 @@ class WebChat:
             self._welcome(response, visitor, request)
             return response
 
-        @router.post("/api/vote", dependencies=auth)
-        async def vote(body: VoteIn, request: Request, response: Response) -> dict[str, Any]:
+        @router.post("/api/vote")
+        async def vote(request: Request, response: Response) -> dict[str, Any]:
+            body = await self._read(request, VoteIn)
             if body.rating == 0:
                 raise HTTPException(status_code=422, detail="rating must be 1 or -1")
             visitor = self._visitor(request)
@@ -178,9 +194,9 @@ class WebChat:
                 raise HTTPException(status_code=404, detail=str(exc)) from exc
             return {"answer_id": fb.answer_id, "rating": fb.rating}
 
-        @router.post("/api/correction", dependencies=auth)
-        async def correction(body: CorrectionIn, request: Request,
-                             response: Response) -> dict[str, Any]:
+        @router.post("/api/correction")
+        async def correction(request: Request, response: Response) -> dict[str, Any]:
+            body = await self._read(request, CorrectionIn)
             if not body.text.strip():
                 raise HTTPException(status_code=422, detail="a correction needs text")
             visitor = self._visitor(request)
@@ -214,7 +230,8 @@ class WebChat:
             elif task.result().outcome == Outcome.DUPLICATE:
                 yield (json.dumps({"type": "duplicate"}) + "\n").encode()
             elif done is not None:  # first which route answered (null: the base model)
-                route = {"type": "route", "adapter": task.result().adapter}
+                route = {"type": "route", "adapter": task.result().adapter,
+                         "memory": task.result().memory_entry_id}  # an approved answer's
                 yield (json.dumps(route) + "\n").encode()
                 yield (json.dumps(done) + "\n").encode()
         finally:

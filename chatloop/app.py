@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bots.core import ConversationCore, CoreLimits, Router, StaticRouter
+from bots.core.memory import AnswerMemory
 from bots.gateway import Channel, create_app
 from bots.webchat import WebChat
 from bots.webid import WebIdentities
@@ -130,8 +131,41 @@ async def build_services(settings: Settings, *,
         router=router,
         reviewers=frozenset(limits.reviewers),
         owner=limits.replica_id,
+        memory=await answer_memory(settings, sessions),
+        handoff=handoff_policy(settings),
     )
     return Services(settings, engine, sessions, backend, core, adapters)
+
+
+def handoff_policy(settings: Settings) -> Any:
+    """Where a person can take over (the channels with a place for agents) and the timers."""
+    from bots.core.handoff import HandoffPolicy, SupportHours
+
+    h = settings.handoff
+    channels = {name for name, on in (
+        ("telegram", settings.telegram.agents_chat is not None),
+        ("slack", bool(settings.slack.handoff_channel)),
+        ("web", settings.console.enabled)) if on}
+    return HandoffPolicy(
+        channels=frozenset(channels), phrases=tuple(h.phrases),
+        after_downvotes=h.after_downvotes, idle_s=h.idle_s, wait_s=h.wait_s,
+        hours=SupportHours.parse(h.hours, h.timezone) if h.hours else None,
+        ticket_url=h.ticket_url, expected_wait=h.expected_wait)
+
+
+async def answer_memory(settings: Settings, sessions: async_sessionmaker[AsyncSession]
+                        ) -> AnswerMemory | None:
+    """The answer memory from the settings, loaded from the database (None if disabled)."""
+    m = settings.memory
+    if not m.enabled:
+        return None
+    from inference.memory import HybridIndex, load_embedder
+
+    memory = AnswerMemory(sessions, HybridIndex(load_embedder(m.embedder)),
+                          answer_at=m.answer_threshold, refer_at=m.reference_threshold,
+                          max_references=m.max_references, refresh_s=m.refresh_s)
+    await memory.refresh()
+    return memory
 
 
 def adapter_source(sessions: async_sessionmaker[AsyncSession]) -> StateSource:
@@ -156,7 +190,8 @@ def adapter_registry(settings: Settings, sessions: async_sessionmaker[AsyncSessi
     return AdapterRegistry(backend, source=adapter_source(sessions),
                            canary_percent=settings.learn.canary_percent,
                            drain_grace=timedelta(seconds=settings.learn.drain_s),
-                           max_rank=settings.inference.max_lora_rank)
+                           max_rank=settings.inference.max_lora_rank,
+                           adapters_dir=settings.learn.adapters_dir)
 
 
 def build_channels(services: Services, *, webchat: bool,
@@ -201,15 +236,24 @@ def build_app(services: Services, *, webchat: bool, web_operator: bool = False) 
             async with services.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:  # reported, not raised: this is the readiness probe
-            checks["database"] = f"unreachable: {type(exc).__name__}"
+            log.warning("readiness: database unreachable: %s", type(exc).__name__)
+            checks["database"] = "unreachable"  # terse: anyone may call /readyz
         try:
             await services.backend.health()
         except InferenceError as exc:
-            checks["inference"] = f"{exc.kind}: {exc}"
+            log.warning("readiness: inference %s: %s", exc.kind, exc)
+            checks["inference"] = exc.kind
         return checks
 
     channels = build_channels(services, webchat=webchat, web_operator=web_operator)
     services.channels = {ch.name: ch for ch in channels}
+    if services.settings.console.enabled:  # the operator console under /console
+        from chatloop.console import build_console
+
+        settings = services.settings
+        channels.append(build_console(settings, services.sessions,
+                                      canary_policy=schedule_config(settings).canary,
+                                      rules=loop_config(settings).dataset))
     return create_app(channels=channels, ready=ready, on_shutdown=services.aclose)
 
 
@@ -233,7 +277,7 @@ def loop_config(settings: Settings) -> Any:
                               replay_fraction=learn.replay_fraction,
                               context_tokens=settings.core.context_tokens // 2,
                               system_prompt=settings.core.system_prompt),
-        gate=GatePolicy(golden_margin=learn.golden_margin),
+        gate=GatePolicy(golden_margin=learn.golden_margin, rephrasings=learn.gate_rephrasings),
         redactor=Redactor(patterns=learn.redact_patterns, allow=frozenset(learn.redact_allow)),
         train=TrainJob(model_dir=model, out_dir="", work_dir="", rank=learn.rank,
                        alpha=2 * learn.rank, epochs=learn.epochs,

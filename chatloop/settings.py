@@ -73,6 +73,9 @@ class StorageSettings(Section):
 class GatewaySettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # /metrics of the gateway and the trainer, on `host`, never on the public port; 0: off
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    log_format: Literal["text", "json"] = "text"
 
 
 class WebChatSettings(Section):
@@ -83,6 +86,29 @@ class WebChatSettings(Section):
     # signs the cookie carrying each browser's identity; required under `serve`, the demo
     # keeps one in var/webchat-secret
     secret: SecretStr | None = Field(default=None, min_length=16)
+
+
+class ConsoleSettings(Section):
+    """The operator console under /console (bots/console): off unless enabled."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_CONSOLE_")
+
+    enabled: bool = False
+    # behind an SSO proxy: the header naming the signed-in operator, believed only from
+    # trusted_proxies (addresses or networks, e.g. '["10.0.0.5","172.16.0.0/12"]')
+    user_header: str | None = None
+    trusted_proxies: list[str] = Field(default_factory=list)
+    session_hours: float = Field(default=8.0, gt=0, le=24 * 30)
+    login_attempts: int = Field(default=5, ge=1)  # failed sign-ins per 5 minutes per address
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
+        return v
 
 
 class InferenceSettings(Section):
@@ -164,6 +190,40 @@ def retired_reviewer_ids_message(old: Any) -> str:
             + json.dumps(example or ["telegram:111", "slack:T0/U0ABC"]) + "'")
 
 
+class MemorySettings(Section):
+    """The answer memory: approved answers used at once (bots.core.memory)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_MEMORY_")
+
+    enabled: bool = True
+    # wordllama (offline, in its wheel), wordllama:CONFIG:DIM, or hf:PATH (a local model)
+    embedder: str = "wordllama"
+    # similarity above which an approved answer is sent as it is, and from which the best
+    # entries are quoted in the prompt (calibrated: docs/benchmarks.md, answer memory)
+    answer_threshold: float = Field(default=0.85, gt=0)
+    reference_threshold: float = Field(default=0.55, gt=0)
+    max_references: int = Field(default=3, ge=1, le=10)
+    refresh_s: float = Field(default=1.0, gt=0)  # how stale a replica's index may get
+
+
+class HandoffSettings(Section):
+    """Human hand-off (bots.core.handoff): where agents work is per channel
+    (CHATLOOP_TELEGRAM_AGENTS_CHAT, CHATLOOP_SLACK_HANDOFF_CHANNEL)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATLOOP_HANDOFF_")
+
+    phrases: list[str] = Field(default_factory=lambda: [
+        "talk to a person", "talk to a human", "speak to a person", "speak to a human",
+        "human agent", "real person", "live agent"])
+    after_downvotes: int = Field(default=0, ge=0)  # 👎 in a conversation, then a person; 0: off
+    idle_s: float = Field(default=1800, gt=0)  # held without agent messages: back to the bot
+    wait_s: float = Field(default=600, gt=0)  # waiting this long: an apology (once)
+    hours: str | None = None  # support hours, e.g. "Mon-Fri 09:00-17:00"; unset: always
+    timezone: str = "UTC"  # the support hours' time zone
+    ticket_url: str | None = None  # offered with the apology after wait_s
+    expected_wait: str = "a few minutes"  # what users are told
+
+
 class LearnSettings(Section):
     """The learning loop: feedback -> dataset -> LoRA -> gate -> canary -> promotion / rollback."""
 
@@ -173,7 +233,8 @@ class LearnSettings(Section):
     adapters_dir: Path = Field(default=Path("var/adapters"),
                                validation_alias="CHATLOOP_ADAPTERS_DIR")
     runs_dir: Path = Path("var/runs")  # datasets, logs and TensorBoard events per run
-    adapter_prefix: str = "fb"
+    # adapter names (PREFIX-vN) are directory names: one safe path segment
+    adapter_prefix: str = Field(default="fb", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
     min_feedback: int = Field(default=50, ge=1)  # new eligible feedback before a run
     min_interval_s: float = Field(default=3600, ge=0)
     check_interval_s: float = Field(default=300, gt=0)
@@ -206,6 +267,10 @@ class LearnSettings(Section):
     # -m feedback.train" (one process: the worker does not shard).
     train_command: str = ""
     golden_margin: float = Field(default=0.05, ge=0)
+    dpo_min_pairs: int = Field(default=8, ge=1)  # hand-off preference pairs before DPO runs
+    # no held-out correction (every answer corrected once): judge on rephrasings of the
+    # trained questions instead of skipping the run
+    gate_rephrasings: bool = True
     canary_percent: float = Field(default=10.0, ge=0, le=100)
     canary_min_votes: int = Field(default=30, ge=1)
     canary_max_votes: int = Field(default=300, ge=1)
@@ -237,6 +302,7 @@ class TelegramSettings(Section):
     edit_interval_s: float = Field(default=3.0, ge=0)  # groups: edits (~20/min/group)
     poll_timeout_s: int = Field(default=25, ge=0, le=50)
     drain_s: float = Field(default=20.0, ge=0)  # on shutdown: finish answers in progress
+    agents_chat: int | None = None  # hand-off: the agents' forum supergroup (one topic a user)
 
 
 class SlackSettings(Section):
@@ -254,6 +320,7 @@ class SlackSettings(Section):
     updates_per_minute: int = Field(default=50, ge=1)  # progress edits per workspace
     message_chars: int = Field(default=3000, ge=100, le=3000)  # longer answers split
     agent_corrections: bool = False  # reviewers replying after the bot = corrections
+    handoff_channel: str | None = None  # hand-off: the agents' channel id (escalations)
 
 
 class Settings(BaseModel):
@@ -265,9 +332,12 @@ class Settings(BaseModel):
     storage: StorageSettings
     gateway: GatewaySettings
     webchat: WebChatSettings
+    console: ConsoleSettings
     inference: InferenceSettings
     core: CoreSettings
     learn: LearnSettings
+    memory: MemorySettings
+    handoff: HandoffSettings
     telegram: TelegramSettings
     slack: SlackSettings
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from feedback.examples import Dataset, Example, dedupe, replay_sample
 from feedback.policy import DatasetPolicy, Selection
-from feedback.redaction import Redactor
+from feedback.redaction import Redactor, company_voice, has_placeholder
 from storage.feedback import FeedbackRow, TranscriptMessage
 from storage.models import AnswerStatus, FeedbackRole, Role
 
@@ -63,13 +63,26 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
                               "quarantined_votes": len(selection.quarantined),
                               "capped_rows": selection.capped}
     ds = Dataset(report=report)
+    report["placeholder_targets_dropped"] = 0
     for r in selection.corrections:
+        # a trusted reviewer's answer is the company speaking (feedback.redaction)
+        target = (company_voice(redactor, r.correction or "", (r.question, r.answer))
+                  if r.trusted else redactor(r.correction or ""))
         ex = Example(r.conversation_id, r.answer_id, prompts[r.answer_id],
-                     redactor(r.correction or ""), "correction", rejected=redactor(r.answer))
+                     target, "correction", rejected=redactor(r.answer))
+        if has_placeholder(target) and not heldout[ex.conversation_id]:
+            # never train the model to say a placeholder: only what it should not have said
+            report["placeholder_targets_dropped"] += 1
+            ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt,
+                                  ex.rejected or "", "correction", label=False))
+            continue
         if heldout[ex.conversation_id]:
             ds.heldout.append(ex)
         else:
             ds.sft.append(ex)
+            if r.source == "handoff":  # an agent's reply after a hand-off: a DPO pair too
+                ds.dpo.append(Example(ex.conversation_id, ex.answer_id, ex.prompt,
+                                      ex.completion, "handoff", rejected=ex.rejected))
             ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt, ex.completion,
                                   "correction", label=True))
             ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt,
@@ -95,6 +108,7 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
     replay = replay_sample(replay_pool, ds.sft, policy.replay_fraction,
                            seed=_seed(ds.consumed))
     ds.sft += replay
+    report["dpo_pairs"] = len(ds.dpo)
     report.update(sft=len(ds.sft), kto=len(ds.kto), heldout=len(ds.heldout), replay=len(replay),
                   **correction_counts(selection, ds.consumed, carried))
     return ds

@@ -21,6 +21,7 @@ from enum import StrEnum
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from chatloop.telemetry import hooks
 from feedback.policy import DatasetPolicy, judge_votes
 from storage import adapters, audit
 from storage.feedback import FeedbackRow, feedback_on_adapters, first_seen
@@ -79,6 +80,7 @@ class CanaryOutcome:
     control_votes: Votes | None = None
 
 
+@hooks.canary_evaluated
 async def evaluate_canary(sessions: async_sessionmaker[AsyncSession], policy: CanaryPolicy,
                           *, rules: DatasetPolicy) -> CanaryOutcome:
     """Decide on the current canary, counting votes by `rules` (the learning loop's dataset

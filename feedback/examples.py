@@ -40,6 +40,9 @@ class Dataset:
     report: dict[str, Any] = field(default_factory=dict)
     # feedback id -> (revision, role): what the run building it consumes (storage.runs)
     consumed: dict[int, tuple[int, str]] = field(default_factory=dict)
+    # preference pairs from hand-offs (chosen: `completion`, the agent's reply; `rejected`:
+    # the bot's answer), the trained ones; also SFT corrections above
+    dpo: list[Example] = field(default_factory=list)
 
     @property
     def hash(self) -> str:
@@ -53,6 +56,9 @@ class Dataset:
         for split, kind, part in (("train", "sft", self.sft), ("train", "kto", self.kto),
                                   ("heldout", "sft", self.heldout)):
             out += [{"split": split, "kind": kind, **asdict(e)} for e in part]
+        # DPO pairs in TRL's format (prompt, chosen, rejected), beside the example's fields
+        out += [{"split": "train", "kind": "dpo", **asdict(e), "chosen": e.completion}
+                for e in self.dpo]
         return out
 
 

@@ -261,3 +261,43 @@ class Redactor:
     def _phone_allowed(self, m: phonenumbers.PhoneNumberMatch) -> bool:
         e164 = phonenumbers.format_number(m.number, phonenumbers.PhoneNumberFormat.E164)
         return m.raw_string in self.allow or e164 in self._allowed_phones
+
+
+# ---- the company's voice: a trusted reviewer's answer ----
+
+PLACEHOLDER = re.compile(r"\[[A-Z][A-Z_]{1,20}\]")
+# never kept, whoever wrote them: keys and credentials are nobody's voice
+_ALWAYS = frozenset({"[PRIVATE_KEY]", "[SECRET]"})
+
+
+def has_placeholder(text: str) -> bool:
+    """Whether a text holds a redaction placeholder (`[PHONE]`, ...): never a training
+    target, or the model learns to say it."""
+    return PLACEHOLDER.search(text) is not None
+
+
+def _key(text: str) -> str:
+    return re.sub(r"\W+", "", normalise(text)).lower()
+
+
+def company_voice(redactor: Redactor, text: str, customer: Iterable[str]) -> str:
+    """A trusted reviewer's answer, redacted only where it repeats what the customer's side
+    (`customer`: the question, the answer corrected, ...) holds: the company's own support
+    number, address, e-mail and documented IP ranges stay as written, a customer's details
+    echoed back do not; keys and credentials never stay."""
+    plain, redacted = normalise(text), redactor(text)
+    if not has_placeholder(redacted):
+        return redacted
+    theirs = _key(" ".join(customer))
+    literals = PLACEHOLDER.split(redacted)
+    placed = PLACEHOLDER.findall(redacted)
+    # the original of each placeholder: the text between the literal parts around it
+    pattern = "(.+?)".join(re.escape(part) for part in literals)
+    match = re.fullmatch(pattern, plain, re.DOTALL)
+    if match is None:  # not aligned (cannot happen with the finders above): keep redacted
+        return redacted
+    out = [literals[0]]
+    for n, (label, found) in enumerate(zip(placed, match.groups(), strict=True)):
+        keep = label not in _ALWAYS and not (_key(found) and _key(found) in theirs)
+        out += [found if keep else label, literals[n + 1]]
+    return "".join(out)

@@ -25,8 +25,10 @@ async def decide(session: AsyncSession, *, feedback_id: int, approve: bool,
     """Approve (the correction becomes training data) or reject a pending correction, and
     audit it as done by `actor` (a reviewer's identity; by default the operating-system
     user, as for the command line)."""
-    if not await store.review_correction(session, feedback_id=feedback_id, approve=approve):
+    actor = actor or audit.cli_actor()
+    if not await store.review_correction(session, feedback_id=feedback_id, approve=approve,
+                                         actor=actor):
         raise NotPending(f"no pending correction with id {feedback_id}")
-    await audit.log(session, actor=actor or audit.cli_actor(),
+    await audit.log(session, actor=actor,
                     action=audit.Action.APPROVE if approve else audit.Action.REJECT,
                     target=f"feedback:{feedback_id}")

@@ -4,9 +4,12 @@ Exactly one scheduler leads across processes and replicas: on PostgreSQL it
 holds a session-level advisory lock on a dedicated connection (released by the
 server if the process dies); on SQLite it holds an expiring lease row. Only the
 leader starts APScheduler, whose jobs (threshold check, periodic cron run,
-canary evaluation) live in a shared SQLAlchemy job store with stable ids, so
-job state survives restarts; misfires are coalesced within a grace time.
-Whatever triggers a cycle, the run lease lets only one run at a time.
+canary evaluation) are defined here, in code, with stable ids; the database keeps
+only their schedule state (next run times, `feedback.jobstore`: no pickles, so write
+access to the database is not code execution in the trainer); misfires are coalesced
+within a grace time. Whatever triggers a cycle, the run lease lets only one run at a
+time. Every scheduler, leading or standing by, writes a heartbeat row on each tick
+(`chatloop health trainer` checks it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy.engine import make_url
@@ -28,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from feedback.canary import CanaryPolicy, evaluate_canary
 from feedback.erasure import apply_retention
+from feedback.jobstore import ScheduleStateStore
 from feedback.loop import LoopConfig, run_cycle, should_train
 from inference.base import InferenceBackend
 from inference.registry import AdapterRegistry
@@ -179,8 +182,9 @@ class LearningScheduler:
         self.adapters = adapters  # keeps this host's backend serving what the loop decided
         self.loop_cfg, self.schedule = loop, schedule
         self.key = key or "default"
-        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.leadership = leadership_for(engine, sessions, holder=holder, ttl=schedule.lease_ttl)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"[:128]
+        self.leadership = leadership_for(engine, sessions, holder=self.holder,
+                                         ttl=schedule.lease_ttl)
         self._url = sync_url(database_url)
         self._aps: AsyncIOScheduler | None = None
         self.results: list[Any] = []  # what this scheduler's jobs did (for status and tests)
@@ -201,7 +205,17 @@ class LearningScheduler:
         elif not lead and self._aps is not None:
             self._stop_jobs()
             log.warning("lost the learning loop leadership: jobs stopped")
+        await self._beat()
         return lead
+
+    async def _beat(self) -> None:
+        """This process is alive and reaches the database (the trainer's health check)."""
+        try:
+            async with self.sessions() as s:
+                await locks.beat(s, name=locks.heartbeat_name("scheduler"),
+                                 holder=self.holder, ttl=self.schedule.lease_ttl)
+        except Exception as exc:  # the check turns unhealthy; the next tick tries again
+            log.warning("scheduler heartbeat not written: %s", type(exc).__name__)
 
     def _start_jobs(self) -> None:
         _LIVE[self.key] = self
@@ -213,7 +227,7 @@ class LearningScheduler:
         options = ({"connect_args": {"timeout": 0.5}}
                    if make_url(self._url).get_backend_name() == "sqlite" else {})
         aps = RetryingAsyncIOScheduler(
-            jobstores={"default": SQLAlchemyJobStore(url=self._url, engine_options=options)},
+            jobstores={"default": ScheduleStateStore(url=self._url, engine_options=options)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": grace})
         kw = {"kwargs": {"key": self.key}, "replace_existing": True}
         aps.add_job(threshold_job, "interval", id="learn-threshold",

@@ -59,6 +59,16 @@ class PromptFitter:
             kept = kept[2:] if len(kept) > 1 and kept[1].role == "assistant" else kept[1:]
 
 
+def with_references(system: str, references: Sequence[tuple[str, str]]) -> str:
+    """The system prompt with (question, answer) pairs from the answer memory appended as
+    "approved answers to similar questions", for the model to answer from."""
+    if not references:
+        return system
+    quoted = "\n".join(f"Q: {q}\nA: {a}" for q, a in references)
+    return (f"{system}\n\nApproved answers to similar questions (use them if they answer "
+            f"the question):\n{quoted}").strip()
+
+
 def _dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 

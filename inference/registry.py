@@ -31,8 +31,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 
-from inference.adapters import validate_adapter
+from inference.adapters import inside, validate_adapter
 from inference.base import GenerationRequest, InferenceBackend, StreamEvent
 from inference.errors import AdapterNotFound, AdapterRejected, InferenceError
 
@@ -147,20 +148,22 @@ class AdapterRegistry:
 
     `backend` is what requests must stream through (it counts them for the drain).
     `max_rank`, if given, refuses adapter directories whose LoRA rank is above it before
-    the backend is asked. `aclose` stops the background refresh; the backend is the
-    caller's to close.
+    the backend is asked; `adapters_dir`, paths outside that directory. `aclose` stops the
+    background refresh; the backend is the caller's to close.
     """
 
     def __init__(self, backend: InferenceBackend, *, source: StateSource,
                  canary_percent: float = 0.0, refresh_s: float = 5.0,
                  drain_grace: timedelta = timedelta(seconds=60), max_rank: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 adapters_dir: str | Path | None = None) -> None:
         self.backend = backend if isinstance(backend, DrainingBackend) else DrainingBackend(backend)
         self._source = source
         self._percent = canary_percent
         self._refresh_s = refresh_s
         self._drain_grace = drain_grace
         self._max_rank = max_rank
+        self._adapters_dir = adapters_dir  # if set, every loaded path must lie inside it
         self._clock = clock
         self._records: dict[str, AdapterRecord] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # one per name
@@ -197,6 +200,8 @@ class AdapterRegistry:
                     self._records[name] = known
                 return known
             try:
+                if self._adapters_dir is not None:  # paths come from the database
+                    inside(path, self._adapters_dir)
                 if self._max_rank is not None:
                     rank = validate_adapter(path, max_rank=self._max_rank)
                 await self.backend.load_adapter(name, path)

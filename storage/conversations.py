@@ -42,6 +42,8 @@ class AnswerMeta:
     latency_ms: float | None = None
     finish_reason: str | None = None
     error_kind: str | None = None
+    memory_entry_id: int | None = None  # answered with this memory entry as it is
+    memory_refs: list[int] | None = None  # the memory entries the prompt quoted
 
 
 # The turn path runs these for every message: built once, with bound parameters, on the

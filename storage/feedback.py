@@ -17,6 +17,7 @@ from sqlalchemy import bindparam, case, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from storage import memory
 from storage.events import record_event
 from storage.models import (
     AnswerStatus,
@@ -75,6 +76,8 @@ async def record_vote(
                   revision=_next_revision((Feedback.rating, rating), (Feedback.reason, reason))),
     )
     await session.execute(stmt)
+    if trusted:  # a trusted voter's word may turn a memory answer's entry down
+        await memory.judge_by_votes(session, answer_id=answer_id)
     return await _finish(session, answer_id, voter_id, delivery)
 
 
@@ -99,6 +102,12 @@ async def record_correction(
                                           (Feedback.review_status, review))),
     )
     await session.execute(stmt)
+    fid = await session.scalar(select(Feedback.id).where(Feedback.answer_id == answer_id,
+                                                         Feedback.voter_id == voter_id))
+    if trusted:  # approved: the next customer is answered from it (storage.memory)
+        await memory.remember_correction(session, feedback_id=fid, approved_by=voter_id)
+    else:
+        await memory.retire_correction(session, feedback_id=fid)
     return await _finish(session, answer_id, voter_id, delivery)
 
 
@@ -355,12 +364,16 @@ async def pending_corrections(session: AsyncSession, *, limit: int = 50
             for fid, voter, q, a, correction in (await session.execute(stmt)).all()]
 
 
-async def review_correction(session: AsyncSession, *, feedback_id: int, approve: bool) -> bool:
-    """Approve or reject a pending correction, and commit; False if none has this id."""
+async def review_correction(session: AsyncSession, *, feedback_id: int, approve: bool,
+                            actor: str | None = None) -> bool:
+    """Approve or reject a pending correction, and commit; False if none has this id. An
+    approved one becomes an answer-memory entry approved by `actor` (same transaction)."""
     status = ReviewStatus.APPROVED if approve else ReviewStatus.REJECTED
     result = await session.execute(
         update(Feedback)
         .where(Feedback.id == feedback_id, Feedback.review_status == ReviewStatus.PENDING)
         .values(review_status=status, updated_at=utcnow(), revision=Feedback.revision + 1))
+    if approve and result.rowcount:  # type: ignore[attr-defined]
+        await memory.remember_correction(session, feedback_id=feedback_id, approved_by=actor)
     await session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, delete, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage import audit, privacy
+from storage import audit, memory, privacy
 from storage.models import (
     AuditLog,
     Conversation,
@@ -73,6 +73,8 @@ async def forget_identity(session: AsyncSession, *, identity: str, actor: str) -
     erased.counts = await _erase(session, ids, whole)
     erased.counts["feedback"] += await _count(session, delete(Feedback)
                                               .where(Feedback.voter_id == identity))
+    if entries := await memory.erase(session, identity=identity):  # their answer memory
+        erased.counts["memory_entries"] = entries
     await session.execute(privacy.mark_forgotten(session, h))
     await session.execute(update(AuditLog).where(AuditLog.actor == identity)
                           .values(actor=f"forgotten:{h[:16]}"))
@@ -91,6 +93,8 @@ async def forget_conversation(session: AsyncSession, *, conversation_id: int,
     erased = Erased(conversations={conversation_id})
     ids = await _messages_of(session, {conversation_id})
     erased.counts = await _erase(session, ids, {conversation_id})
+    if entries := await memory.erase(session):  # entries of corrections deleted with it
+        erased.counts["memory_entries"] = entries
     audit.record(session, actor=actor, action=audit.Action.FORGET,
                  target=f"conversation:{conversation_id}", detail=dict(erased.counts))
     await session.commit()
@@ -109,6 +113,8 @@ async def delete_older_than(session: AsyncSession, *, cutoff: datetime, actor: s
     empty = ~exists().where(Message.conversation_id == Conversation.id)
     erased.counts["conversations"] = await _count(session, delete(Conversation).where(
         Conversation.created_at < cutoff, empty))
+    if entries := await memory.erase(session):  # entries of corrections deleted with them
+        erased.counts["memory_entries"] = entries
     if erased.anything:
         audit.record(session, actor=actor, action=audit.Action.RETENTION,
                      target=f"older than {days} days", detail={

@@ -3,9 +3,10 @@ session-level advisory locks (held by a connection; released by the server if it
 
 from __future__ import annotations
 
+import socket
 from datetime import timedelta
 
-from sqlalchemy import delete, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from storage.models import Lease, utcnow
@@ -48,3 +49,26 @@ async def advisory_unlock(conn: AsyncConnection, *, key: int) -> None:
 async def ping(conn: AsyncConnection) -> None:
     """Raises if the connection (and so any advisory lock it holds) is gone."""
     await conn.execute(text("SELECT 1"))
+
+
+def heartbeat_name(role: str, host: str | None = None) -> str:
+    """The heartbeat row of the `role` process (the scheduler) on `host` (default: this one)."""
+    return f"heartbeat:{role}:{host or socket.gethostname()}"[:64]
+
+
+async def beat(session: AsyncSession, *, name: str, holder: str, ttl: timedelta) -> None:
+    """Record that `holder` is alive for `ttl` from now under `name` (and commit): a
+    heartbeat, taken over from whoever wrote it before (a restarted process)."""
+    now = utcnow()
+    stmt = upsert(session)(Lease).values(name=name, holder=holder, expires_at=now + ttl)
+    stmt = stmt.on_conflict_do_update(index_elements=["name"],
+                                      set_={"holder": holder, "expires_at": now + ttl})
+    await session.execute(stmt)
+    await session.commit()
+
+
+async def alive(session: AsyncSession, *, name: str) -> bool:
+    """Whether the heartbeat (or lease) `name` was renewed within its time to live."""
+    found = await session.execute(select(Lease.name).where(Lease.name == name,
+                                                           Lease.expires_at > utcnow()))
+    return found.first() is not None

@@ -9,7 +9,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Integer, UniqueConstraint, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    UniqueConstraint,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -81,7 +90,7 @@ class Conversation(SQLModel, table=True):
     external_chat_id: str = Field(max_length=128)
     external_thread_id: str = Field(default="", max_length=128)
     epoch: int = 0
-    created_at: datetime = _ts(nullable=False)
+    created_at: datetime = _ts(nullable=False, index=True)  # the console lists by time
     # The learning loop's split, recorded the first time a dataset uses the conversation:
     # held out for the gate (True) or trained on (False); None until then.
     heldout: bool | None = None
@@ -97,7 +106,7 @@ class Message(SQLModel, table=True):
     external_message_id: str | None = Field(default=None, max_length=128)
     author_id: str | None = Field(default=None, max_length=128, index=True)  # forget finds them
     reply_to_id: int | None = Field(default=None, foreign_key="message.id", index=True)
-    created_at: datetime = _ts(nullable=False)
+    created_at: datetime = _ts(nullable=False, index=True)  # the console's quality page
     # answers only
     model: str | None = Field(default=None, max_length=256)
     adapter: str | None = Field(default=None, max_length=128)
@@ -108,6 +117,15 @@ class Message(SQLModel, table=True):
     finish_reason: str | None = Field(default=None, max_length=32)
     status: str | None = Field(default=None, max_length=16)
     error_kind: str | None = Field(default=None, max_length=64)
+    # answer memory: the entry sent as it is, or the entries the prompt quoted (storage.memory)
+    memory_entry_id: int | None = Field(default=None, index=True)
+    memory_refs: list[int] | None = Field(default=None, sa_column=Column(JSON))
+
+
+
+# the console's text search (lower(text) LIKE '%words%'): trigrams, PostgreSQL only (0008)
+Index("ix_message_text_trgm", text("lower(text) gin_trgm_ops"), postgresql_using="gin",
+      _table=Message.__table__).ddl_if(dialect="postgresql")  # type: ignore[attr-defined]
 
 
 class InboundEvent(SQLModel, table=True):
@@ -143,7 +161,7 @@ class Feedback(SQLModel, table=True):
     correction: str | None = None
     source: str = Field(max_length=32)
     trusted: bool = False
-    review_status: str | None = Field(default=None, max_length=16)
+    review_status: str | None = Field(default=None, max_length=16, index=True)  # the queue
     created_at: datetime = _ts(nullable=False)
     updated_at: datetime = _ts(nullable=False)
     # bumped by every change (vote, correction, review decision): runs consume revisions
@@ -250,3 +268,121 @@ class AuditLog(SQLModel, table=True):
     action: str = Field(max_length=32, index=True)
     target: str = Field(max_length=256)
     detail: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+
+
+class OperatorRole(StrEnum):
+    """What a console operator may do: reviewers review and correct; admins also promote,
+    roll back, forget people and manage operators."""
+
+    REVIEWER = "reviewer"
+    ADMIN = "admin"
+
+
+class Operator(SQLModel, table=True):
+    """A person who signs in to the operator console (storage.operators)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    role: str = Field(max_length=16)
+    password_hash: str | None = Field(default=None, max_length=256)  # argon2id
+    created_at: datetime = _ts(nullable=False)
+    disabled_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    last_login_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class OperatorSession(SQLModel, table=True):
+    """A signed-in console session: the SHA-256 of the random token its cookie carries."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    operator_id: int = Field(foreign_key="operator.id", index=True)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class MemoryStatus(StrEnum):
+    ACTIVE = "active"
+    DISABLED = "disabled"  # by an operator, or by trusted votes (disabled_by says which)
+    ERASED = "erased"  # its person was forgotten: texts emptied, the row kept as a tombstone
+
+
+class MemoryEntry(SQLModel, table=True):
+    """An approved answer the gateway may answer from (storage.memory): an approved correction
+    or an imported question and answer. Every change bumps `updated_at`, which replicas poll."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    question: str
+    context: str | None = None  # the exchange before the question, for follow-ups
+    answer: str
+    source: str = Field(max_length=16)  # "correction" | "import"
+    feedback_id: int | None = Field(default=None, unique=True)  # the approved correction
+    asked_by: str | None = Field(default=None, max_length=128, index=True)
+    approved_by: str | None = Field(default=None, max_length=160, index=True)
+    status: str = Field(default=MemoryStatus.ACTIVE, max_length=16)
+    disabled_by: str | None = Field(default=None, max_length=160)
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False, index=True)
+    embedder: str | None = Field(default=None, max_length=128)  # what made `embedding`
+    embedding: bytes | None = Field(default=None, sa_column=Column(LargeBinary))
+
+
+class HandoffStatus(StrEnum):
+    WAITING = "waiting"  # a person was asked for; the bot no longer answers
+    HELD = "held"  # an agent took the conversation over
+    CLOSED = "closed"  # handed back to the bot
+
+
+class Handoff(SQLModel, table=True):
+    """A conversation handed to a person (storage.handoff): while it is open (waiting or
+    held) no replica's bot answers in it. At most one open hand-off per conversation."""
+
+    __table_args__ = (
+        Index("ux_handoff_open", "conversation_id", unique=True,
+              sqlite_where=text("status != 'closed'"),
+              postgresql_where=text("status != 'closed'")),
+        Index("ix_handoff_agent_ref", "agent_chat", "agent_ref"),
+        Index("ix_handoff_status", "status"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    # no foreign key: forgetting a conversation must not be blocked by its hand-offs
+    conversation_id: int = Field(index=True)
+    channel: str = Field(max_length=32)
+    chat_id: str = Field(max_length=128)  # where the user is (for relays)
+    thread_id: str = Field(default="", max_length=128)
+    user_id: str = Field(max_length=128)  # the asker's identity
+    status: str = Field(default=HandoffStatus.WAITING, max_length=16)
+    reason: str = Field(max_length=32)  # button, command, phrase, downvotes
+    answer_id: int | None = None  # the bot's last answer before it (the pair's rejected side)
+    adapter: str | None = Field(default=None, max_length=128)  # what served that answer
+    feedback_id: int | None = None  # the preference pair stored from the agent's reply
+    pair_open: bool = True  # agent messages still count as the answer to that question
+    agent_chat: str | None = Field(default=None, max_length=128)  # where agents work
+    agent_ref: str | None = Field(default=None, max_length=128)  # topic id / escalation ts
+    agent_id: str | None = Field(default=None, max_length=128)
+    agent_name: str | None = Field(default=None, max_length=128)
+    requested_at: datetime = _ts(nullable=False)
+    taken_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    last_agent_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    apologised_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    closed_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    closed_by: str | None = Field(default=None, max_length=160)
+    error: str | None = Field(default=None, max_length=64)  # the last relay failure's kind
+
+
+class HandoffMessage(SQLModel, table=True):
+    """A message relayed during a hand-off: stored before it is relayed, marked when it is."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    handoff_id: int = Field(foreign_key="handoff.id", index=True)
+    direction: str = Field(max_length=8)  # "in" (user -> agents), "out" (agent -> user)
+    author_id: str = Field(max_length=128, index=True)
+    text: str
+    created_at: datetime = _ts(nullable=False)
+    delivered_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+    error: str | None = Field(default=None, max_length=64)

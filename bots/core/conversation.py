@@ -9,7 +9,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bots.core import payload
 from bots.core.feedback import FeedbackDesk
+from bots.core.handoff import HandoffDesk, HandoffPolicy
 from bots.core.leases import Leases
+from bots.core.memory import AnswerMemory
 from bots.core.recovery import Recovery
 from bots.core.turns import Turns
 from bots.core.types import (
@@ -23,9 +25,11 @@ from bots.core.types import (
     SinkFor,
     StaticRouter,
     TurnResult,
+    clean_text,
     default_owner,
 )
 from bots.limits import KeyedLocks, RateLimiter
+from chatloop.telemetry import hooks
 from inference.base import InferenceBackend
 from inference.prompt import PromptFitter
 from storage import conversations, events
@@ -47,7 +51,8 @@ class ConversationCore:
     def __init__(self, *, sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
                  fitter: PromptFitter, system_prompt: str, limits: CoreLimits,
                  router: Router | None = None, reviewers: Collection[str] = frozenset(),
-                 owner: str | None = None) -> None:
+                 owner: str | None = None, memory: AnswerMemory | None = None,
+                 handoff: HandoffPolicy | None = None) -> None:
         """`reviewers`: identities (`channel:id`) whose feedback is trusted; a web identity
         there is refused (ValueError): the web's reviewers are its authenticated operators."""
         self.sessions = sessions
@@ -57,15 +62,22 @@ class ConversationCore:
         self._conversation_locks = KeyedLocks()
         self._turns = Turns(engine=self._engine, sessions=sessions, backend=backend,
                             router=router or StaticRouter(), fitter=fitter,
-                            system_prompt=system_prompt, limits=limits)
+                            system_prompt=system_prompt, limits=limits, memory=memory)
         self._leases = Leases(sessions, owner=owner or default_owner(),
                               lease_s=limits.event_lease_s)
         self._recovery = Recovery(sessions=sessions, turns=self._turns, leases=self._leases)
         self._feedback = FeedbackDesk(sessions, reviewers=reviewers)
+        self.handoff = HandoffDesk(sessions, handoff or HandoffPolicy(),
+                                   trusted=self._feedback.trusted)
 
     @property
     def backend(self) -> InferenceBackend:
         return self._turns.backend
+
+    @property
+    def memory(self) -> AnswerMemory | None:
+        """The answer memory turns consult, if any."""
+        return self._turns.memory
 
     @property
     def router(self) -> Router:
@@ -92,6 +104,7 @@ class ConversationCore:
             return accepted
         return await self.answer(accepted, sink)
 
+    @hooks.accepting
     async def accept(self, msg: InboundMessage, sink: ReplySink) -> Accepted | TurnResult:
         """Record a question with its delivery id; channels that must acknowledge before
         answering (Slack) call this before the ack and `answer` after it.
@@ -115,6 +128,12 @@ class ConversationCore:
             return await self._reject(
                 msg, sink, "You are sending messages too quickly. Please wait a minute."
             )
+        if self.handoff.serves(msg.channel):  # a person holds it, or is asked for: no answer
+            if self.handoff.wants_person(msg, text):
+                return await self.handoff.request(msg, sink, reason="phrase")
+            held = await self.handoff.intercept(msg, text)
+            if held is not None:
+                return held
         async with self._engine.connect() as s:
             conv = await conversations.current_conversation(
                 s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id)
@@ -129,6 +148,7 @@ class ConversationCore:
         self._leases.hold(turn.event_id)
         return Accepted(turn, text, (msg.channel, msg.chat_id, msg.thread_id))
 
+    @hooks.answering
     async def answer(self, accepted: Accepted, sink: ReplySink) -> TurnResult:
         """Answer a question recorded by `accept`; one turn at a time per conversation, and
         each turn's history holds only the questions recorded before it."""
@@ -180,6 +200,7 @@ class ConversationCore:
 
     # -- feedback -----------------------------------------------------------------------------
 
+    @hooks.feedback("vote")
     async def vote(self, *, answer_id: int, voter_id: str, rating: int, source: str,
                    reason: str | None = None, event_id: str | None = None,
                    operator: bool = False) -> FeedbackResult:
@@ -188,15 +209,18 @@ class ConversationCore:
         voter may rate (bots.core.feedback). `operator`: the channel authenticated the voter
         as one of its operators (trusted like a reviewer)."""
         return await self._feedback.vote(answer_id=answer_id, voter_id=voter_id, rating=rating,
-                                         source=source, reason=reason,
+                                         source=source,
+                                         reason=clean_text(reason) if reason else reason,
                                          delivery=_delivery(source, event_id),
                                          operator=operator)
 
+    @hooks.feedback("correction")
     async def correct(self, *, answer_id: int, voter_id: str, text: str, source: str,
                       event_id: str | None = None, operator: bool = False) -> FeedbackResult:
         """Store a correction, as `vote` does a vote: untrusted ones await review."""
-        return await self._feedback.correct(answer_id=answer_id, voter_id=voter_id, text=text,
-                                            source=source, delivery=_delivery(source, event_id),
+        return await self._feedback.correct(answer_id=answer_id, voter_id=voter_id,
+                                            text=clean_text(text), source=source,
+                                            delivery=_delivery(source, event_id),
                                             operator=operator)
 
     async def reviewer_reply(self, msg: InboundMessage, *, source: str) -> bool:
@@ -206,6 +230,10 @@ class ConversationCore:
 
     async def _command(self, msg: InboundMessage, text: str, sink: ReplySink) -> TurnResult:
         name = text[1:].split(maxsplit=1)[0].split("@", 1)[0].lower() if len(text) > 1 else ""
+        if name == "human":
+            button = text.split()[1:2] == ["button"]  # the channels' "Talk to a person"
+            return await self.handoff.request(msg, sink,
+                                              reason="button" if button else "command")
         if name not in ("reset", "help", "start"):
             await sink.notice(f"Unknown command /{name}. " + HELP_TEXT.split("\n", 1)[1])
             return TurnResult(Outcome.REJECTED)

@@ -11,6 +11,7 @@ from bots.core import payload
 from bots.core.leases import Leases
 from bots.core.turns import Turns
 from bots.core.types import Resumed, SinkFor
+from chatloop.telemetry import hooks
 from storage import conversations, events
 from storage.conversations import TurnStart
 from storage.models import InboundEvent
@@ -37,6 +38,7 @@ class Recovery:
                 resumed += 1
         return resumed
 
+    @hooks.resuming
     async def _resume_one(self, event: InboundEvent, sink_for: SinkFor) -> bool:
         assert event.id is not None and event.message_id is not None and event.payload
         if not await self._leases.claim(event.id):
@@ -49,6 +51,7 @@ class Recovery:
         if event.attempts >= MAX_RESUMES:  # this claim would be one more: it keeps failing
             log.error("%s event %s failed %s resumes: given up", event.channel,
                       event.external_event_id, event.attempts)
+            hooks.given_up(event.channel)
             await self._turns.close(turn, "gave_up")
             return False
         self._leases.hold(event.id)

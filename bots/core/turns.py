@@ -11,10 +11,12 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from bots.core.memory import AnswerMemory, Recall, Reference
 from bots.core.types import CoreLimits, Outcome, ReplySink, Router, TurnResult
+from chatloop.telemetry import hooks
 from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBackend
 from inference.errors import AdapterNotFound, InferenceError
-from inference.prompt import PromptFitter
+from inference.prompt import PromptFitter, with_references
 from storage import conversations
 from storage.conversations import AnswerMeta, TurnStart
 from storage.models import AnswerStatus, Role
@@ -37,6 +39,7 @@ class _Progress:
     adapter: str | None
     text: str = ""
     ttft_ms: float | None = None
+    memory_refs: list[int] | None = None  # the memory entries quoted in the prompt
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -47,26 +50,40 @@ class Turns:
 
     def __init__(self, *, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession],
                  backend: InferenceBackend, router: Router, fitter: PromptFitter,
-                 system_prompt: str, limits: CoreLimits) -> None:
+                 system_prompt: str, limits: CoreLimits,
+                 memory: AnswerMemory | None = None) -> None:
         # the turn path (history, store, deliver) runs on plain connections: an ORM
         # session's set-up and bookkeeping cost more than its few statements
         self._engine, self._sessions = engine, sessions
         self.backend, self.router = backend, router
         self._fitter, self._system_prompt, self._limits = fitter, system_prompt, limits
         self._generations = asyncio.Semaphore(limits.max_concurrent_generations)
+        self.memory = memory
 
+    @hooks.running
     async def run(self, turn: TurnStart, question: str, sink: ReplySink) -> TurnResult:
-        """Generate, stream and store the answer to a recorded question."""
+        """Generate, stream and store the answer to a recorded question (or send an approved
+        answer from the memory as it is, when one matches closely)."""
+        started = time.perf_counter()
         async with self._engine.connect() as s:
             past = await conversations.history(s, conversation_id=turn.conversation_id,
                                                before_id=turn.question_id,
                                                limit=self._limits.history_messages)
+        recall = Recall()
+        if self.memory is not None:
+            previous = next((m.text for m in reversed(past) if m.role == Role.USER), None)
+            recall = await self.memory.recall(question, previous=previous)
+            if recall.verbatim is not None:
+                return await self._from_memory(turn, recall.verbatim, sink, started)
         adapter = await self.router.route(turn.conversation_id)
         await sink.begin()
-        progress = _Progress(started=time.perf_counter(), adapter=adapter)
+        progress = _Progress(started=started, adapter=adapter,
+                             memory_refs=[r.id for r in recall.references] or None)
+        system = with_references(self._system_prompt,
+                                 [(r.question, r.answer) for r in recall.references])
         try:
             messages = self._fitter.fit(
-                self._system_prompt,
+                system,
                 [ChatMessage("user" if m.role == Role.USER else "assistant", m.text) for m in past],
                 question,
             )
@@ -87,6 +104,17 @@ class Turns:
         answer_id = await self._store(turn, progress.text, AnswerStatus.OK, meta)
         return await self.deliver(turn, answer_id, progress.text, sink, progress.adapter)
 
+    async def _from_memory(self, turn: TurnStart, entry: Reference, sink: ReplySink,
+                           started: float) -> TurnResult:
+        """Send an approved answer as it is, stored as answered from its memory entry."""
+        await sink.begin()
+        meta = AnswerMeta(model=self.backend.model_name, adapter=None,
+                          latency_ms=(time.perf_counter() - started) * 1000,
+                          finish_reason="memory", memory_entry_id=entry.id)
+        answer_id = await self._store(turn, entry.answer, AnswerStatus.OK, meta)
+        return await self.deliver(turn, answer_id, entry.answer, sink, None,
+                                  memory_entry_id=entry.id)
+
     def _meta(self, progress: _Progress, done: Finished | None = None) -> AnswerMeta:
         return AnswerMeta(
             model=self.backend.model_name, adapter=progress.adapter,
@@ -94,6 +122,7 @@ class Turns:
             completion_tokens=done.completion_tokens if done else None,
             ttft_ms=progress.ttft_ms, latency_ms=progress.elapsed_ms(),
             finish_reason=done.finish_reason if done else None,
+            memory_refs=progress.memory_refs,
         )
 
     async def _failed(self, turn: TurnStart, progress: _Progress, kind: str, sink: ReplySink,
@@ -104,14 +133,16 @@ class Turns:
         await sink.fail(apology)
         return TurnResult(Outcome.FAILED, answer_id, progress.text, kind, progress.adapter)
 
+    @hooks.delivering
     async def deliver(self, turn: TurnStart, answer_id: int, text: str, sink: ReplySink,
-                      adapter: str | None) -> TurnResult:
+                      adapter: str | None, *, memory_entry_id: int | None = None) -> TurnResult:
         """Show a stored answer, then close its event (a crash before that re-delivers it)."""
         external_id = await sink.finish(text, answer_id)
         async with self._engine.connect() as s:
             await conversations.mark_delivered(s, turn=turn, answer_id=answer_id,
                                                external_message_id=external_id)
-        return TurnResult(Outcome.ANSWERED, answer_id, text, adapter=adapter)
+        return TurnResult(Outcome.ANSWERED, answer_id, text, adapter=adapter,
+                          memory_entry_id=memory_entry_id)
 
     async def close(self, turn: TurnStart, why: str) -> None:
         """End a turn nobody will finish: a stored answer is left undelivered, else the turn
@@ -126,6 +157,7 @@ class Turns:
                 await conversations.finish_turn(s, turn=turn, text="",
                                                 status=AnswerStatus.FAILED, meta=meta)
 
+    @hooks.generating
     async def _generate(self, messages: list[ChatMessage], sink: ReplySink,
                         progress: _Progress) -> Finished:
         """Stream one completion into the sink; an unknown adapter falls back to the base model."""

@@ -33,10 +33,23 @@ def channel_of(who: str) -> str:
     return channel
 
 
+def clean_text(text: str) -> str:
+    """`text` as every database stores it: NUL characters dropped (PostgreSQL refuses them)
+    and lone surrogates (valid in JSON escapes, not in UTF-8) replaced by U+FFFD."""
+    text = text.replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # pairs written as two code points become one character; a lone one U+FFFD
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class InboundMessage:
     """A normalised message from any channel; `event_id` is the platform's delivery id and
-    `user_id` the author's id within the channel (Slack: `TEAM/USER`)."""
+    `user_id` the author's id within the channel (Slack: `TEAM/USER`). Its strings are
+    cleaned on the way in (`clean_text`): whatever a platform or browser sent can be stored."""
 
     channel: str
     event_id: str
@@ -45,6 +58,12 @@ class InboundMessage:
     text: str
     thread_id: str = ""
     message_id: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("event_id", "chat_id", "user_id", "text", "thread_id", "message_id"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, clean_text(value))
 
     @property
     def author(self) -> str:
@@ -102,6 +121,37 @@ class Outcome(StrEnum):
     DUPLICATE = "duplicate"
     COMMAND = "command"
     REJECTED = "rejected"  # empty, oversized, rate-limited: told why, nothing generated
+    ESCALATED = "escalated"  # a person was asked for (bots.core.handoff): no answer
+    RELAYED = "relayed"  # a person holds the conversation: passed on to them, no answer
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffView:
+    """A conversation handed to a person, as channels need it (bots.core.handoff)."""
+
+    id: int
+    conversation_id: int
+    channel: str
+    chat_id: str  # where the user is
+    thread_id: str
+    user_id: str  # the user's identity
+    status: str  # waiting, held, closed
+    reason: str
+    agent_chat: str | None = None  # where agents work on it (a Slack channel, a Telegram group)
+    agent_ref: str | None = None  # the escalation message's ts, the forum topic's id
+    agent_id: str | None = None  # the identity of the agent holding it
+    agent_name: str | None = None
+    new: bool = False  # just requested: the channel posts the escalation
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """A message to pass on during a hand-off (stored first: `message_id`)."""
+
+    handoff: HandoffView
+    message_id: int
+    text: str
+    author: str  # identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +161,9 @@ class TurnResult:
     text: str = ""
     error_kind: str | None = None
     adapter: str | None = None  # the adapter that answered; None: the base model
+    memory_entry_id: int | None = None  # answered with this answer-memory entry as it is
+    handoff: HandoffView | None = None  # ESCALATED: the hand-off (new: post the escalation)
+    relay: Relay | None = None  # RELAYED: what to pass on to the agents
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,4 +41,5 @@ def build_channel(settings: SlackSettings, *, core: ConversationCore,
                     message_chars=s.message_chars)
     return SlackChannel(core=core, app=app, api=SlackApi(client), pacing=pacing,
                         app_token=app_token, agent_corrections=s.agent_corrections,
-                        max_answers=max_answers)
+                        max_answers=max_answers, signing_secret=secret or None,
+                        handoff_channel=s.handoff_channel)

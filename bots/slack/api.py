@@ -13,6 +13,8 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bots.slack.metrics import CountCalls
+
 DEFAULT_BASE = "https://slack.com/api/"
 # the bot cannot post there at all: record it, do not retry (S4)
 _UNDELIVERABLE = {
@@ -56,6 +58,7 @@ def make_client(token: str, *, base_url: str | None, rate_limit_retries: int = 3
     return AsyncWebClient(
         token=token, base_url=base_url or DEFAULT_BASE, timeout=15,
         retry_handlers=[
+            CountCalls(),  # first: sees every attempt (chatloop_platform_api_calls_total)
             AsyncConnectionErrorRetryHandler(max_retry_count=2),
             AsyncRateLimitErrorRetryHandler(max_retry_count=rate_limit_retries),
             AsyncServerErrorRetryHandler(max_retry_count=1),

@@ -24,6 +24,8 @@ from bots.core import Accepted, ConversationCore, InboundMessage, Resumed, Unkno
 from bots.slack import convert, render
 from bots.slack.api import SlackApi, SlackError
 from bots.slack.convert import CHANNEL, Kind
+from bots.slack.guard import check_request
+from bots.slack.handoff import GIVE_BACK, TAKE, SlackHandoff
 from bots.slack.pacing import Pacing
 from bots.slack.sink import SlackSink, Target
 
@@ -38,8 +40,11 @@ class SlackChannel:
 
     def __init__(self, *, core: ConversationCore, app: AsyncApp, api: SlackApi, pacing: Pacing,
                  app_token: str | None = None, agent_corrections: bool = False,
-                 max_answers: int = 64) -> None:
+                 max_answers: int = 64, signing_secret: str | None = None,
+                 handoff_channel: str | None = None, handoff_sweep_s: float = 5.0) -> None:
         self._core, self._app, self._api, self._pacing = core, app, api, pacing
+        # HTTP mode: requests are verified on their raw bytes before bolt parses them
+        self._signing_secret = signing_secret
         # answers beyond this wait (recorded, in order): under overload the background
         # work cannot starve the acknowledgements, which must stay within Slack's 3 s
         self._answers = asyncio.Semaphore(max_answers)
@@ -50,12 +55,20 @@ class SlackChannel:
         self._sweeper: asyncio.Task[None] | None = None
         self.bot_user_id: str | None = None
         self.team_id: str | None = None
+        # hand-off: escalations in the agents' channel (bots.slack.handoff)
+        self._handoff = (SlackHandoff(core, api, channel=handoff_channel)
+                         if handoff_channel else None)
+        self._handoff_sweep_s = handoff_sweep_s
+        self._handoff_timers: asyncio.Task[None] | None = None
         app.event("app_mention")(self._on_event)
         app.event("message")(self._on_event)
         app.action(render.VOTE_UP)(self._on_vote)
         app.action(render.VOTE_DOWN)(self._on_vote)
         app.action(render.SUGGEST)(self._on_suggest)
         app.view(render.CORRECTION_VIEW)(self._on_correction)
+        app.action(render.HUMAN)(self._on_human)
+        app.action(TAKE)(self._on_handoff_button)
+        app.action(GIVE_BACK)(self._on_handoff_button)
 
     def routes(self) -> APIRouter | None:
         if self._app_token is not None:
@@ -64,7 +77,12 @@ class SlackChannel:
 
         @router.post("/slack/events", include_in_schema=False)
         async def events(request: Request) -> Response:  # Events API and interactivity
-            return await handler.handle(request)
+            refused = check_request(await request.body(), request.headers,
+                                    self._signing_secret)
+            if refused is not None:  # one short line, never the body
+                log.warning("slack: refused a request (%s): %s", refused.status, refused.reason)
+                return Response(status_code=refused.status)
+            return await handler.handle(request)  # bolt reads the body cached above
 
         return router
 
@@ -78,6 +96,9 @@ class SlackChannel:
         await self._start_resume()
         # later: what another replica left when it crashed
         self._sweeper = asyncio.create_task(self._core.resume_forever(CHANNEL, self._sink_for))
+        if self._handoff is not None:
+            self._handoff_timers = asyncio.create_task(
+                self._handoff.sweep_forever(self._handoff_sweep_s))
         if self._app_token is not None:
             self._socket = AsyncSocketModeHandler(self._app, self._app_token,
                                                   web_client=self._api.client)
@@ -104,10 +125,11 @@ class SlackChannel:
         return self._sink(msg.chat_id, msg.thread_id, user, team or self.team_id)
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._handoff_timers):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._socket is not None:
             await self._socket.close_async()
         if self._tasks:
@@ -136,13 +158,17 @@ class SlackChannel:
     def _sink(self, channel: str, thread_ts: str, user: str | None,
               team: str | None) -> SlackSink:
         return SlackSink(self._api, Target(channel, thread_ts, user, team), self._pacing,
-                         self._spawn)
+                         self._spawn, human_button=self._handoff is not None)
 
     async def _on_event(self, body: dict[str, Any], context: AsyncBoltContext) -> None:
         found = convert.inbound(body, bot_user_id=context.bot_user_id or self.bot_user_id)
         if found is None:
             return
         msg = found.message
+        if self._handoff is not None and msg.chat_id == self._handoff.channel:
+            if found.kind == Kind.THREAD:  # an agent in an escalation's thread
+                await self._handoff.on_agent(msg)
+            return
         if found.kind == Kind.THREAD:  # a follow-up, if the bot is part of this thread
             if not await self._core.knows_thread(msg):
                 return
@@ -155,6 +181,30 @@ class SlackChannel:
         accepted = await self._core.accept(msg, sink)
         if isinstance(accepted, Accepted):
             self._spawn(self._answer(accepted, sink))
+        elif self._handoff is not None and (accepted.relay or accepted.handoff):
+            self._spawn(self._handoff.after_turn(accepted))
+
+    async def _on_human(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """"Talk to a person" under an answer: asked like `/human`, in the answer's thread."""
+        await ack()
+        click = convert.click(body)
+        if click is None or not click.voter_id or self._handoff is None:
+            return
+        team, _, user = click.voter_id.partition(":")[2].rpartition("/")
+        action_ts = str((body.get("actions") or [{}])[0].get("action_ts") or click.message_ts)
+        msg = InboundMessage(channel=CHANNEL, event_id=f"action:{click.message_ts}:{action_ts}",
+                             chat_id=click.channel_id, user_id=convert.user_key(team, user),
+                             text="/human button",
+                             thread_id=click.message.get("thread_ts") or click.message_ts)
+        sink = self._sink(click.channel_id, msg.thread_id, user, team or self.team_id)
+        result = await self._core.accept(msg, sink)
+        if not isinstance(result, Accepted):
+            self._spawn(self._handoff.after_turn(result))
+
+    async def _on_handoff_button(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        if self._handoff is not None:
+            self._spawn(self._handoff.on_button(body))
 
     async def _answer(self, accepted: Accepted, sink: SlackSink) -> None:
         async with self._answers:

@@ -8,6 +8,7 @@ from typing import Any
 
 FEEDBACK_BLOCK = "feedback"
 VOTE_UP, VOTE_DOWN, SUGGEST = "vote_up", "vote_down", "suggest"
+HUMAN = "handoff_request"  # "Talk to a person" (bots.slack.handoff)
 CORRECTION_VIEW = "correction"
 CORRECTION_BLOCK, CORRECTION_INPUT = "correction_block", "correction_input"
 MESSAGE_CHARS = 3000  # per message: under the 4,000 Slack recommends and a section's 3,000
@@ -15,6 +16,7 @@ PLACEHOLDER = "_Thinking…_"
 MAX_CORRECTION_CHARS = 3000
 
 _BROADCAST = re.compile(r"@(everyone|here|channel)\b", re.IGNORECASE)
+_LINK_SYNTAX = re.compile(r"\]([(\[:])")  # a link's `](url)`, `][ref]`, a definition's `]:`
 _ZWSP = "\u200b"
 
 
@@ -22,10 +24,13 @@ def safe_text(text: str) -> str:
     """Model output made inert for mrkdwn and markdown: no pings, links or unfurls it injects.
 
     Slack's three control characters are escaped (so `<!channel>`, `<!here>`, `<@U…>` and
-    `<url|label>` are shown, not acted on), and `@everyone` / `@here` / `@channel` get a
-    zero-width space after the `@`. Slack shows the escaped text as the model wrote it.
+    `<url|label>` are shown, not acted on); Markdown's link syntax (`[label](url)`,
+    `![alt](url)`, `[label][ref]`, `[ref]: url`) gets a zero-width space after its `]`, so
+    the target shows as the text it is; `@everyone` / `@here` / `@channel` get one after the
+    `@`. Every change is within a word: streamed prefixes are never taken back.
     """
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _LINK_SYNTAX.sub(lambda m: "]" + _ZWSP + m.group(1), text)
     return _BROADCAST.sub(lambda m: "@" + _ZWSP + m.group(1), text)
 
 
@@ -61,8 +66,10 @@ def text_block(text: str) -> dict[str, Any]:
     return {"type": "markdown", "text": text}
 
 
-def feedback_block(answer_id: int, chosen: int | None = None) -> dict[str, Any]:
-    """👍 / 👎 / suggest buttons; the recorded vote is shown as the highlighted button."""
+def feedback_block(answer_id: int, chosen: int | None = None, *,
+                   human: bool = False) -> dict[str, Any]:
+    """👍 / 👎 / suggest buttons; the recorded vote is shown as the highlighted button.
+    `human`: also "Talk to a person" (hand-off)."""
 
     def button(action: str, label: str, rating: int | None) -> dict[str, Any]:
         b: dict[str, Any] = {"type": "button", "action_id": action, "value": str(answer_id),
@@ -71,18 +78,22 @@ def feedback_block(answer_id: int, chosen: int | None = None) -> dict[str, Any]:
             b["style"] = "primary"
         return b
 
-    return {"type": "actions", "block_id": FEEDBACK_BLOCK, "elements": [
-        button(VOTE_UP, "👍", 1), button(VOTE_DOWN, "👎", -1),
-        button(SUGGEST, "Suggest a better answer", None),
-    ]}
+    elements = [button(VOTE_UP, "👍", 1), button(VOTE_DOWN, "👎", -1),
+                button(SUGGEST, "Suggest a better answer", None)]
+    if human:
+        elements.append(button(HUMAN, "Talk to a person", None))
+    return {"type": "actions", "block_id": FEEDBACK_BLOCK, "elements": elements}
 
 
 def revote_blocks(message: dict[str, Any], answer_id: int, rating: int) -> list[dict[str, Any]]:
     """The blocks of an answer message (as Slack sent it back) with the vote shown."""
-    content = [b for b in message.get("blocks") or [] if b.get("block_id") != FEEDBACK_BLOCK]
+    blocks = message.get("blocks") or []
+    content = [b for b in blocks if b.get("block_id") != FEEDBACK_BLOCK]
     if not content:  # a streamed message keeps its text outside blocks: keep it visible
         content = [text_block(message.get("text") or "")]
-    return [*content, feedback_block(answer_id, rating)]
+    human = any(e.get("action_id") == HUMAN for b in blocks if b.get("block_id") == FEEDBACK_BLOCK
+                for e in b.get("elements") or [])
+    return [*content, feedback_block(answer_id, rating, human=human)]
 
 
 def correction_modal(answer_id: int, answer_text: str) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class SlackSink:
     pacing: Pacing
     spawn: Spawn
     error: str | None = None
+    human_button: bool = False  # "Talk to a person" under the answer (hand-off)
     _messages: list[_Message] = field(default_factory=list)
     _latest: str = ""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -139,7 +140,8 @@ class SlackSink:
             if last and not final:
                 await self._progress(self._messages[i], part)
             else:
-                buttons = feedback_block(answer_id) if last and answer_id is not None else None
+                buttons = (feedback_block(answer_id, human=self.human_button)
+                           if last and answer_id is not None else None)
                 await self._close(self._messages[i], part, buttons)
 
     async def _open(self) -> None:

@@ -13,6 +13,7 @@ from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 
 from bots.telegram.channel import TelegramChannel, TelegramOptions
+from bots.telegram.metrics import CountCalls
 from bots.telegram.outbound import HoldResponseTypes
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ def make_bot(token: str, *, api_base: str | None = None, timeout_s: float = 30.0
     """
     session = AiohttpSession(timeout=timeout_s)
     session.middleware(HoldResponseTypes())
+    session.middleware(CountCalls())  # chatloop_platform_api_calls_total
     if api_base:
         session.api = TelegramAPIServer.from_base(api_base)
     return Bot(token, session=session)
@@ -43,7 +45,7 @@ def build_channel(settings: TelegramSettings, *, core: ConversationCore) -> Tele
     options = TelegramOptions(
         mode=s.mode, webhook_url=s.webhook_url, webhook_secret=secret,
         draft_interval_s=s.draft_interval_s, edit_interval_s=s.edit_interval_s,
-        poll_timeout_s=s.poll_timeout_s, drain_s=s.drain_s,
+        poll_timeout_s=s.poll_timeout_s, drain_s=s.drain_s, agents_chat=s.agents_chat,
     )
     bot = make_bot(s.bot_token.get_secret_value(), api_base=s.api_base)
     return TelegramChannel(core=core, bot=bot, options=options)

@@ -23,6 +23,7 @@ from bots.core import Accepted, ConversationCore, InboundMessage, ReplySink, Res
 from bots.telegram import convert
 from bots.telegram.convert import CHANNEL, Action, Ask, Correct, StaleButton, TextOnly, Vote
 from bots.telegram.feedback import Feedback
+from bots.telegram.handoff import AgentSays, HumanButton, TelegramHandoff
 from bots.telegram.lanes import Lanes
 from bots.telegram.outbound import DeliveryError, RetryPolicy, Target, TelegramApi, call
 from bots.telegram.polling import poll_forever
@@ -48,6 +49,8 @@ class TelegramOptions:
     settle_s: float = 0.2  # polling: wait this long for recording before polling again
     webhook_ack_timeout_s: float = 10.0  # then 503, and Telegram delivers it again
     drain_s: float = 20.0  # on stop: let answers in progress finish
+    agents_chat: int | None = None  # hand-off: the agents' forum supergroup (bots.telegram.handoff)
+    handoff_sweep_s: float = 5.0  # hand-off timers: how often they are checked
 
 
 class TelegramChannel:
@@ -76,6 +79,10 @@ class TelegramChannel:
         self._sweeper: asyncio.Task[None] | None = None
         self._me: User | None = None
         self._feedback: Feedback | None = None
+        self._handoff: TelegramHandoff | None = None
+        if options.agents_chat is not None:
+            self._handoff = TelegramHandoff(core, self.api, agents_chat=options.agents_chat)
+        self._handoff_timers: asyncio.Task[None] | None = None
 
     def routes(self) -> APIRouter | None:
         if self.options.mode != "webhook":
@@ -111,6 +118,9 @@ class TelegramChannel:
         self._ready.set()
         # later: what another replica (webhook mode) left when it crashed
         self._sweeper = asyncio.create_task(self.core.resume_forever(CHANNEL, self._sink_for))
+        if self._handoff is not None:
+            self._handoff_timers = asyncio.create_task(
+                self._handoff.sweep_forever(self.options.handoff_sweep_s))
         while self.options.mode == "polling":
             try:
                 await poll_forever(self.bot, self.submit, timeout_s=self.options.poll_timeout_s,
@@ -121,7 +131,7 @@ class TelegramChannel:
                 await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
-        for task in (self._runner, self._sweeper):
+        for task in (self._runner, self._sweeper, self._handoff_timers):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -140,12 +150,15 @@ class TelegramChannel:
             return known
         assert self._me is not None, "start() first"
         try:
-            action = convert.classify(update, self._me)
+            action = (self._handoff and self._handoff.classify(update, self._me)
+                      ) or convert.classify(update, self._me)
         except Exception:  # an update we cannot read must not stop the intake
             log.exception("cannot classify telegram update %s: skipped", update.update_id)
             action = convert.Skip("unreadable")
         recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        key = convert.lane(action)
+        key = (("agents", action.thread) if isinstance(action, AgentSays) else
+               convert.lane(action.ask) if isinstance(action, HumanButton) else
+               convert.lane(action))
         if key is None:
             recorded.set_result(None)
             return recorded
@@ -173,13 +186,21 @@ class TelegramChannel:
                    ) -> Callable[[], Awaitable[None]] | None:
         """Record the action (and do what needs no model); return the answer job, if any."""
         assert self._feedback is not None
-        if isinstance(action, Ask):
+        if isinstance(action, HumanButton) and self._handoff is not None:
+            await self._handoff.answer_button(action.query_id)
+            action = action.ask
+        if isinstance(action, AgentSays) and self._handoff is not None:
+            await self._handoff.on_agent(action)
+        elif isinstance(action, Ask):
             shown = self._sink(action.where)
             sink = _Recorded(shown, recorded)
             accepted = await self.core.accept(action.message, sink)
             if isinstance(accepted, Accepted):
                 shown.on_showing = self._note_showing(accepted.turn.event_id)
                 return lambda: self._answer(accepted, sink, shown)
+            bridge = self._handoff
+            if bridge is not None and (accepted.relay is not None or accepted.handoff):
+                return lambda: bridge.after_turn(accepted)
         elif isinstance(action, Vote):
             await self._feedback.vote(action)
         elif isinstance(action, Correct):
@@ -200,7 +221,8 @@ class TelegramChannel:
         return TelegramSink(self.api, where, self._pacer,
                             draft_interval=self.options.draft_interval_s,
                             edit_interval=self.options.edit_interval_s,
-                            preview_after=self.options.preview_after_s, showing=showing)
+                            preview_after=self.options.preview_after_s, showing=showing,
+                            human_button=self._handoff is not None)
 
     def _note_showing(self, event_id: int) -> Callable[[int], Awaitable[None]]:
         async def note(message_id: int) -> None:

@@ -176,12 +176,19 @@ def _callback(update: Update, me: User) -> Action:
                 where, answer_msg)
 
 
-def vote_keyboard(answer_id: int) -> InlineKeyboardMarkup:
-    """👍 / 👎 under an answer; callback_data carries the stored answer id (≤ 23 bytes)."""
-    return InlineKeyboardMarkup(inline_keyboard=[[
+HUMAN_BUTTON = "human"  # callback_data of "Talk to a person" (bots.telegram.handoff)
+
+
+def vote_keyboard(answer_id: int, *, human: bool = False) -> InlineKeyboardMarkup:
+    """👍 / 👎 under an answer; callback_data carries the stored answer id (≤ 23 bytes).
+    `human`: a second row with "Talk to a person" (hand-off)."""
+    rows = [[
         InlineKeyboardButton(text="👍", callback_data=f"v:{answer_id}:u"),
         InlineKeyboardButton(text="👎", callback_data=f"v:{answer_id}:d"),
-    ]])
+    ]]
+    if human:
+        rows.append([InlineKeyboardButton(text="Talk to a person", callback_data=HUMAN_BUTTON)])
+    return InlineKeyboardMarkup(inline_keyboard=rows)
 
 
 def fix_link(answer_id: int, me: User) -> str:

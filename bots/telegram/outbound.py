@@ -82,6 +82,14 @@ class Unparseable(DeliveryError):
     """Telegram rejected the formatting (`can't parse entities`)."""
 
 
+class TopicGone(DeliveryError):
+    """The forum topic was deleted (`message thread not found`) or closed (`TOPIC_CLOSED`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.kind = "topic_closed" if "topic_closed" in message.lower() else "topic_deleted"
+
+
 def translate(exc: TelegramAPIError) -> DeliveryError:
     """The one place where Bot API error descriptions are read."""
     text = exc.message.lower()
@@ -96,6 +104,9 @@ def translate(exc: TelegramAPIError) -> DeliveryError:
             return MessageMissing(exc.message)
         if "can't parse entities" in text or "can't find end" in text:
             return Unparseable(exc.message)
+        if "message thread not found" in text or "topic_closed" in text \
+                or "topic_deleted" in text:
+            return TopicGone(exc.message)
     return DeliveryError(f"{type(exc).__name__}: {exc.message}")
 
 

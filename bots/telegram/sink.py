@@ -153,8 +153,9 @@ class TelegramSink:
 
     def __init__(self, api: TelegramApi, where: Target, pacer: Pacer, *,
                  draft_interval: float, edit_interval: float, preview_after: float,
-                 showing: int | None = None) -> None:
+                 showing: int | None = None, human_button: bool = False) -> None:
         self._api, self._where = api, where
+        self._human = human_button  # "Talk to a person" under answers (hand-off)
         self._draft_id = random.randint(1, 2**31 - 1)
         # groups: the message showing each part; `showing` is one already on screen (a turn
         # resumed after a crash continues it), and `on_showing` learns of a new one
@@ -178,7 +179,7 @@ class TelegramSink:
         await self._typing.stop()
         await self._stream.close()
         parts = _parts(text)
-        keyboard = vote_keyboard(answer_id)
+        keyboard = vote_keyboard(answer_id, human=self._human)
         message_id = None
         try:
             for i, part in enumerate(parts):

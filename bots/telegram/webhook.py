@@ -35,8 +35,8 @@ def webhook_router(*, bot: Bot, secret: str, submit: Callable[[Update], asyncio.
             return _error(503, "starting")  # Telegram delivers it again shortly
         try:
             update = Update.model_validate(await request.json(), context={"bot": bot})
-        except (ValueError, ValidationError) as exc:
-            log.warning("malformed telegram update: %s", exc)
+        except (ValueError, ValidationError, RecursionError) as exc:  # never log the body
+            log.warning("malformed telegram update: %s", type(exc).__name__)
             return _error(400, "bad update")
         recorded = submit(update)
         try:  # shielded: a timeout answers Telegram, it does not cancel the work

@@ -17,8 +17,11 @@ from typing import Annotated
 import typer
 from pydantic import SecretStr
 
-from chatloop.cli.common import die, load_settings, setup_logging
+from chatloop.cli.common import die, load_settings, setup_logging, start_telemetry
+from chatloop.cli.health import register as register_health
 from chatloop.cli.learn import register as register_learning_loop
+from chatloop.cli.memory import register as register_memory
+from chatloop.cli.operators import register as register_operators
 from chatloop.cli.privacy import register as register_privacy
 from chatloop.settings import Settings
 
@@ -29,6 +32,9 @@ app.add_typer(db_app, name="db")
 app.add_typer(model_app, name="model")
 register_learning_loop(app)  # adapters, feedback export, runs, train, review, scheduler
 register_privacy(app)  # forget, audit
+register_memory(app)  # memory import|list|disable|enable|export (the answer memory)
+register_health(app)  # health trainer (the compose health check)
+register_operators(app)  # operators add|list|disable (the console's accounts)
 
 log = logging.getLogger("chatloop")
 
@@ -135,6 +141,7 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False,
     from storage.db import DatabaseNotReady
 
     setup_logging()
+    start_telemetry(settings, "chatloop-gateway")
 
     async def main() -> None:
         try:
@@ -144,7 +151,9 @@ def _run(settings: Settings, *, webchat: bool, learning: bool = False,
         app = build_app(services, webchat=webchat, web_operator=web_operator)
         gateway = settings.gateway
         server = uvicorn.Server(uvicorn.Config(app, host=gateway.host, port=gateway.port,
-                                               log_level="info"))
+                                               log_level="info", log_config=None
+                                               if gateway.log_format == "json"  # to ours
+                                               else uvicorn.config.LOGGING_CONFIG))
         stop = asyncio.Event()
         loop_task = None
         if learning:  # the learning loop runs beside the gateway, in-process

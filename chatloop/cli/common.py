@@ -33,9 +33,23 @@ def die(message: str, code: int = 2) -> NoReturn:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    """Log lines on stderr at INFO, as text or JSON (CHATLOOP_LOG_FORMAT)."""
+    from chatloop.telemetry.logs import configure_logging
+
+    configure_logging(load_settings().gateway.log_format, level=logging.INFO, stream=sys.stderr)
+
+
+def start_telemetry(settings: Settings, service: str) -> Any:
+    """/metrics on CHATLOOP_HOST:CHATLOOP_METRICS_PORT, and spans when exported over OTLP or
+    logged as JSON (chatloop.telemetry); returns the metrics server, if any."""
+    from sqlalchemy.engine import make_url
+
+    from chatloop import telemetry
+
+    url, gateway = make_url(settings.storage.database_url), settings.gateway
+    return telemetry.start(service=service, host=gateway.host,
+                           metrics_port=gateway.metrics_port, log_format=gateway.log_format,
+                           salt=f"{url.host or ''}:{url.port or ''}/{url.database or ''}")
 
 
 @asynccontextmanager

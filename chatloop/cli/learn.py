@@ -21,6 +21,7 @@ from chatloop.cli.common import (
     report_cycle,
     run,
     setup_logging,
+    start_telemetry,
 )
 
 adapters_app = typer.Typer(no_args_is_help=True, help="LoRA adapters: list, promote, roll back.")
@@ -100,6 +101,8 @@ def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None
         corrections = (f"corrections trained {data['corrections_trained']} held out "
                        f"{data['corrections_heldout']} carried over "
                        f"{data['corrections_carried_over']}"
+                       + (f" (gate on {data['rephrasings']} rephrasings)"
+                          if data.get("rephrasings") else "")
                        if "corrections_trained" in data else "corrections -")
         typer.echo(f"#{r.id} {r.status:<9} {r.trigger:<9} {r.adapter_name or '-':<10} "
                    f"{r.started_at:%Y-%m-%d %H:%M} {metrics}  {corrections}  "
@@ -181,6 +184,7 @@ def scheduler() -> None:
 
     setup_logging()
     settings = load_settings()
+    start_telemetry(settings, "chatloop-trainer")
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -51,9 +51,32 @@ class Posted:
         return next((b for b in self.blocks if b.get("block_id") == "feedback"), None)
 
     def payload(self) -> dict[str, Any]:
-        """The message as Slack puts it in a block_actions payload."""
-        return {"type": "message", "ts": self.ts, "user": BOT["user_id"],
-                "bot_id": BOT["bot_id"], "text": self.text, "blocks": self.blocks}
+        """The message as Slack puts it in a block_actions payload (a reply carries its
+        thread's `thread_ts`)."""
+        msg = {"type": "message", "ts": self.ts, "user": BOT["user_id"],
+               "bot_id": BOT["bot_id"], "text": self.text, "blocks": self.blocks}
+        if self.thread_ts:
+            msg["thread_ts"] = self.thread_ts
+        return msg
+
+    def click(self, action_id: str, *, user: str = "U222", name: str = "ann",
+              team: str = "T111", action_ts: str = "1735689610.194939") -> dict[str, Any]:
+        """The block_actions payload Slack sends when `user` presses the button `action_id`
+        on this message, in whatever channel it is (S3)."""
+        button = next(e for b in self.blocks if b.get("type") == "actions"
+                      for e in b.get("elements") or [] if e.get("action_id") == action_id)
+        block = next(b["block_id"] for b in self.blocks
+                     if button in (b.get("elements") or []))
+        return {
+            "type": "block_actions", "api_app_id": "A111", "token": "verification_token",
+            "user": {"id": user, "username": name, "name": name, "team_id": team},
+            "trigger_id": "111.222.valid", "team": {"id": team, "domain": "ws"},
+            "container": {"type": "message", "message_ts": self.ts,
+                          "channel_id": self.channel, "is_ephemeral": False},
+            "channel": {"id": self.channel, "name": self.channel.lower()},
+            "message": self.payload(), "state": {"values": {}},
+            "response_url": f"https://hooks.slack.com/actions/{team}/111/xyz",
+            "actions": [{**button, "block_id": block, "action_ts": action_ts}]}
 
 
 class FakeSlack:

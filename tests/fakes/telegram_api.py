@@ -38,6 +38,11 @@ NOT_MODIFIED = ("Bad Request: message is not modified: specified new message con
 BLOCKED = "Forbidden: bot was blocked by the user"
 MIGRATED = "Bad Request: group chat was upgraded to a supergroup chat"
 KICKED = "Forbidden: bot was kicked from the group chat"
+KICKED_SUPERGROUP = "Forbidden: bot was kicked from the supergroup chat"
+THREAD_NOT_FOUND = "Bad Request: message thread not found"
+TOPIC_CLOSED = "Bad Request: TOPIC_CLOSED"
+NOT_A_FORUM = "Bad Request: the chat is not a forum"
+TOPIC_COLORS = (0x6FB9F0, 0xFFD67E, 0xCB86DB, 0x8EEE98, 0xFF93B2, 0xFB6F5F)
 _INT = {"chat_id", "message_id", "offset", "limit", "timeout", "draft_id", "message_thread_id",
         "max_connections", "cache_time"}
 _JSON = {"reply_markup", "reply_parameters", "allowed_updates", "commands", "entities",
@@ -146,6 +151,9 @@ class FakeTelegram:
         self.webhook_statuses: list[int] = []
         self.commands: list[dict[str, Any]] = []
         self.answered_callbacks: dict[str, str | None] = {}
+        # forum topics (T8): chat id -> thread id -> {"name", "icon_color", "closed"}
+        self.topics: dict[int, dict[int, dict[str, Any]]] = {}
+        self.deleted_topics: set[tuple[int, int]] = set()
         self.latencies: list[float] = []
         self.finals: Counter[int] = Counter()
         self.load = Load()
@@ -382,6 +390,12 @@ class FakeTelegram:
 
     async def _m_sendmessage(self, p: dict[str, Any]) -> Any:
         chat = self._chat(p)
+        if chat.get("is_forum") and p.get("message_thread_id"):
+            # topics the fake did not create (a test's thread ids) are taken as existing
+            if (chat["id"], p["message_thread_id"]) in self.deleted_topics:
+                raise ApiError(400, THREAD_NOT_FOUND)
+            if self.topics.get(chat["id"], {}).get(p["message_thread_id"], {}).get("closed"):
+                raise ApiError(400, TOPIC_CLOSED)
         text, entities = self._text(p)
         reply = (p.get("reply_parameters") or {}).get("message_id")
         replied = self.messages.get((chat["id"], reply)) if reply else None
@@ -415,6 +429,52 @@ class FakeTelegram:
             raise ApiError(400, "Bad Request: message to delete not found")
         return True
 
+    async def _m_createforumtopic(self, p: dict[str, Any]) -> Any:
+        chat = self._chat(p)
+        if chat["type"] != "supergroup" or not chat.get("is_forum"):
+            raise ApiError(400, NOT_A_FORUM)
+        name = p.get("name") or ""
+        if not 1 <= len(name) <= 128:
+            raise ApiError(400, "Bad Request: TOPIC_NAME_INVALID")
+        color = int(p.get("icon_color") or TOPIC_COLORS[0])
+        if color not in TOPIC_COLORS:
+            raise ApiError(400, "Bad Request: TOPIC_ICON_COLOR_INVALID")
+        service = self._new_message(chat, BOT, thread=None, reply_to=None)
+        thread = service["message_id"]  # as in Telegram: the topic's id is its first message's
+        service.update(message_thread_id=thread, is_topic_message=True,
+                       forum_topic_created={"name": name, "icon_color": color})
+        self.topics.setdefault(chat["id"], {})[thread] = {"name": name, "icon_color": color,
+                                                          "closed": False}
+        return {"message_thread_id": thread, "name": name, "icon_color": color}
+
+    async def _m_closeforumtopic(self, p: dict[str, Any]) -> Any:
+        self._topic(self._chat(p), p.get("message_thread_id"))["closed"] = True
+        return True
+
+    async def _m_reopenforumtopic(self, p: dict[str, Any]) -> Any:
+        self._topic(self._chat(p), p.get("message_thread_id"))["closed"] = False
+        return True
+
+    async def _m_deleteforumtopic(self, p: dict[str, Any]) -> Any:
+        chat = self._chat(p)
+        self._topic(chat, p.get("message_thread_id"))
+        self.delete_topic(chat["id"], p["message_thread_id"])
+        return True
+
+    def delete_topic(self, chat_id: int, thread: int) -> None:
+        """An admin deletes a topic: it and its messages are gone."""
+        self.topics.get(chat_id, {}).pop(thread, None)
+        self.deleted_topics.add((chat_id, thread))
+        for key in [k for k, m in self.messages.items()
+                    if k[0] == chat_id and m.get("message_thread_id") == thread]:
+            del self.messages[key]
+
+    def _topic(self, chat: dict[str, Any], thread: Any) -> dict[str, Any]:
+        topic = self.topics.get(chat["id"], {}).get(thread)
+        if topic is None:
+            raise ApiError(400, THREAD_NOT_FOUND)
+        return topic
+
     async def _m_answercallbackquery(self, p: dict[str, Any]) -> Any:
         query_id = p["callback_query_id"]
         if query_id not in self._callbacks or query_id in self.answered_callbacks:
@@ -431,7 +491,8 @@ class FakeTelegram:
         if chat["id"] in self.migrated:
             raise ApiError(400, MIGRATED, migrate_to_chat_id=self.migrated[chat["id"]])
         if chat["id"] in self.blocked:
-            raise ApiError(403, BLOCKED if chat["type"] == "private" else KICKED)
+            raise ApiError(403, BLOCKED if chat["type"] == "private" else
+                           KICKED_SUPERGROUP if chat["type"] == "supergroup" else KICKED)
         return chat
 
     def _editable(self, p: dict[str, Any]) -> dict[str, Any]:

@@ -116,6 +116,11 @@ async def _plant(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
         for voter in ("test:dave", "test:erin"):
             await core.vote(answer_id=voted, voter_id=voter, rating=1 if i % 3 else -1,
                             source="test")
+    for i in range(4):  # clean corrections: the run trains (a placeholder is never a target)
+        answer = await users.ask(f"When do you open? Question {i}.", chat=f"clean{i}",
+                                 user="test:frank")
+        await core.correct(answer_id=answer, voter_id=REVIEWER,
+                           text=f"We open at nine, reply {i}.", source="test")
     async with sessions() as s:
         for p in await review.pending(s):
             await review.decide(s, feedback_id=p.feedback_id, approve=True)

@@ -202,7 +202,7 @@ async def test_without_new_data_to_hold_out_the_old_held_out_stays_the_gates(
 
 
 async def test_every_answer_corrected_once_is_trained_and_judged_on_rephrasings(
-        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+        db_url, sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
     """Each correction with an answer of its own (a first demo): all are trained on, and the
     gate judges on rephrasings of their questions that no training example has."""
     core = make_core(sessions, tokenizer)
@@ -220,6 +220,10 @@ async def test_every_answer_corrected_once_is_trained_and_judged_on_rephrasings(
     assert not {r["prompt"][-1]["content"] for r in judged} & {
         r["prompt"][-1]["content"] for r in trained}
     assert run.metrics["dataset"]["rephrasings"] == len(judged) >= 2
+    listed = chatloop(db_url, "runs")
+    assert listed.returncode == 0, listed.stderr
+    assert (f"corrections trained 3 held out 0 carried over 0 (gate on {len(judged)} "
+            "rephrasings)") in listed.stdout
 
 
 async def test_a_run_with_nothing_to_judge_a_candidate_on_is_skipped(

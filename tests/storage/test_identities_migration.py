@@ -13,8 +13,9 @@ import pytest
 from alembic import command
 from sqlalchemy import text
 
-from storage.db import make_engine
+from storage.db import make_engine, session_factory
 from storage.migrate import alembic_config, upgrade_async
+from storage.models import AdapterVersion, Conversation, Message, TrainingRun
 from tests.conftest import database_at
 
 BEFORE = "0004_conversation_split"
@@ -111,3 +112,30 @@ async def test_stored_ids_become_identities_of_their_channel(old_db: str) -> Non
     voters = await _rows(old_db, "SELECT id, voter_id FROM feedback")
     assert (voters[own_vote], voters[slack_vote], voters[forged]) == (("111",), ("U222",),
                                                                       ("web:333",))
+
+
+async def test_sqlite_migrations_go_down_and_up_with_rows_referencing_altered_tables(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite's batch ALTERs recreate tables (trainingrun, adapterversion, message): rows in
+    other tables referencing them must not stop a downgrade or an upgrade."""
+    async with database_at("sqlite", "head", tmp_path) as url:
+        engine = make_engine(url)
+        async with session_factory(engine)() as s:
+            run = TrainingRun(status="succeeded")
+            chat = Conversation(channel="test", external_chat_id="c")
+            s.add_all([run, chat])
+            await s.flush()
+            question = Message(conversation_id=chat.id, role="user", text="hi",
+                               author_id="test:u")
+            s.add(question)
+            await s.flush()
+            s.add(Message(conversation_id=chat.id, role="assistant", text="hello",
+                          reply_to_id=question.id))
+            s.add(AdapterVersion(name="fb-v1", path="/nowhere", rank=8, run_id=run.id))
+            await s.commit()
+        await engine.dispose()
+        await asyncio.to_thread(command.downgrade, alembic_config(url), "0006_feedback_revisions")
+        await upgrade_async(url, "head")
+        assert list((await _rows(url, "SELECT id, reply_to_id FROM message")).values()) == [
+            (None,), (1,)]
+        assert await _rows(url, "SELECT id, status FROM trainingrun") == {1: ("succeeded",)}

@@ -1,24 +1,72 @@
-"""operator console accounts and sessions (filled by the console work)
+"""operator console: operator accounts and their sessions, the console's signing key, and the
+indexes its pages read by
 
 Revision ID: 0008_operators
 Revises: 0007_forget_audit
 Create Date: 2026-12-01 14:00:00.000000
 """
 
+import secrets
 from collections.abc import Sequence
 
-import sqlalchemy as sa  # noqa: F401
-from alembic import op  # noqa: F401
+import sqlalchemy as sa
+from alembic import op
 
 revision: str = '0008_operators'
 down_revision: str | None = '0007_forget_audit'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+CONSOLE_KEY = 'console_key'
+
 
 def upgrade() -> None:
-    pass
+    op.create_table(
+        'operator',
+        sa.Column('id', sa.Integer(), nullable=False),
+        sa.Column('name', sa.String(length=64), nullable=False),
+        sa.Column('role', sa.String(length=16), nullable=False),
+        sa.Column('password_hash', sa.String(length=256), nullable=True),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('disabled_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('last_login_at', sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint('id'),
+        sa.UniqueConstraint('name'),
+    )
+    op.create_table(
+        'operatorsession',
+        sa.Column('id', sa.String(length=64), nullable=False),  # sha256 of the cookie's token
+        sa.Column('operator_id', sa.Integer(), nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(['operator_id'], ['operator.id']),
+        sa.PrimaryKeyConstraint('id'),
+    )
+    op.create_index('ix_operatorsession_operator_id', 'operatorsession', ['operator_id'],
+                    unique=False)
+    # the key signing the console's cookies and CSRF tokens: random per installation and
+    # shared by every gateway replica through the database
+    secret = sa.table('installationsecret', sa.column('name', sa.String),
+                      sa.column('value', sa.String))
+    op.bulk_insert(secret, [{'name': CONSOLE_KEY, 'value': secrets.token_hex(32)}])
+    # the review queue (pending corrections) and the pages listing by time
+    op.create_index('ix_feedback_review_status', 'feedback', ['review_status'], unique=False)
+    op.create_index('ix_message_created_at', 'message', ['created_at'], unique=False)
+    op.create_index('ix_conversation_created_at', 'conversation', ['created_at'], unique=False)
+    if op.get_bind().dialect.name == 'postgresql':
+        # conversation search by text: lower(text) LIKE '%words%' through trigrams (an
+        # expression index, so the models need not describe it; SQLite scans)
+        op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        op.execute("CREATE INDEX ix_message_text_trgm ON message "
+                   "USING gin (lower(text) gin_trgm_ops)")
 
 
 def downgrade() -> None:
-    pass
+    op.execute("DROP INDEX IF EXISTS ix_message_text_trgm")
+    op.drop_index('ix_conversation_created_at', table_name='conversation')
+    op.drop_index('ix_message_created_at', table_name='message')
+    op.drop_index('ix_feedback_review_status', table_name='feedback')
+    op.execute(sa.text("DELETE FROM installationsecret WHERE name = 'console_key'"))
+    op.drop_index('ix_operatorsession_operator_id', table_name='operatorsession')
+    op.drop_table('operatorsession')
+    op.drop_table('operator')

@@ -1,0 +1,114 @@
+"""The cost of metrics, JSON logs and spans: the Telegram benchmark with telemetry off and on.
+
+    .venv/bin/python benchmarks/observability.py [--rounds 4] [--users 200] [--per-user 5]
+                                                 [--storage postgres] [--mode polling]
+
+benchmarks/telegram.py's heavy load (200 users in private chats against the fake Bot API, an
+instant scripted model, one gateway in this process), run `rounds` times with telemetry off
+(text log lines at INFO, no metrics, no spans: the demo's default) and `rounds` times on
+(Prometheus metrics recorded and served on a port of their own, JSON log lines at INFO with
+the turn's ids, spans made for every turn: what `CHATLOOP_LOG_FORMAT=json` does, without an
+OTLP endpoint), alternating off/on/on/off... so that drift on a shared machine hits both
+alike. Reports the median updates/s of each and their ratio (goal: on within 3 % of off). The
+log lines go to a file under var/bench; after the "on" rounds /metrics is scraped and must
+count every answered turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from benchmarks._common import MODEL_DIR, ROOT, median, print_table, write_json  # noqa: E402
+from benchmarks.telegram import _run  # noqa: E402
+from chatloop import telemetry  # noqa: E402
+from chatloop.telemetry import metrics  # noqa: E402
+from chatloop.telemetry.logs import configure_logging  # noqa: E402
+from chatloop.telemetry.tracing import make_provider  # noqa: E402
+from tests.fakes.vllm_server import free_port  # noqa: E402
+
+
+def switch(on: bool, log_file: Any) -> None:
+    """Telemetry as `chatloop serve` sets it up with CHATLOOP_LOG_FORMAT=json (on) or text."""
+    configure_logging("json" if on else "text", stream=log_file)
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # as benchmarks/telegram.py
+    telemetry.configure(metrics=on,
+                        tracer_provider=make_provider("chatloop-bench", otlp=False) if on
+                        else None)
+
+
+async def answered_turns(port: int) -> float:
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "chatloop_turns_total" and s.labels["outcome"] == "answered")
+
+
+async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
+               deadline_s: float) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    log_path = ROOT / "var/bench/observability.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = metrics.serve(host="127.0.0.1", port=port)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    runs: list[dict[str, Any]] = []
+    order = [bool((i + 1) // 2 % 2) for i in range(2 * rounds)]  # off on on off off on on ...
+    try:
+        with log_path.open("w") as log_file:
+            for on in order:
+                switch(on, log_file)
+                before = await answered_turns(port)
+                result = await _run(mode, storage, users, per_user, tokenizer, deadline_s)
+                counted = await answered_turns(port) - before
+                if on and counted != result["answered"] + 3:  # + the warm-up's 3
+                    raise SystemExit(f"/metrics counted {counted} answered turns, the fake "
+                                     f"saw {result['answered']} + 3")
+                rates[on].append(result["updates/s"])
+                runs.append({"telemetry": "on" if on else "off", **{
+                    k: result[k] for k in ("updates/s", "p50 ms", "p99 ms", "lost", "doubled",
+                                           "gateway CPU ms /update")}})
+                print(f"telemetry {'on ' if on else 'off'}: {result['updates/s']:.1f} updates/s",
+                      flush=True)
+    finally:
+        switch(False, sys.stderr)
+        if server is not None:
+            server.shutdown()
+    off, on = median(rates[False]), median(rates[True])
+    cpu = {flag: median([r["gateway CPU ms /update"] for r in runs
+                         if r["telemetry"] == ("on" if flag else "off")]) for flag in rates}
+    rows = [{"telemetry": name, "median updates/s": value,
+             "gateway CPU ms /update": cpu[flag],
+             "runs updates/s": " ".join(f"{r:.1f}" for r in rates[flag])}
+            for name, flag, value in (("off", False, off), ("on", True, on))]
+    rows.append({"telemetry": "on / off", "median updates/s": on / off,
+                 "gateway CPU ms /update": cpu[True] / cpu[False], "runs updates/s": ""})
+    print_table(f"telegram gateway ({mode}, {storage}): {users} users x {per_user} messages, "
+                f"telemetry off vs on, {rounds} runs each", rows)
+    write_json("observability", {"users": users, "per_user": per_user, "mode": mode,
+                                 "storage": storage, "off updates/s": off,
+                                 "on updates/s": on, "ratio": on / off,
+                                 "cpu ratio": cpu[True] / cpu[False], "runs": runs})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=4, help="runs with telemetry on, and off")
+    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--per-user", type=int, default=5)
+    ap.add_argument("--storage", choices=["sqlite", "postgres"], default="postgres")
+    ap.add_argument("--mode", choices=["polling", "webhook"], default="polling")
+    ap.add_argument("--deadline", type=float, default=120.0, help="seconds per run, at most")
+    a = ap.parse_args()
+    asyncio.run(main(a.rounds, a.users, a.per_user, a.storage, a.mode, a.deadline))

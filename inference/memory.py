@@ -1,0 +1,285 @@
+"""The answer memory's search structure: hybrid lexical (bm25s) + dense (an embedder) retrieval.
+
+In-process and incremental: a new or changed entry is searchable at once, a removed one is
+masked, and nothing is rebuilt per request. Dense vectors live in one growing matrix (an
+entry's vector is the mean of its question's and its answer's unit vectors, so one product
+scores both). The lexical side has two bm25s tiers: a large one and a small fresh one that
+takes new entries; when the fresh one outgrows `fresh_limit` both merge into a new large one
+(off the request path: the caller runs `upsert` in a worker thread for big batches).
+
+The score of an entry is `dense + lexical_weight * bm25`: dense is a cosine in [-1, 1], the
+BM25 part adds the exact words (names, codes) an averaged embedding blurs. Thresholds on it
+are calibrated on the synthetic company set (benchmarks/answer_memory.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EMBEDDER = "wordllama"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class Embedder(Protocol):
+    """Texts -> unit vectors (float32, shape (n, dim)); `name` says which model made them."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class WordLlamaEmbedder:
+    """wordllama's static token embeddings (the weights and tokenizer ship in its wheel:
+    nothing is downloaded), average-pooled; about 20 µs a question on one core."""
+
+    def __init__(self, config: str = "l2_supercat", dim: int = 256) -> None:
+        root = logging.getLogger()
+        handlers = list(root.handlers)
+        level = root.level
+        try:  # wordllama calls logging.basicConfig on import: keep the app's logging as it is
+            import wordllama
+            from safetensors import safe_open
+            from tokenizers import Tokenizer
+            from wordllama.inference import WordLlamaInference
+        finally:
+            root.handlers[:] = handlers
+            root.setLevel(level)
+        pkg = Path(wordllama.__file__).parent
+        # WordLlama.load looks for the tokenizer under tokenizer/ (the wheel has tokenizers/)
+        # and then goes online: read the wheel's own files directly
+        with safe_open(str(pkg / "weights" / f"{config}_{dim}.safetensors"),
+                       framework="np") as f:
+            table = f.get_tensor("embedding.weight")
+        tokenizer = Tokenizer.from_file(str(pkg / "tokenizers" / f"{config}_tokenizer_config.json"))
+        self._model = WordLlamaInference(table, tokenizer)
+        self.name, self.dim = f"wordllama/{config}-{dim}", dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.asarray(self._model.embed(list(texts), norm=True), dtype=np.float32)
+
+
+class HiddenStateEmbedder:
+    """A transformers model's mean-pooled last hidden state (e.g. the served model's own, or
+    any sentence-embedding model directory): the swap-in for a better embedder."""
+
+    def __init__(self, path: str) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self._torch = torch
+        self._tok = AutoTokenizer.from_pretrained(path)
+        if self._tok.pad_token is None:
+            self._tok.pad_token = self._tok.eos_token
+        self._model = AutoModel.from_pretrained(path).eval()
+        self.name, self.dim = f"hf/{Path(path).name}", int(self._model.config.hidden_size)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._torch.inference_mode():
+            batch = self._tok(list(texts), padding=True, truncation=True, max_length=256,
+                              return_tensors="pt")
+            hidden = self._model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            pooled = self._torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return pooled.numpy().astype(np.float32)
+
+
+def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
+    """`wordllama` (default: l2_supercat, 256 dimensions), `wordllama:CONFIG:DIM`, or
+    `hf:PATH` (a local transformers model directory: mean-pooled hidden states)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "wordllama":
+        config, _, dim = rest.partition(":")
+        return WordLlamaEmbedder(config or "l2_supercat", int(dim or 256))
+    if kind == "hf" and rest:
+        return HiddenStateEmbedder(rest)
+    raise ValueError(f"unknown embedder {spec!r}: use wordllama[:CONFIG:DIM] or hf:PATH")
+
+
+@cache
+def _stemmer() -> Any:
+    try:
+        import Stemmer
+
+        return Stemmer.Stemmer("english")
+    except ImportError:  # PyStemmer is optional for bm25s: words are matched unstemmed
+        return None
+
+
+@cache
+def _stopwords() -> frozenset[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
+
+
+def words(text: str) -> list[str]:
+    """The lexical side's tokens: lower-cased words, English stop words out, stemmed."""
+    stop = _stopwords()
+    kept = [w for w in _WORD.findall(text.lower()) if w not in stop]
+    stemmer = _stemmer()
+    return stemmer.stemWords(kept) if stemmer is not None and kept else kept
+
+
+@dataclass(frozen=True, slots=True)
+class Doc:
+    """What the index knows of an entry."""
+
+    id: int
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    id: int
+    score: float
+    dense: float
+    lexical: float
+
+
+class _Lexical:
+    """One bm25s index over some slots of the dense matrix."""
+
+    def __init__(self, slots: np.ndarray, tokens: list[list[str]]) -> None:
+        import bm25s
+
+        self.slots = slots
+        self.bm25 = bm25s.BM25()
+        if len(slots):
+            self.bm25.index([t or [""] for t in tokens], show_progress=False)
+
+    def add_to(self, out: np.ndarray, query: list[str], weight: float) -> None:
+        if not len(self.slots):
+            return
+        ids = self.bm25.get_tokens_ids(query)
+        if ids:
+            out[self.slots] += weight * self.bm25.get_scores_from_ids(ids)
+
+
+class HybridIndex:
+    """Entries by id, searchable by a question; see the module docstring."""
+
+    def __init__(self, embedder: Embedder, *, lexical_weight: float = 0.06,
+                 fresh_limit: int = 512) -> None:
+        self.embedder, self.lexical_weight, self.fresh_limit = embedder, lexical_weight, fresh_limit
+        self._vectors = np.zeros((64, embedder.dim), np.float32)
+        self._alive = np.zeros(64, bool)
+        self._ids = np.zeros(64, np.int64)
+        self._tokens: list[list[str]] = []  # by slot
+        self._slot: dict[int, int] = {}  # live entry id -> slot
+        self._size = 0  # slots used
+        self._large = _Lexical(np.zeros(0, np.int64), [])
+        self._fresh = _Lexical(np.zeros(0, np.int64), [])
+        self._fresh_slots: list[int] = []
+        self._write = threading.Lock()  # one writer; searches read a consistent snapshot
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, entry_id: int) -> bool:
+        return entry_id in self._slot
+
+    def vectors(self, docs: Sequence[Doc]) -> np.ndarray:
+        """The dense vectors of these entries (what `upsert` stores when given none)."""
+        q = self.embedder.embed([d.question for d in docs])
+        a = self.embedder.embed([d.answer for d in docs])
+        v = q + a
+        return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)).astype(
+            np.float32)
+
+    def upsert(self, docs: Sequence[Doc], vectors: np.ndarray | None = None) -> None:
+        """Add entries, or replace those with these ids."""
+        if not docs:
+            return
+        vecs = self.vectors(docs) if vectors is None else vectors
+        toks = [words(f"{d.question} {d.answer}") for d in docs]
+        with self._write:
+            self._remove([d.id for d in docs])
+            need = self._size + len(docs)
+            if need > len(self._alive):
+                self._grow(max(need, 2 * len(self._alive)))
+            start = self._size
+            slots = np.arange(start, need)
+            self._vectors[start:need] = vecs
+            self._ids[start:need] = [d.id for d in docs]
+            self._tokens.extend(toks)
+            self._alive[start:need] = True
+            self._slot.update({d.id: int(s) for d, s in zip(docs, slots, strict=True)})
+            self._size = need
+            self._fresh_slots.extend(int(s) for s in slots)
+            if len(self._fresh_slots) > max(self.fresh_limit, len(self._large.slots) // 10):
+                self._merge()
+            else:
+                fresh = np.asarray(self._fresh_slots, np.int64)
+                self._fresh = _Lexical(fresh, [self._tokens[s] for s in fresh])
+
+    def remove(self, ids: Sequence[int]) -> None:
+        with self._write:
+            self._remove(ids)
+
+    def _remove(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            slot = self._slot.pop(i, None)
+            if slot is not None:
+                self._alive[slot] = False
+                self._tokens[slot] = []
+
+    def _grow(self, capacity: int) -> None:
+        vectors = np.zeros((capacity, self.embedder.dim), np.float32)
+        vectors[:self._size] = self._vectors[:self._size]
+        alive, ids = np.zeros(capacity, bool), np.zeros(capacity, np.int64)
+        alive[:self._size], ids[:self._size] = self._alive[:self._size], self._ids[:self._size]
+        self._vectors, self._alive, self._ids = vectors, alive, ids
+
+    def _merge(self) -> None:
+        """One large bm25s tier over the live slots; the fresh tier starts empty."""
+        live = np.flatnonzero(self._alive[:self._size])
+        self._large = _Lexical(live, [self._tokens[s] for s in live])
+        self._fresh, self._fresh_slots = _Lexical(np.zeros(0, np.int64), []), []
+
+    def search(self, text: str, *, k: int = 3) -> list[Hit]:
+        """The `k` best live entries for a question, best first."""
+        if not self._slot:
+            return []
+        size, vectors, alive, ids = self._size, self._vectors, self._alive, self._ids
+        large, fresh = self._large, self._fresh
+        query = self.embedder.embed([text])[0]
+        dense = vectors[:size] @ query
+        lexical = np.zeros(size, np.float32)
+        tokens = words(text)
+        if tokens:
+            for tier in (large, fresh):
+                tier.add_to(lexical, tokens, self.lexical_weight)
+        score = np.where(alive[:size], dense + lexical, -np.inf)
+        k = min(k, len(self._slot))
+        top = np.argpartition(-score, k - 1)[:k] if k < size else np.arange(size)
+        top = top[np.argsort(-score[top])]
+        return [Hit(int(ids[s]), float(score[s]), float(dense[s]), float(lexical[s]))
+                for s in top[:k] if np.isfinite(score[s])]
+
+
+def to_bytes(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, np.float32).tobytes()
+
+
+def from_bytes(blob: bytes, dim: int) -> np.ndarray | None:
+    """A stored vector, or None if it is not one of `dim` float32s."""
+    v = np.frombuffer(blob, np.float32)
+    return v if v.shape == (dim,) else None

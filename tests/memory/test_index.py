@@ -1,0 +1,56 @@
+"""The in-process hybrid index: offline embedder, incremental updates, removals, tiers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inference.memory import Doc, HybridIndex, load_embedder, words
+
+COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
+
+
+def test_wordllama_loads_from_its_wheel_without_the_network(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    def refuse(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the embedder went online")
+
+    monkeypatch.setattr(requests, "get", refuse)
+    embedder = load_embedder("wordllama")
+    vectors = embedder.embed(["How long do I have to return something?", "hello"])
+    assert embedder.dim == 256 and vectors.shape == (2, 256)
+    assert abs(float((vectors[0] ** 2).sum()) - 1) < 1e-4  # unit vectors
+
+
+def test_an_unknown_embedder_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown embedder"):
+        load_embedder("nonsense")
+
+
+def test_lexical_words_drop_stop_words_and_stem() -> None:
+    assert words("The returns are free") == ["return", "free"]
+
+
+def test_entries_are_found_added_replaced_and_removed(embedder) -> None:  # type: ignore[no-untyped-def]
+    index = HybridIndex(embedder)
+    docs = [Doc(i + 1, it["questions"][0], it["answer"])
+            for i, it in enumerate(COMPANY["intents"][:20])]
+    index.upsert(docs)
+    assert index.search(COMPANY["intents"][3]["questions"][0])[0].id == 4
+    index.upsert([Doc(4, "What colour is the moon cheese?", "Blue.")])
+    assert index.search("What colour is the moon cheese?")[0].id == 4
+    index.remove([4])
+    assert 4 not in index and all(h.id != 4 for h in index.search("moon cheese colour", k=20))
+    assert len(index) == 19
+
+
+def test_the_fresh_tier_merges_into_the_large_one(embedder) -> None:  # type: ignore[no-untyped-def]
+    index = HybridIndex(embedder, fresh_limit=8)
+    for i in range(30):  # one at a time: fresh tier, merged every 9
+        index.upsert([Doc(i, f"question number {i} about widget{i}", f"answer {i}")])
+    assert len(index._large.slots) >= 27  # merged
+    hit = index.search("widget17")[0]
+    assert hit.id == 17 and hit.lexical > 0

@@ -1,0 +1,154 @@
+"""Answer memory on the turn path, on real SQLite and PostgreSQL: an approved correction in one
+channel answers the next paraphrase in another within seconds, in every replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import select
+
+from bots.core import Outcome
+from feedback import review
+from storage import memory as store
+from storage.forget import forget_identity
+from storage.models import MemoryEntry, MemoryStatus, Message
+from tests.fakes.inference import ScriptedBackend
+from tests.fakes.sinks import RecordingSink
+from tests.memory.conftest import REVIEWER, make_core, make_memory, message
+
+QUESTION = "How long do I have to return something?"
+PARAPHRASE = "How long do I have to return an item?"
+ANSWER = ("You can return any unused item within 45 days of delivery for a full refund; worn "
+          "gear can be returned within 30 days for store credit. Call 0800 414 7782.")
+
+
+async def corrected(core, sessions) -> int:  # type: ignore[no-untyped-def]
+    """A Telegram customer asks; the reviewer votes 👎 and corrects: the entry's id."""
+    first = await core.handle(message("telegram", "111", QUESTION, "t1"), RecordingSink())
+    await core.vote(answer_id=first.answer_id, voter_id=REVIEWER, rating=-1, source="telegram")
+    fb = await core.correct(answer_id=first.answer_id, voter_id=REVIEWER, text=ANSWER,
+                            source="telegram")
+    async with sessions() as s:
+        return (await s.execute(select(MemoryEntry.id).where(
+            MemoryEntry.feedback_id == fb.id))).scalar_one()
+
+
+async def ask_until(core, text: str, *, channel="slack", user="T0/U222", want=True,  # type: ignore[no-untyped-def]
+                    deadline_s: float = 10.0):
+    """Ask (a new event each time) until the answer is (want) or is not from memory."""
+    end = time.monotonic() + deadline_s
+    n = 0
+    while True:
+        n += 1
+        sink = RecordingSink()
+        result = await core.handle(message(channel, user, text, f"{channel}-{user}-{n}-{text}",
+                                           chat=f"{user}-{n}"), sink)
+        if (result.memory_entry_id is not None) == want or time.monotonic() > end:
+            return result, sink
+        await asyncio.sleep(0.05)
+
+
+async def test_a_correction_in_telegram_answers_a_paraphrase_in_slack(sessions, tokenizer,  # type: ignore[no-untyped-def]
+                                                                      embedder) -> None:
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    entry = await corrected(core, sessions)
+    approved = time.monotonic()
+    result, sink = await ask_until(core, PARAPHRASE)
+    assert time.monotonic() - approved < 5
+    assert result.outcome == Outcome.ANSWERED and result.memory_entry_id == entry
+    assert sink.final == ANSWER  # as written: the company's number stays
+    async with sessions() as s:
+        stored = await s.get(Message, result.answer_id)
+    assert stored.memory_entry_id == entry and stored.text == ANSWER
+
+
+async def test_a_second_replica_serves_it_too_and_a_restart_keeps_it(sessions, tokenizer,  # type: ignore[no-untyped-def]
+                                                                     embedder) -> None:
+    one = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    two = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    await two.handle(message("slack", "T0/U9", "hello there", "warm"), RecordingSink())
+    entry = await corrected(one, sessions)
+    approved = time.monotonic()
+    result, _ = await ask_until(two, PARAPHRASE)
+    assert result.memory_entry_id == entry and time.monotonic() - approved < 5
+    restarted = make_memory(sessions, embedder)
+    await restarted.refresh()
+    assert (await restarted.recall(PARAPHRASE)).verbatim.id == entry
+
+
+async def test_an_unrelated_question_is_answered_by_the_model_alone(sessions, tokenizer,  # type: ignore[no-untyped-def]
+                                                                    embedder) -> None:
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder), backend)
+    await corrected(core, sessions)
+    result, sink = await ask_until(core, "Who invented the telephone?", want=False,
+                                   deadline_s=0)
+    assert result.memory_entry_id is None and sink.final.startswith("Echo:")
+    assert "Approved answers" not in backend.requests[-1].messages[0].content
+
+
+async def test_between_the_thresholds_the_entries_go_into_the_prompt(sessions, tokenizer,  # type: ignore[no-untyped-def]
+                                                                     embedder) -> None:
+    backend = ScriptedBackend()
+    memory = make_memory(sessions, embedder, answer_at=50.0, refer_at=0.3)
+    core = make_core(sessions, tokenizer, memory, backend)
+    entry = await corrected(core, sessions)
+    await asyncio.sleep(0.25)  # past refresh_s
+    result = await core.handle(message("slack", "T0/U3", PARAPHRASE, "s-ref"), RecordingSink())
+    assert result.memory_entry_id is None
+    system = backend.requests[-1].messages[0].content
+    assert "Approved answers to similar questions" in system and ANSWER in system
+    async with sessions() as s:
+        assert (await s.get(Message, result.answer_id)).memory_refs == [entry]
+
+
+async def test_a_disabled_entry_is_no_longer_used(sessions, tokenizer, embedder) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    entry = await corrected(core, sessions)
+    assert (await ask_until(core, PARAPHRASE))[0].memory_entry_id == entry
+    async with sessions() as s:
+        assert await store.set_status(s, entry_id=entry, status=MemoryStatus.DISABLED,
+                                      by="cli:op")
+    result, _ = await ask_until(core, PARAPHRASE, want=False)
+    assert result.memory_entry_id is None
+
+
+async def test_trusted_thumbs_down_disable_a_memory_answer(sessions, tokenizer, embedder) -> None:  # type: ignore[no-untyped-def]
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    entry = await corrected(core, sessions)
+    result, _ = await ask_until(core, PARAPHRASE, channel="telegram", user="333")
+    await core.vote(answer_id=result.answer_id, voter_id=REVIEWER, rating=-1, source="telegram")
+    async with sessions() as s:
+        stats = {e.id: e for e in await store.entries(s)}[entry]
+    assert (stats.status, stats.disabled_by, stats.down, stats.uses) == (
+        MemoryStatus.DISABLED, store.VOTES, 1, 1)
+
+
+async def test_a_correction_approved_in_review_becomes_an_entry(sessions, tokenizer,  # type: ignore[no-untyped-def]
+                                                                embedder) -> None:
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    first = await core.handle(message("telegram", "111", QUESTION, "t1"), RecordingSink())
+    fb = await core.correct(answer_id=first.answer_id, voter_id="telegram:111", text=ANSWER,
+                            source="telegram")
+    async with sessions() as s:
+        assert await store.entries(s) == []  # pending review: nothing answers from it
+        await review.decide(s, feedback_id=fb.id, approve=True, actor=REVIEWER)
+        [entry] = await store.entries(s)
+    assert entry.approved_by == REVIEWER and entry.question == QUESTION
+    assert (await ask_until(core, PARAPHRASE))[0].memory_entry_id == entry.id
+
+
+async def test_a_forgotten_persons_corrections_leave_the_memory(sessions, tokenizer,  # type: ignore[no-untyped-def]
+                                                                embedder) -> None:
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    entry = await corrected(core, sessions)
+    assert (await ask_until(core, PARAPHRASE))[0].memory_entry_id == entry
+    async with sessions() as s:
+        erased = await forget_identity(s, identity=REVIEWER, actor="cli:op")
+    assert erased.counts["memory_entries"] == 1
+    async with sessions() as s:
+        row = await s.get(MemoryEntry, entry)
+    assert (row.status, row.question, row.answer, row.approved_by) == ("erased", "", "", None)
+    result, _ = await ask_until(core, PARAPHRASE, want=False)
+    assert result.memory_entry_id is None
