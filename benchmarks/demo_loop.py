@@ -9,8 +9,9 @@ other phrasings of the same questions until an answer says it came from a traine
 
 Reports the time from the last correction to the first adapter answer (the issue's goal:
 about ten minutes on two CPU cores) and token-F1 of the answers to the other phrasings before
-and after. Usage: .venv/bin/python benchmarks/demo_loop.py [--corrections 6] [--deadline 1500]
-[--one-chat]
+and after. The answer memory is off unless --memory: an approved answer sent back as it is
+would hide which adapter answered. Usage: .venv/bin/python benchmarks/demo_loop.py
+[--corrections 6] [--deadline 1500] [--one-chat] [--memory]
 """
 
 from __future__ import annotations
@@ -66,13 +67,15 @@ def probe_f1(client: httpx.Client, intents: list[dict]) -> tuple[float, set[obje
     return median(scores), routes
 
 
-def main(corrections: int, deadline_s: float, one_chat: bool) -> None:
+def main(corrections: int, deadline_s: float, one_chat: bool, memory: bool) -> None:
     intents = COMPANY["intents"][:corrections]
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="chatloop-demo-") as tmp:
         env = {**os.environ, "CHATLOOP_PORT": str(port),
                "CHATLOOP_DATABASE_URL": f"sqlite:///{tmp}/demo.db",
-               "CHATLOOP_ADAPTERS_DIR": f"{tmp}/adapters", "CHATLOOP_LEARN_RUNS_DIR": f"{tmp}/runs"}
+               "CHATLOOP_ADAPTERS_DIR": f"{tmp}/adapters", "CHATLOOP_LEARN_RUNS_DIR": f"{tmp}/runs",
+               "CHATLOOP_MEMORY_ENABLED": str(memory).lower(),
+               "CHATLOOP_METRICS_PORT": "0"}
         log = Path(tmp) / "demo.log"
         chatloop = str(Path(sys.executable).parent / "chatloop")
         with log.open("wb") as out:
@@ -86,6 +89,7 @@ def main(corrections: int, deadline_s: float, one_chat: bool) -> None:
         if result.get("adapter") is None:
             print(log.read_text()[-4000:])
     rows = [{"corrections": corrections, "chats": "one" if one_chat else "one per question",
+             "memory": "on" if memory else "off",
              "first correction → adapter answer s": result.get("to_adapter_s"),
              "last correction → adapter answer s": result.get("after_last_s"),
              "adapter": result.get("adapter"),
@@ -140,5 +144,6 @@ if __name__ == "__main__":
                     help="seconds to wait for an adapter answer after the last correction")
     ap.add_argument("--one-chat", action="store_true",
                     help="ask every question in one conversation (one browser tab)")
+    ap.add_argument("--memory", action="store_true", help="keep the answer memory on")
     args = ap.parse_args()
-    main(args.corrections, args.deadline, args.one_chat)
+    main(args.corrections, args.deadline, args.one_chat, args.memory)

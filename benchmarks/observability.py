@@ -7,11 +7,12 @@ benchmarks/telegram.py's heavy load (200 users in private chats against the fake
 instant scripted model, one gateway in this process), run `rounds` times with telemetry off
 (text log lines at INFO, no metrics, no spans: the demo's default) and `rounds` times on
 (Prometheus metrics recorded and served on a port of their own, JSON log lines at INFO with
-the turn's ids, spans made for every turn: what `CHATLOOP_LOG_FORMAT=json` does, without an
-OTLP endpoint), alternating off/on/on/off... so that drift on a shared machine hits both
-alike. Reports the median updates/s of each and their ratio (goal: on within 3 % of off). The
-log lines go to a file under var/bench; after the "on" rounds /metrics is scraped and must
-count every answered turn.
+the turn's ids and trace id: what `chatloop serve` does with `CHATLOOP_LOG_FORMAT=json` and no
+OTLP endpoint, where no span is made; `--spans`: the SDK's spans made for every turn too, as
+with an OTLP endpoint, but exported nowhere), alternating off/on/on/off... so that drift on a
+shared machine hits both alike. Reports the median updates/s of each and their ratio (goal:
+on within 3 % of off), and the gateway's CPU time per update. The log lines go to a file
+under var/bench; after the "on" rounds /metrics is scraped and must count every answered turn.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ from chatloop.telemetry.tracing import make_provider  # noqa: E402
 from tests.fakes.vllm_server import free_port  # noqa: E402
 
 
-def switch(on: bool, log_file: Any) -> None:
-    """Telemetry as `chatloop serve` sets it up with CHATLOOP_LOG_FORMAT=json (on) or text."""
+def switch(on: bool, log_file: Any, spans: bool = False) -> None:
+    """Telemetry as `chatloop serve` sets it up with CHATLOOP_LOG_FORMAT=json (on) or text;
+    `spans`: with a tracer provider, as when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
     configure_logging("json" if on else "text", stream=log_file)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)  # as benchmarks/telegram.py
-    telemetry.configure(metrics=on,
-                        tracer_provider=make_provider("chatloop-bench", otlp=False) if on
-                        else None)
+    telemetry.configure(metrics=on, log_ids=on,
+                        tracer_provider=make_provider("chatloop-bench", otlp=False)
+                        if on and spans else None)
 
 
 async def answered_turns(port: int) -> float:
@@ -54,7 +56,7 @@ async def answered_turns(port: int) -> float:
 
 
 async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
-               deadline_s: float) -> None:
+               deadline_s: float, spans: bool = False) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -68,7 +70,7 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
     try:
         with log_path.open("w") as log_file:
             for on in order:
-                switch(on, log_file)
+                switch(on, log_file, spans)
                 before = await answered_turns(port)
                 result = await _run(mode, storage, users, per_user, tokenizer, deadline_s)
                 counted = await answered_turns(port) - before
@@ -95,8 +97,10 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
     rows.append({"telemetry": "on / off", "median updates/s": on / off,
                  "gateway CPU ms /update": cpu[True] / cpu[False], "runs updates/s": ""})
     print_table(f"telegram gateway ({mode}, {storage}): {users} users x {per_user} messages, "
-                f"telemetry off vs on, {rounds} runs each", rows)
+                f"telemetry off vs on{' (with spans)' if spans else ''}, {rounds} runs each",
+                rows)
     write_json("observability", {"users": users, "per_user": per_user, "mode": mode,
+                                 "spans": spans,
                                  "storage": storage, "off updates/s": off,
                                  "on updates/s": on, "ratio": on / off,
                                  "cpu ratio": cpu[True] / cpu[False], "runs": runs})
@@ -110,5 +114,7 @@ if __name__ == "__main__":
     ap.add_argument("--storage", choices=["sqlite", "postgres"], default="postgres")
     ap.add_argument("--mode", choices=["polling", "webhook"], default="polling")
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds per run, at most")
+    ap.add_argument("--spans", action="store_true",
+                    help="on: make the SDK's spans too (as with an OTLP endpoint)")
     a = ap.parse_args()
-    asyncio.run(main(a.rounds, a.users, a.per_user, a.storage, a.mode, a.deadline))
+    asyncio.run(main(a.rounds, a.users, a.per_user, a.storage, a.mode, a.deadline, a.spans))

@@ -60,6 +60,10 @@ class VoteIn(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+class HandoffIn(BaseModel):
+    chat_id: str = Field(min_length=1, max_length=64)
+
+
 class CorrectionIn(BaseModel):
     answer_id: int
     text: str = Field(min_length=1, max_length=8000)
@@ -194,6 +198,19 @@ class WebChat:
                 raise HTTPException(status_code=404, detail=str(exc)) from exc
             return {"answer_id": fb.answer_id, "rating": fb.rating}
 
+        @router.post("/api/handoff")
+        async def handoff(request: Request, response: Response) -> dict[str, Any]:
+            """The person's side of a hand-off (the console's inbox): its state and the
+            operator's messages not shown yet; the page polls this while one is open."""
+            body = await self._read(request, HandoffIn)
+            visitor = self._visitor(request)
+            self._welcome(response, visitor, request)
+            found, relays = await self._core.handoff.outbox(
+                channel=CHANNEL, chat_id=f"{visitor.uid}/{body.chat_id}", user=visitor.who)
+            return {"status": found.status if found else None,
+                    "agent": found.agent_name if found else None,
+                    "messages": [{"text": r.text} for r in relays]}
+
         @router.post("/api/correction")
         async def correction(request: Request, response: Response) -> dict[str, Any]:
             body = await self._read(request, CorrectionIn)
@@ -229,6 +246,8 @@ class WebChat:
                 yield (json.dumps({"type": "error", "text": APOLOGY}) + "\n").encode()
             elif task.result().outcome == Outcome.DUPLICATE:
                 yield (json.dumps({"type": "duplicate"}) + "\n").encode()
+            elif task.result().outcome in (Outcome.RELAYED, Outcome.ESCALATED):
+                yield (json.dumps({"type": "handoff"}) + "\n").encode()  # a person answers
             elif done is not None:  # first which route answered (null: the base model)
                 route = {"type": "route", "adapter": task.result().adapter,
                          "memory": task.result().memory_entry_id}  # an approved answer's

@@ -70,7 +70,9 @@ def make_backend(settings: Settings) -> InferenceBackend:
     from inference.embedded import EmbeddedBackend
 
     _require_model(s)
-    return EmbeddedBackend(s.model, model_name=Path(s.model).name, max_lora_rank=s.max_lora_rank)
+    return EmbeddedBackend(s.model, model_name=Path(s.model).name, max_lora_rank=s.max_lora_rank,
+                           precision=s.embedded_precision, max_batch=s.embedded_max_batch,
+                           max_kv_tokens=s.embedded_max_kv_tokens)
 
 
 def _require_model(inference: InferenceSettings) -> None:
@@ -271,6 +273,7 @@ def loop_config(settings: Settings) -> Any:
         model_dir=model, adapters_dir=learn.adapters_dir.resolve(),
         runs_dir=learn.runs_dir.resolve(), adapter_prefix=learn.adapter_prefix,
         dataset=DatasetPolicy(heldout_percent=learn.heldout_percent,
+                              heldout_votes_percent=learn.heldout_votes_percent,
                               min_voters=learn.min_voters, per_user_cap=learn.per_user_cap,
                               web_vote_weight=learn.web_vote_weight,
                               include_liked=learn.include_liked,
@@ -284,7 +287,7 @@ def loop_config(settings: Settings) -> Any:
                        learning_rate=learn.learning_rate, batch_size=learn.batch_size,
                        max_length=learn.max_length, kto_min_examples=learn.kto_min_examples,
                        neftune_alpha=learn.neftune_alpha or None, augment=learn.augment,
-                       precision=learn.precision),
+                       precision=learn.precision, dpo_min_pairs=learn.dpo_min_pairs),
         min_new_feedback=learn.min_feedback,
         min_interval=timedelta(seconds=learn.min_interval_s),
         incremental=learn.incremental,

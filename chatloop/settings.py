@@ -125,6 +125,12 @@ class InferenceSettings(Section):
     max_retries: int = Field(default=2, ge=0)
     max_lora_rank: int = Field(default=16, ge=1)
     adapter: str | None = None  # serve this adapter to every conversation (not the registry's)
+    # the embedded engine: weights' precision ("auto": bf16 where native; fp32 by default, as the
+    # learning loop's parity reference), rows decoded together,
+    # KV cache tokens reserved by them (prompt + max_tokens each); more requests queue
+    embedded_precision: Literal["auto", "bf16", "fp32"] = "fp32"
+    embedded_max_batch: int = Field(default=32, ge=1)
+    embedded_max_kv_tokens: int = Field(default=16384, ge=256)
 
 
 class CoreSettings(Section):
@@ -200,8 +206,8 @@ class MemorySettings(Section):
     embedder: str = "wordllama"
     # similarity above which an approved answer is sent as it is, and from which the best
     # entries are quoted in the prompt (calibrated: docs/benchmarks.md, answer memory)
-    answer_threshold: float = Field(default=0.85, gt=0)
-    reference_threshold: float = Field(default=0.55, gt=0)
+    answer_threshold: float = Field(default=0.6, gt=0)  # = inference.memory.ANSWER_AT
+    reference_threshold: float = Field(default=0.45, gt=0)  # = inference.memory.REFER_AT
     max_references: int = Field(default=3, ge=1, le=10)
     refresh_s: float = Field(default=1.0, gt=0)  # how stale a replica's index may get
 
@@ -241,6 +247,8 @@ class LearnSettings(Section):
     cron: str | None = "0 3 * * 0"  # a periodic run (crontab); empty: none
     incremental: bool = True  # continue from the active adapter (else from the base)
     heldout_percent: int = Field(default=20, ge=0, le=100)
+    # conversations with votes only held out for the gate of a votes-only run
+    heldout_votes_percent: int = Field(default=20, ge=0, le=100)
     min_voters: int = Field(default=2, ge=1)
     per_user_cap: int = Field(default=50, ge=1)
     # how much an untrusted web vote counts, in labels and in the canary (anyone can open a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from feedback.examples import Dataset, Example, dedupe, replay_sample
@@ -76,8 +77,8 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
             ds.kto.append(Example(ex.conversation_id, ex.answer_id, ex.prompt,
                                   ex.rejected or "", "correction", label=False))
             continue
-        if heldout[ex.conversation_id]:
-            ds.heldout.append(ex)
+        if heldout[ex.conversation_id]:  # a hand-off's pair: the gate's pairwise accuracy
+            ds.heldout.append(replace(ex, source="handoff") if r.source == "handoff" else ex)
         else:
             ds.sft.append(ex)
             if r.source == "handoff":  # an agent's reply after a hand-off: a DPO pair too
@@ -92,7 +93,12 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
     labelled: set[int] = set()
     for answer_id, label in sorted(selection.labels.items()):
         answer = answers[answer_id]
-        if answer_id in selection.corrected or heldout[answer.conversation_id]:
+        if answer_id in selection.corrected:
+            continue
+        if heldout[answer.conversation_id]:  # the gate's votes (a votes-only run)
+            ds.heldout_votes.append(Example(answer.conversation_id, answer_id,
+                                            prompts[answer_id], redactor(answer.answer),
+                                            "vote", label=label))
             continue
         labelled.add(answer_id)
         ex = Example(answer.conversation_id, answer_id, prompts[answer_id],
@@ -109,6 +115,7 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
                            seed=_seed(ds.consumed))
     ds.sft += replay
     report["dpo_pairs"] = len(ds.dpo)
+    report["heldout_votes"] = len(ds.heldout_votes)
     report.update(sft=len(ds.sft), kto=len(ds.kto), heldout=len(ds.heldout), replay=len(replay),
                   **correction_counts(selection, ds.consumed, carried))
     return ds

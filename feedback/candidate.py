@@ -2,7 +2,8 @@
 
 Candidate (the trained adapter) vs parent (the serving adapter, or the base model) on the
 held-out corrections and the golden set (`feedback.evaluate` has the metrics and the gate),
-and the greedy outputs the serving backend must reproduce (parity).
+and the greedy outputs the serving backend must reproduce (parity). Held-out answers are
+also scored with the answer memory (`_memory_metrics`): what the adapter adds on its own.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from feedback.evaluate import answer_scores, golden_set, greedy, mean_loss, pref_accuracy
+from feedback.evaluate import (
+    answer_logps,
+    answer_scores,
+    golden_set,
+    greedy,
+    mean_loss,
+    pref_accuracy,
+    vote_margin,
+)
 from feedback.examples import Example, read_examples
 from feedback.job import TrainJob
 
@@ -60,10 +69,23 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
     longest = max((len(tokenizer(e.completion)["input_ids"]) for e in heldout), default=0)
     max_tokens = min(job.eval_max_tokens, longest + 16)
 
-    def metrics() -> dict[str, Any]:
-        return _metrics(model, tokenizer, heldout, golden, known, max_tokens)
+    # held-out hand-off pairs (the agent's reply over the bot's) and held-out votes
+    pairs = [(e.prompt, e.completion, e.rejected) for e in heldout
+             if e.source == "handoff" and e.rejected]
+    votes = read_examples(Path(job.work_dir) / "heldout_votes.jsonl")[: job.eval_max_examples]
+    liked = [bool(e.label) for e in votes]
+    memory = _memory(Path(job.work_dir), heldout)
 
-    report: dict[str, Any] = {"heldout_examples": len(heldout), "candidate": metrics()}
+    def metrics() -> dict[str, Any]:
+        logps = answer_logps(model, tokenizer, [(e.prompt, e.completion) for e in votes])
+        return {**_metrics(model, tokenizer, heldout, golden, known, max_tokens),
+                **_memory_metrics(model, tokenizer, heldout, known, max_tokens, memory),
+                "pair_accuracy": pref_accuracy(model, tokenizer, pairs),
+                "vote_logps": logps, "vote_margin": vote_margin(logps, liked)}
+
+    report: dict[str, Any] = {"heldout_examples": len(heldout), "candidate": metrics(),
+                              "heldout_pairs": len(pairs), "heldout_vote_labels": liked,
+                              "heldout_votes": len(votes) if len(set(liked)) == 2 else 0}
     if job.parent_path:
         model.load_adapter(job.parent_path, adapter_name="parent")
         model.set_adapter("parent")
@@ -95,3 +117,61 @@ def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
             "golden_loss": mean_loss(model, tokenizer, golden),
             "pref_accuracy": pref_accuracy(model, tokenizer, pairs)}
 
+
+
+def _memory(work: Path, heldout: list[Example]) -> Any:
+    """The answer memory as it stood for this run, without the held-out corrections (they are
+    what it must answer): `memory.jsonl` in the run's directory (question, answer) if the
+    loop wrote one, else the trained corrections. None if there is none or no embedder."""
+    import json
+
+    from inference.memory import Doc, HybridIndex, load_embedder
+
+    path = work / "memory.jsonl"
+    if path.exists():
+        pairs = [(r["question"], r["answer"]) for r in
+                 map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r]
+    else:
+        pairs = [(_question(e.prompt), e.completion)
+                 for e in read_examples(work / "sft.jsonl") if e.source == "correction"]
+    held = {_question(e.prompt) for e in heldout}
+    docs = [Doc(i, q, a) for i, (q, a) in enumerate(pairs) if q and a and q not in held]
+    if not docs or not heldout:
+        return None
+    try:
+        index = HybridIndex(load_embedder())
+        index.upsert(docs)
+    except Exception as exc:  # a report without the memory figures, never a failed run
+        print(f"no answer-memory figures: {exc}", flush=True)
+        return None
+    return index
+
+
+def _question(prompt: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: list[str],
+                    max_tokens: int, memory: Any) -> dict[str, Any]:
+    """Held-out answers as the turn path gives them with the memory: an entry's answer as it
+    is above the answer threshold, else the model with the entries it quotes in the prompt."""
+    if memory is None:
+        return {}
+    from inference.memory import recall_many
+    from inference.prompt import with_references
+
+    picks = recall_many(memory, [_question(e.prompt) for e in heldout])
+    answers = [d.answer if d else "" for d, _ in picks]
+    todo = [i for i, (d, _) in enumerate(picks) if d is None]
+    chats = []
+    for i in todo:
+        prompt, refs = heldout[i].prompt, [(d.question, d.answer) for d in picks[i][1]]
+        system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
+        rest = prompt[1:] if system else prompt
+        chats.append([{"role": "system", "content": with_references(system, refs)}, *rest]
+                     if system or refs else rest)
+    for i, a in zip(todo, greedy_batch(model, tokenizer, chats, max_tokens), strict=True):
+        answers[i] = a["text"]
+    scores = answer_scores(answers, [e.completion for e in heldout], known)
+    return {"heldout_f1_memory": scores["f1"], "heldout_accuracy_memory": scores["accuracy"],
+            "heldout_memory_verbatim": len(heldout) - len(todo)}

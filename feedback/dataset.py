@@ -61,7 +61,8 @@ async def build_dataset(
         answers[a] for a in selection.labels}
     passed = await store.passed_heldout(session, conversation_ids=conversations)
     heldout = await _splits(session, conversations, used, passed, selection.corrections, policy)
-    if any(heldout[r.conversation_id] for r in selection.corrections):
+    if any(heldout[r.conversation_id] for r in selection.corrections) or any(
+            heldout[answers[a]] for a in selection.labels):
         # new data for the gate (`passed` counted as trained on above): carry the old over
         await store.release_heldout(session, conversation_ids=passed)
     else:  # nothing new to judge on (a retrain from the base): they stay held out for now

@@ -36,6 +36,13 @@ class GatePolicy:
     # with fewer held-out corrections than `min_heldout` (every answer corrected once), judge
     # on rephrasings of the trained questions (feedback.examples.rephrasings); else skip
     rephrasings: bool = True
+    # no held-out correction at all (a deployment without reviewers): judge on held-out votes
+    # when there are this many, both liked and disliked; the log-probability margin of liked
+    # over disliked answers must rise by more than `vote_margin_min` (nats per token), by
+    # `vote_z` standard errors (one-sided 95 %: shuffled votes do not pass by chance)
+    min_heldout_votes: int = 4
+    vote_margin_min: float = 0.0
+    vote_z: float = 1.645
 
 
 def golden_set() -> list[dict[str, str]]:
@@ -47,7 +54,15 @@ def gate(report: dict[str, Any], policy: GatePolicy) -> list[str]:
     """The reasons to reject the candidate described by `report`; empty means it passes."""
     cand, base = report["candidate"], report["parent"]
     reasons = []
-    if report["heldout_examples"] < policy.min_heldout:
+    by_votes = (report["heldout_examples"] < policy.min_heldout
+                and report.get("heldout_votes", 0) >= policy.min_heldout_votes)
+    if by_votes:  # votes only: the liked answers must gain on the disliked ones
+        gain, z = vote_gain(report)
+        if not (gain > policy.vote_margin_min and z >= policy.vote_z):
+            reasons.append(f"held-out vote margin {cand['vote_margin']:.4f} against "
+                           f"{base['vote_margin']:.4f}: a gain of {gain:.4f} (z {z:.2f}; "
+                           f"needs > {policy.vote_margin_min} and z >= {policy.vote_z})")
+    elif report["heldout_examples"] < policy.min_heldout:
         reasons.append(f"only {report['heldout_examples']} held-out examples "
                        f"(need {policy.min_heldout})")
     elif report["heldout_examples"]:  # none allowed (min_heldout 0): the golden set alone
@@ -69,6 +84,12 @@ def gate(report: dict[str, Any], policy: GatePolicy) -> list[str]:
     if cand["golden_loss"] > base["golden_loss"] * (1 + policy.golden_margin):
         reasons.append(f"golden-set loss rose from {base['golden_loss']:.4f} to "
                        f"{cand['golden_loss']:.4f} (margin {policy.golden_margin:.0%})")
+    if cand.get("pair_accuracy") is not None and base.get("pair_accuracy") is not None and not (
+            cand["pair_accuracy"] > base["pair_accuracy"]
+            or cand["pair_accuracy"] == base["pair_accuracy"] == 1.0):
+        reasons.append(f"held-out hand-off pairs: the candidate prefers the agent's answer "
+                       f"{cand['pair_accuracy']:.3f} of the time, the serving model "
+                       f"{base['pair_accuracy']:.3f}")
     if cand.get("pref_accuracy") is not None and base.get("pref_accuracy") is not None:
         if cand["pref_accuracy"] < base["pref_accuracy"] - policy.pref_tolerance:
             reasons.append(f"preference accuracy fell from {base['pref_accuracy']:.3f} to "
@@ -154,6 +175,8 @@ def completion_batches(tokenizer: Any, items: Sequence[tuple[Chat, str]],
             return_dict=True)["input_ids"]
         rows.append((list(full), len(prompt_ids), index))
     rows.sort(key=lambda row: len(row[0]))
+    if not rows:  # nothing to score (a votes-only run has no held-out corrections)
+        return []
     count = -(-len(rows) // size)
     bounds = [len(rows) * i // count for i in range(count + 1)]
     batches = []
@@ -221,6 +244,39 @@ def pref_accuracy(model: Any, tokenizer: Any,
     wins = sum(c / max(nc, 1) > r / max(nr, 1)
                for (c, nc), (r, nr) in zip(chosen, rejected, strict=True))
     return wins / len(pairs)
+
+
+def answer_logps(model: Any, tokenizer: Any, items: Sequence[tuple[Chat, str]]) -> list[float]:
+    """Each (prompt, answer)'s mean token log-prob."""
+    return [lp / max(n, 1) for lp, n in completion_logps(model, tokenizer, items)]
+
+
+def vote_margin(logps: Sequence[float], liked: Sequence[bool]) -> float | None:
+    """Mean log-prob of the liked answers minus that of the disliked ones; None without both."""
+    up = [lp for lp, v in zip(logps, liked, strict=True) if v]
+    down = [lp for lp, v in zip(logps, liked, strict=True) if not v]
+    return sum(up) / len(up) - sum(down) / len(down) if up and down else None
+
+
+def vote_gain(report: dict[str, Any]) -> tuple[float, float]:
+    """How much the candidate raised the held-out liked answers over the disliked ones: the
+    change of the vote margin from the parent's, and its Welch z (per answer, the change of
+    its log-prob; liked against disliked), so a rise by chance (shuffled votes) is no rise."""
+    liked = report["heldout_vote_labels"]
+    delta = [c - p for c, p in zip(report["candidate"]["vote_logps"],
+                                   report["parent"]["vote_logps"], strict=True)]
+    up = [d for d, v in zip(delta, liked, strict=True) if v]
+    down = [d for d, v in zip(delta, liked, strict=True) if not v]
+    if not up or not down:
+        return 0.0, 0.0
+    gain = sum(up) / len(up) - sum(down) / len(down)
+
+    def var(xs: list[float]) -> float:
+        m = sum(xs) / len(xs)
+        return sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)
+
+    se = (var(up) / len(up) + var(down) / len(down)) ** 0.5
+    return gain, gain / se if se > 0 else (float("inf") if gain > 0 else 0.0)
 
 
 def greedy(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_tokens: int) -> str:

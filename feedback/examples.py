@@ -43,10 +43,14 @@ class Dataset:
     # preference pairs from hand-offs (chosen: `completion`, the agent's reply; `rejected`:
     # the bot's answer), the trained ones; also SFT corrections above
     dpo: list[Example] = field(default_factory=list)
+    # the gate's data from votes: labelled answers (`label`) in held-out conversations, judged
+    # by the log-probability margin of liked over disliked answers (votes-only runs)
+    heldout_votes: list[Example] = field(default_factory=list)
 
     @property
     def hash(self) -> str:
-        parts = (self.sft, self.kto, self.heldout)
+        parts = (self.sft, self.kto, self.heldout) + (
+            (self.heldout_votes,) if self.heldout_votes else ())
         blob = json.dumps([[asdict(e) for e in part] for part in parts],
                           sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()

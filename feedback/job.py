@@ -50,6 +50,10 @@ class TrainJob:
     kto_min_examples: int = 16  # fewer binary labels than this: SFT only
     kto_learning_rate: float = 5e-5
     kto_epochs: float = 1.0
+    dpo_min_pairs: int = 8  # fewer hand-off preference pairs than this: no DPO step
+    dpo_learning_rate: float = 5e-5
+    dpo_epochs: float = 2.0
+    dpo_beta: float = 0.1
     eval_max_examples: int = 64
     eval_max_tokens: int = 96  # greedy answers to held-out questions (answer F1 and accuracy)
     system_prompt: str = ""

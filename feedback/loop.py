@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatloop.telemetry import hooks
@@ -99,18 +100,43 @@ async def should_train(sessions: async_sessionmaker[AsyncSession], cfg: LoopConf
     return True, f"{new} new eligible feedback"
 
 
+# how long finishing a run waits for a database that is away (then the run stays `running`
+# and the next run fails it as stale)
+FINISH_RETRY_S = 120.0
+
+
 async def _finish(sessions: async_sessionmaker[AsyncSession], run_id: int, status: RunStatus,
                   **outcome: Any) -> None:
-    async with sessions() as s:
-        await runs.finish_run(s, run_id=run_id, status=status, **outcome)
+    """Finish the run (only if still running: runs.RunLost otherwise), retrying while the
+    database is away."""
+    deadline = asyncio.get_running_loop().time() + FINISH_RETRY_S
+    delay = 0.5
+    while True:
+        try:
+            async with sessions() as s:
+                await runs.finish_run(s, run_id=run_id, status=status, **outcome)
+            return
+        except (DBAPIError, OSError) as exc:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("finishing run %s: database unavailable (%s), retrying", run_id,
+                        type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def _heartbeat(sessions: async_sessionmaker[AsyncSession], run_id: int,
                      every: float) -> None:
+    """Heartbeat the run every `every` seconds; a failed beat (the database is away) is
+    logged and the next one tried, so an outage shorter than `stale_after` costs nothing."""
     while True:
         await asyncio.sleep(every)
-        async with sessions() as s:
-            await runs.heartbeat(s, run_id=run_id)
+        try:
+            async with sessions() as s:
+                await runs.heartbeat(s, run_id=run_id)
+        except (DBAPIError, OSError) as exc:
+            log.warning("heartbeat of run %s failed (%s): retrying", run_id,
+                        type(exc).__name__)
 
 
 @hooks.training_run
@@ -162,9 +188,10 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
     why = None
     if not ds.sft and len(ds.kto) < template.kto_min_examples:
         why = "no training data in the new feedback"
-    elif len(ds.heldout) < cfg.gate.min_heldout:  # the gate would reject any candidate
+    elif len(ds.heldout) < cfg.gate.min_heldout and not _gate_on_votes(ds, cfg.gate):
         why = (f"{len(ds.heldout)} held-out corrections in the new feedback (the gate needs "
-               f"{cfg.gate.min_heldout})")
+               f"{cfg.gate.min_heldout}, or {cfg.gate.min_heldout_votes} held-out votes "
+               f"liked and disliked; {len(ds.heldout_votes)})")
     if why is not None:
         await _finish(sessions, run_id, RunStatus.SKIPPED, error=why, dataset_hash=ds.hash,
                       metrics={"dataset": ds.report})
@@ -212,6 +239,12 @@ def _gate_on_rephrasings(ds: Dataset, job: TrainJob) -> None:
     ds.report["heldout"] = len(ds.heldout)
 
 
+def _gate_on_votes(ds: Dataset, policy: GatePolicy) -> bool:
+    """Whether the gate can judge on held-out votes: enough, both liked and disliked."""
+    labels = {bool(e.label) for e in ds.heldout_votes}
+    return len(ds.heldout_votes) >= policy.min_heldout_votes and labels == {True, False}
+
+
 def _tainted(version: AdapterVersion | None) -> bool:
     return version is not None and version.tainted_at is not None
 
@@ -223,6 +256,8 @@ def _write_job(ds: Dataset, template: TrainJob, cfg: LoopConfig, work: Path, nam
     write_jsonl([asdict(e) for e in ds.sft], work / "sft.jsonl")
     write_jsonl([asdict(e) for e in ds.kto], work / "kto.jsonl")
     write_jsonl([asdict(e) for e in ds.heldout], work / "heldout.jsonl")
+    write_jsonl([asdict(e) for e in ds.dpo], work / "dpo.jsonl")
+    write_jsonl([asdict(e) for e in ds.heldout_votes], work / "heldout_votes.jsonl")
     job = replace(template, model_dir=cfg.model_dir, out_dir=str(cfg.adapters_dir / name),
                   work_dir=str(work), parent_path=parent_path,
                   system_prompt=cfg.dataset.system_prompt, parity_prompts=cfg.parity_prompts)
@@ -282,8 +317,12 @@ async def _unload_quietly(backend: InferenceBackend, name: str) -> None:
 
 async def _abandon(sessions: async_sessionmaker[AsyncSession], backend: InferenceBackend,
                    cfg: LoopConfig, run_id: int, error: str) -> None:
-    """Close a failed run; an adapter it wrote but never registered is unloaded and removed."""
-    await _finish(sessions, run_id, RunStatus.FAILED, error=error[:2000])
+    """Close a failed run (unless another run closed it already); an adapter it wrote but
+    never registered is unloaded and removed."""
+    try:
+        await _finish(sessions, run_id, RunStatus.FAILED, error=error[:2000])
+    except runs.RunLost:
+        log.warning("run %s was closed meanwhile (it had stopped heartbeating)", run_id)
     name = adapters.adapter_name(cfg.adapter_prefix, run_id)
     async with sessions() as s:
         registered = await adapters.get(s, name) is not None

@@ -25,6 +25,9 @@ class DatasetPolicy:
     """How feedback becomes data, and how votes count (in the dataset and the canary)."""
 
     heldout_percent: int = 20
+    # the share of conversations with votes only held out for the gate (by the split's hash):
+    # a votes-only run is judged on them (feedback.evaluate.GatePolicy.min_heldout_votes)
+    heldout_votes_percent: int = 20
     split_salt: str = "chatloop-heldout-v1"
     min_voters: int = 2  # distinct voters before an answer's thumbs label counts
     trusted_weight: float = 3.0  # a reviewer's vote; a trusted vote alone is enough
@@ -194,7 +197,9 @@ def split_conversations(corrections: Sequence[tuple[int, str]], conversations: I
     taught, and a team's corrections lose a fifth to the gate, not half (two phrasings per
     answer). A correction with an answer of its own is trained on: held out, it could only
     test a guess at an answer never taught (the gate then judges on rephrasings of trained
-    questions, feedback.examples.rephrasings). Conversations with votes only are trained on.
+    questions, feedback.examples.rephrasings). Conversations with votes only are held out by
+    the split's hash, `heldout_votes_percent` of them (the gate of a run without corrections
+    judges on their votes), the rest trained on.
     """
     out = dict(decided)
     groups: dict[str, list[int]] = defaultdict(list)
@@ -222,6 +227,8 @@ def split_conversations(corrections: Sequence[tuple[int, str]], conversations: I
                 out[free[0]] = True
                 held[id(m)] += 1
                 total += 1
-    for c in [*grouped, *conversations]:
+    for c in grouped:
         out.setdefault(c, False)
+    for c in conversations:
+        out.setdefault(c, _split_hash(c, policy) < policy.heldout_votes_percent)
     return out

@@ -3,7 +3,8 @@
 SFT (TRL, completion-only loss) on corrections and liked answers, kept close to
 the base model by a KL term on its own answers to shipped general prompts
 (self-distillation anchors against forgetting), then KTO on binary labels when
-there are enough; LoRA continued from the parent adapter or
+there are enough, then DPO on the hand-offs' preference pairs when there are
+`dpo_min_pairs`; LoRA continued from the parent adapter or
 started from the base model; seeded. The adapter and its evaluation report are
 written to a temporary directory that is renamed into place only when complete,
 so a crash or kill leaves nothing half-written where the registry looks.
@@ -108,6 +109,9 @@ def train(job: TrainJob) -> dict[str, Any]:
         stats["kto_examples"] = len(kto)
         if "ref" in model.peft_config:  # KTO's reference copy of the adapter
             model.delete_adapter("ref")
+    dpo = read_examples(work / "dpo.jsonl")
+    if len(dpo) >= job.dpo_min_pairs:
+        stats.update(_dpo(model, tokenizer, job, dpo))
     stats["train_seconds"] = time.perf_counter() - started
     stats["tokens_per_s"] = stats.get("sft_tokens", 0) / max(stats["train_seconds"], 1e-9)
     examples = (len(sft) + stats.get("augmented_examples", 0)
@@ -118,17 +122,52 @@ def train(job: TrainJob) -> dict[str, Any]:
     return report
 
 
+def _dpo(model: Any, tokenizer: Any, job: TrainJob, pairs: list[Any]) -> dict[str, Any]:
+    """DPO on the hand-offs' preference pairs (chosen: the agent's reply, rejected: the bot's
+    answer), continuing the same LoRA adapter after SFT; the reference is a frozen copy of
+    the adapter as SFT left it (TRL's "ref" adapter)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    data = Dataset.from_list([{"prompt": e.prompt,
+                               "chosen": [{"role": "assistant", "content": e.completion}],
+                               "rejected": [{"role": "assistant", "content": e.rejected or ""}]}
+                              for e in pairs])
+    args = DPOConfig(**_common_args(job, "dpo"), learning_rate=job.dpo_learning_rate,
+                     num_train_epochs=job.dpo_epochs, beta=job.dpo_beta)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    loss = trainer.train().training_loss
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    model.set_adapter("default")
+    return {"dpo_loss": loss, "dpo_pairs": len(pairs)}
+
+
 def _write_atomically(model: Any, report: dict[str, Any], out: Path) -> None:
+    """Write the adapter beside `out` and rename it into place: it appears whole or not at
+    all. Every file and the directory are fsynced before the rename (and the parent after
+    it); a failed write (disk full: ENOSPC, EFBIG) removes the partial copy and raises."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, selected_adapters=["default"])
-    (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        model.save_pretrained(tmp, selected_adapters=["default"])
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        for path in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):  # files, then dirs
+            _fsync(path, os.O_RDONLY)
+        _fsync(tmp, os.O_RDONLY)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out.parent, os.O_RDONLY)  # the rename itself
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, out)  # atomic: the adapter appears whole or not at all
 
 
 def main(argv: list[str]) -> int:

@@ -3,9 +3,11 @@
 In-process and incremental: a new or changed entry is searchable at once, a removed one is
 masked, and nothing is rebuilt per request. Dense vectors live in one growing matrix (an
 entry's vector is the mean of its question's and its answer's unit vectors, so one product
-scores both). The lexical side has two bm25s tiers: a large one and a small fresh one that
-takes new entries; when the fresh one outgrows `fresh_limit` both merge into a new large one
-(off the request path: the caller runs `upsert` in a worker thread for big batches).
+scores both; capacity doubles, so an append is amortised cheap). The lexical side is a few
+bm25s segments, as in Lucene: new entries go into a small fresh segment (rebuilt on each
+write, at most `fresh_limit` entries); a full fresh segment is sealed, and sealed segments
+of similar size merge, so there are O(log n) of them and each entry is re-indexed O(log n)
+times in all (the caller runs `upsert` in a worker thread: searches never wait for it).
 
 The score of an entry is `dense + lexical_weight * bm25`: dense is a cosine in [-1, 1], the
 BM25 part adds the exact words (names, codes) an averaged embedding blurs. Thresholds on it
@@ -28,6 +30,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "wordllama"
+# the similarity from which an approved answer is sent as it is, and from which entries are
+# quoted in the prompt (calibrated on the synthetic company set: docs/benchmarks.md)
+ANSWER_AT, REFER_AT = 0.6, 0.45
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -184,9 +189,11 @@ class HybridIndex:
         self._ids = np.zeros(64, np.int64)
         self._tokens: list[list[str]] = []  # by slot
         self._slot: dict[int, int] = {}  # live entry id -> slot
+        self.docs: dict[int, Doc] = {}  # live entries by id
         self._size = 0  # slots used
-        self._large = _Lexical(np.zeros(0, np.int64), [])
+        self._sealed: tuple[_Lexical, ...] = ()  # larger (older) first
         self._fresh = _Lexical(np.zeros(0, np.int64), [])
+        self._dead = 0  # slots of removed or replaced entries (masked in searches)
         self._fresh_slots: list[int] = []
         self._write = threading.Lock()  # one writer; searches read a consistent snapshot
 
@@ -222,13 +229,13 @@ class HybridIndex:
             self._tokens.extend(toks)
             self._alive[start:need] = True
             self._slot.update({d.id: int(s) for d, s in zip(docs, slots, strict=True)})
+            self.docs.update({d.id: d for d in docs})
             self._size = need
             self._fresh_slots.extend(int(s) for s in slots)
-            if len(self._fresh_slots) > max(self.fresh_limit, len(self._large.slots) // 10):
-                self._merge()
-            else:
-                fresh = np.asarray(self._fresh_slots, np.int64)
-                self._fresh = _Lexical(fresh, [self._tokens[s] for s in fresh])
+            fresh = np.asarray(self._fresh_slots, np.int64)
+            self._fresh = _Lexical(fresh, [self._tokens[s] for s in fresh])
+            if len(self._fresh_slots) >= self.fresh_limit:
+                self._seal()
 
     def remove(self, ids: Sequence[int]) -> None:
         with self._write:
@@ -237,9 +244,11 @@ class HybridIndex:
     def _remove(self, ids: Sequence[int]) -> None:
         for i in ids:
             slot = self._slot.pop(i, None)
+            self.docs.pop(i, None)
             if slot is not None:
                 self._alive[slot] = False
                 self._tokens[slot] = []
+                self._dead += 1
 
     def _grow(self, capacity: int) -> None:
         vectors = np.zeros((capacity, self.embedder.dim), np.float32)
@@ -248,26 +257,35 @@ class HybridIndex:
         alive[:self._size], ids[:self._size] = self._alive[:self._size], self._ids[:self._size]
         self._vectors, self._alive, self._ids = vectors, alive, ids
 
-    def _merge(self) -> None:
-        """One large bm25s tier over the live slots; the fresh tier starts empty."""
-        live = np.flatnonzero(self._alive[:self._size])
-        self._large = _Lexical(live, [self._tokens[s] for s in live])
+    def _seal(self) -> None:
+        """The fresh segment joins the sealed ones; the newest two merge (dropping removed
+        entries) while the newer is at least half the size of the older."""
+        sealed = list(self._sealed) + [self._fresh]
+        while len(sealed) >= 2 and 2 * len(sealed[-1].slots) >= len(sealed[-2].slots):
+            both = np.concatenate([sealed[-2].slots, sealed[-1].slots])
+            live = both[self._alive[both]]
+            sealed[-2:] = [_Lexical(live, [self._tokens[s] for s in live])]
+        self._sealed = tuple(sealed)
         self._fresh, self._fresh_slots = _Lexical(np.zeros(0, np.int64), []), []
 
     def search(self, text: str, *, k: int = 3) -> list[Hit]:
         """The `k` best live entries for a question, best first."""
         if not self._slot:
             return []
+        tiers = (*self._sealed, self._fresh)  # first: their slots are all below `size`
         size, vectors, alive, ids = self._size, self._vectors, self._alive, self._ids
-        large, fresh = self._large, self._fresh
         query = self.embedder.embed([text])[0]
-        dense = vectors[:size] @ query
-        lexical = np.zeros(size, np.float32)
+        # einsum, not `@`: numpy's BLAS splits a matrix-vector product over threads, and on
+        # a busy machine waiting for them costs ten times the product itself
+        dense = np.einsum("ij,j->i", vectors[:size], query)
+        score = dense.copy()
         tokens = words(text)
         if tokens:
-            for tier in (large, fresh):
-                tier.add_to(lexical, tokens, self.lexical_weight)
-        score = np.where(alive[:size], dense + lexical, -np.inf)
+            for tier in tiers:
+                tier.add_to(score, tokens, self.lexical_weight)
+        lexical = score - dense
+        if self._dead:
+            score[~alive[:size]] = -np.inf
         k = min(k, len(self._slot))
         top = np.argpartition(-score, k - 1)[:k] if k < size else np.arange(size)
         top = top[np.argsort(-score[top])]
@@ -283,3 +301,20 @@ def from_bytes(blob: bytes, dim: int) -> np.ndarray | None:
     """A stored vector, or None if it is not one of `dim` float32s."""
     v = np.frombuffer(blob, np.float32)
     return v if v.shape == (dim,) else None
+
+
+def recall_many(index: HybridIndex, questions: Sequence[str], *, answer_at: float = ANSWER_AT,
+                refer_at: float = REFER_AT, k: int = 3
+                ) -> list[tuple[Doc | None, list[Doc]]]:
+    """Per question what the turn path does with a memory (bots.core.memory): the entry sent
+    as it is (above `answer_at`), else the entries quoted in the prompt (from `refer_at`).
+    For offline use (the training process's gate): the index holds `Doc`s by id in `docs`."""
+    out: list[tuple[Doc | None, list[Doc]]] = []
+    for q in questions:
+        hits = [h for h in index.search(q, k=k) if h.score >= refer_at]
+        docs = [index.docs[h.id] for h in hits if h.id in index.docs]
+        if hits and hits[0].score >= answer_at and docs:
+            out.append((docs[0], []))
+        else:
+            out.append((None, docs))
+    return out

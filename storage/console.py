@@ -9,19 +9,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, case, exists, func, select, update
+from sqlalchemy import Select, and_, case, delete, exists, func, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from storage.audit import ERASURES
 from storage.models import (
     AnswerStatus,
+    AuditLog,
     Conversation,
     Feedback,
     Message,
+    QualityDay,
     ReviewStatus,
     Role,
     RunFeedback,
@@ -198,7 +202,13 @@ async def search_conversations(session: AsyncSession, filters: Filters, *, limit
         if filters.since:
             where.append(m.created_at >= _day_start(filters.since))
         if filters.until:
-            where.append(m.created_at < _day_start(filters.until) + timedelta(days=1))
+            end = _day_start(filters.until) + timedelta(days=1)
+            where.append(m.created_at < end)
+            # a message is never older than its conversation: the newest-first walk down
+            # the conversation ids starts at the last conversation begun before the range
+            # ended (an hour's leeway for clocks), not at the newest of all
+            where.append(m.conversation_id <= select(func.max(Conversation.id)).where(
+                Conversation.created_at < end + timedelta(hours=1)).scalar_subquery())
         stmt = select(m.conversation_id).where(*where).group_by(m.conversation_id)
         if filters.channel:
             stmt = stmt.join(Conversation, Conversation.id == m.conversation_id).where(
@@ -304,14 +314,130 @@ async def answer_channel(session: AsyncSession, answer_id: int) -> str | None:
 
 # ---- quality ----
 
+# The quality page counts answers and votes per day from a roll-up (model QualityDay): one
+# row per closed UTC day, computed once and recomputed when stale, plus a live count of the
+# days not yet closed. A day is closed once it ended ROLLUP_MARGIN ago; a change stamped
+# within ROLLUP_MARGIN of a computation is looked at again (writes commit well within it).
+# A closed day is stale when a vote on one of its answers changed since it was computed
+# (feedback.updated_at), after any forget or retention deletion, and (one day per request)
+# when computed more than ROLLUP_MAX_AGE ago, which bounds how long a write made outside
+# storage's functions stays unseen.
+ROLLUP_MARGIN = timedelta(minutes=10)
+ROLLUP_MAX_AGE = timedelta(hours=6)
 
 
-def _day(session: AsyncSession, column: Any) -> Any:
-    return func.date(column)  # SQLite and PostgreSQL both have date()
+def _utc_day(session: AsyncSession, column: Any) -> Any:
+    if _postgres(session):
+        return func.date(func.timezone("UTC", column))
+    return func.date(column)  # SQLite stores naive UTC
 
 
 def _as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value)[:10])
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """One day's answers of one channel, adapter (None: the base model), status and failure
+    kind (failed answers only), with the 👍 and 👎 on them."""
+
+    channel: str
+    adapter: str | None
+    status: str | None
+    error_kind: str | None
+    answers: int
+    up: int
+    down: int
+
+
+async def _count(session: AsyncSession, start: datetime, end: datetime | None
+                 ) -> dict[date, list[Count]]:
+    """Count the answers created in [start, end) per UTC day: one pass over the answers by
+    time (the partial index), each answer's channel and votes looked up by key."""
+    m = Message
+    if _postgres(session):  # hundreds of thousands of cheap lookups estimated: JIT only costs
+        await session.execute(text("SET LOCAL jit = off"))
+
+    def votes(rating: int) -> Any:
+        return (select(func.count()).where(Feedback.answer_id == m.id,
+                                           Feedback.rating == rating).scalar_subquery())
+
+    where = [m.role == Role.ASSISTANT, m.created_at >= start]
+    if end is not None:
+        where.append(m.created_at < end)
+    answers = (select(_utc_day(session, m.created_at).label("day"),
+                      select(Conversation.channel).where(Conversation.id == m.conversation_id)
+                      .scalar_subquery().label("channel"),
+                      m.adapter.label("adapter"), m.status.label("status"),
+                      case((m.status == AnswerStatus.FAILED, m.error_kind)).label("kind"),
+                      votes(1).label("up"), votes(-1).label("down"))
+               .where(*where).subquery())
+    a = answers.c
+    keys = (a.day, a.channel, a.adapter, a.status, a.kind)
+    stmt = select(*keys, func.count(), func.sum(a.up), func.sum(a.down)).group_by(*keys)
+    out: dict[date, list[Count]] = defaultdict(list)
+    for d, channel, adapter, status, kind, n, up, down in (await session.execute(stmt)).all():
+        out[_as_date(d)].append(Count(channel or "", adapter, status, kind, int(n),
+                                      int(up or 0), int(down or 0)))
+    return out
+
+
+async def _stale_days(session: AsyncSession, stored: dict[date, QualityDay], now: datetime
+                      ) -> set[date]:
+    computed = {d: _aware(row.computed_at) for d, row in stored.items()}
+    if not computed:
+        return set()
+    stale: set[date] = set()
+    since = min(computed.values()) - ROLLUP_MARGIN
+    day = _utc_day(session, Message.created_at)
+    first, last = min(computed), max(computed)
+    changed = (select(day, func.max(Feedback.updated_at))
+               .join(Message, Message.id == Feedback.answer_id)
+               .where(Feedback.updated_at >= since,
+                      Message.created_at >= _day_start(first),
+                      Message.created_at < _day_start(last) + timedelta(days=1))
+               .group_by(day))
+    for d, at in (await session.execute(changed)).all():
+        d = _as_date(d)
+        if d in computed and _aware(at) >= computed[d] - ROLLUP_MARGIN:
+            stale.add(d)
+    erased = (await session.execute(select(func.max(AuditLog.at)).where(
+        AuditLog.action.in_(ERASURES), AuditLog.at >= since))).scalar()
+    if erased is not None:
+        stale.update(d for d, at in computed.items() if _aware(erased) >= at - ROLLUP_MARGIN)
+    aged = sorted((at, d) for d, at in computed.items()
+                  if d not in stale and now - at > ROLLUP_MAX_AGE)
+    stale.update(d for _, d in aged[:1])
+    return stale
+
+
+async def quality_counts(session: AsyncSession, *, first: date, now: datetime | None = None
+                         ) -> dict[date, list[Count]]:
+    """Answers and votes per day from `first` (UTC) to now: closed days from the roll-up
+    (stale or missing ones recomputed and stored, committed), the rest counted live."""
+    now = now or utcnow()
+    live = (now - ROLLUP_MARGIN).date()
+    stored = {_as_date(row.day): row for row in (await session.execute(
+        select(QualityDay).where(QualityDay.day >= first, QualityDay.day < live))).scalars()}
+    closed = {first + timedelta(days=i) for i in range(max(0, (live - first).days))}
+    stale = (closed - set(stored)) | await _stale_days(session, stored, now)
+    counts = {d: [Count(*c) for c in row.counts] for d, row in stored.items()
+              if d not in stale}
+    if stale:
+        fresh = await _count(session, _day_start(min(stale)),
+                             _day_start(max(stale)) + timedelta(days=1))
+        for d in stale:
+            counts[d] = fresh.get(d, [])
+        try:
+            await session.execute(delete(QualityDay).where(QualityDay.day.in_(stale)))
+            session.add_all(QualityDay(day=d, computed_at=now,
+                                       counts=[list(astuple(c)) for c in counts[d]])
+                            for d in stale)
+            await session.commit()
+        except IntegrityError:  # another gateway stored the same days meanwhile
+            await session.rollback()
+    counts.update(await _count(session, _day_start(max(live, first)), None))
+    return counts
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,27 +448,21 @@ class DayRating:
     down: int
 
 
-async def ratings_by_day(session: AsyncSession, *, since: datetime
-                         ) -> tuple[list[DayRating], list[DayRating]]:
+def ratings_by_day(counts: dict[date, list[Count]]
+                   ) -> tuple[list[DayRating], list[DayRating]]:
     """👍 and 👎 per day of the answer: (per adapter, "base" for the base model; per
-    channel), from one grouped query."""
-    answer = Message
-    day = _day(session, answer.created_at)
-    stmt = (select(day, answer.adapter, Conversation.channel,
-                   func.sum(case((Feedback.rating == 1, 1), else_=0)),
-                   func.sum(case((Feedback.rating == -1, 1), else_=0)))
-            .select_from(Feedback).join(answer, answer.id == Feedback.answer_id)
-            .join(Conversation, Conversation.id == answer.conversation_id)
-            .where(answer.created_at >= since, Feedback.rating.is_not(None))
-            .group_by(day, answer.adapter, Conversation.channel))
+    channel); only keys with votes that day."""
     by: tuple[dict[tuple[date, str], list[int]], ...] = (defaultdict(lambda: [0, 0]),
                                                           defaultdict(lambda: [0, 0]))
-    for d, adapter, channel, up, down in (await session.execute(stmt)).all():
-        for table, key in zip(by, ("base" if adapter is None else adapter, channel),
-                              strict=True):
-            counts = table[(_as_date(d), key)]
-            counts[0] += int(up or 0)
-            counts[1] += int(down or 0)
+    for d, rows in counts.items():
+        for c in rows:
+            if not c.up + c.down:
+                continue
+            for table, key in zip(by, ("base" if c.adapter is None else c.adapter, c.channel),
+                                  strict=True):
+                votes = table[(d, key)]
+                votes[0] += c.up
+                votes[1] += c.down
     return tuple([DayRating(d, k, u, n) for (d, k), (u, n) in sorted(table.items())]
                  for table in by)  # type: ignore[return-value]
 
@@ -354,21 +474,17 @@ class Volume:
     failed: int
 
 
-async def answer_volume(session: AsyncSession, *, since: datetime
-                        ) -> tuple[list[Volume], dict[str, int]]:
-    """Answers (and failed ones) per day, and failures by kind, from one grouped scan."""
-    day = _day(session, Message.created_at)
-    stmt = (select(day, Message.status, Message.error_kind, func.count())
-            .where(Message.created_at >= since, Message.role == Role.ASSISTANT)
-            .group_by(day, Message.status, Message.error_kind))
+def answer_volume(counts: dict[date, list[Count]]) -> tuple[list[Volume], dict[str, int]]:
+    """Answers (and failed ones) per day with any, and failures by kind."""
     per_day: dict[date, list[int]] = defaultdict(lambda: [0, 0])
     kinds: dict[str, int] = defaultdict(int)
-    for d, status, kind, n in (await session.execute(stmt)).all():
-        counts = per_day[_as_date(d)]
-        counts[0] += int(n)
-        if status == AnswerStatus.FAILED:
-            counts[1] += int(n)
-            kinds[kind or "unknown"] += int(n)
+    for d, rows in counts.items():
+        for c in rows:
+            day = per_day[d]
+            day[0] += c.answers
+            if c.status == AnswerStatus.FAILED:
+                day[1] += c.answers
+                kinds[c.error_kind or "unknown"] += c.answers
     return [Volume(d, a, f) for d, (a, f) in sorted(per_day.items())], dict(kinds)
 
 

@@ -7,10 +7,10 @@ Keyword-only functions taking the session (or, on the turn path, a plain connect
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import Interval, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -79,6 +79,15 @@ _BEGIN_TURN_PG = (
     insert(events)
     .from_select([*_EVENT_COLUMNS, "message_id"],
                  select(*bound_values(events, "e_", _EVENT_COLUMNS).values(), _question.c.id))
+    .returning(events.c.id, events.c.message_id)
+)
+# the same with the lease's end by the database's clock (`e_lease_for`: an interval)
+_EVENT_VALUES = {**bound_values(events, "e_", _EVENT_COLUMNS),
+                 "lease_until": func.now() + bindparam("e_lease_for", type_=Interval())}
+_BEGIN_TURN_PG_DB_CLOCK = (
+    insert(events)
+    .from_select([*_EVENT_COLUMNS, "message_id"],
+                 select(*_EVENT_VALUES.values(), _question.c.id))
     .returning(events.c.id, events.c.message_id)
 )
 _answer = (insert(_messages).values(bound_values(_messages, "a_", _ANSWER_COLUMNS))
@@ -154,13 +163,16 @@ async def begin_turn(
     payload: dict[str, Any] | None = None,
     owner: str | None = None,
     lease_until: datetime | None = None,
+    lease_s: float | None = None,
 ) -> TurnStart | None:
     """Record the inbound event and the question in one transaction; None if already seen.
 
-    `owner` holds the event until `lease_until` (renewed while the turn runs); no other
-    process resumes it before that.
+    `owner` holds the event until `lease_until`, or with `lease_s` for that long by the
+    database's clock (renewed while the turn runs); no other process resumes it before that.
     """
     now = utcnow()
+    if lease_s is not None:
+        lease_until = now + timedelta(seconds=lease_s)
     question = dict(conversation_id=conversation_id, role=Role.USER, text=text,
                     author_id=author_id, external_message_id=external_message_id, created_at=now)
     event = dict(channel=channel, external_event_id=event_id, payload=payload,
@@ -168,8 +180,11 @@ async def begin_turn(
                  lease_until=lease_until)
     try:
         if is_postgres(session):
-            row = (await session.execute(_BEGIN_TURN_PG, {**prefixed("q_", question),
-                                                          **prefixed("e_", event)})).one()
+            values = {**prefixed("q_", question), **prefixed("e_", event)}
+            if lease_s is not None:
+                values["e_lease_for"] = timedelta(seconds=lease_s)
+            row = (await session.execute(
+                _BEGIN_TURN_PG if lease_s is None else _BEGIN_TURN_PG_DB_CLOCK, values)).one()
             question_id, event_row = row.message_id, row.id
         else:
             question_id = (await session.execute(_INSERT_MESSAGE, question)).scalar_one()

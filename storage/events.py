@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import EventStatus, InboundEvent, utcnow
-from storage.sql import Executor, upsert
+from storage.sql import Executor, is_postgres, upsert
 
 events = InboundEvent.__table__  # type: ignore[attr-defined]
 INSERT_EVENT = insert(events).returning(events.c.id)
@@ -42,23 +42,35 @@ async def pending_events(session: AsyncSession, *, channel: str) -> list[Inbound
     """Events whose turn never finished or whose answer was never delivered, and that no live
     process holds (no lease, or an expired one): to resume, after `claim_event`."""
     stmt = (select(InboundEvent).where(InboundEvent.channel == channel,
-                                       InboundEvent.status.in_(OPEN), _free())
+                                       InboundEvent.status.in_(OPEN), _free(session))
             .order_by(InboundEvent.id))
     return list((await session.execute(stmt)).scalars())
 
 
-def _free() -> Any:
+def db_now(session: Executor) -> Any:
+    """Now by the database's clock on PostgreSQL (replicas' clocks may differ; the leases
+    they compare must not), by this host's on SQLite (one host)."""
+    return func.now() if is_postgres(session) else utcnow()
+
+
+def lease_end(session: Executor, lease_s: float) -> Any:
+    return db_now(session) + timedelta(seconds=lease_s)
+
+
+def _free(session: Executor) -> Any:
     """No process holds the event: no lease, or one that has run out."""
-    return or_(events.c.lease_until.is_(None), events.c.lease_until < utcnow())
+    return or_(events.c.lease_until.is_(None), events.c.lease_until < db_now(session))
 
 
 async def claim_event(session: AsyncSession, *, event_id: int, owner: str,
-                      lease_until: datetime) -> bool:
-    """Take an open event that no live process holds (counting the attempt); False if another
-    took it first."""
+                      lease_s: float) -> bool:
+    """Take an open event that no live process holds (counting the attempt), for `lease_s`
+    by the database's clock; False if another took it first."""
     result = await session.execute(
-        update(events).where(events.c.id == event_id, events.c.status.in_(OPEN), _free())
-        .values(owner=owner, lease_until=lease_until, attempts=events.c.attempts + 1))
+        update(events).where(events.c.id == event_id, events.c.status.in_(OPEN),
+                             _free(session))
+        .values(owner=owner, lease_until=lease_end(session, lease_s),
+                attempts=events.c.attempts + 1))
     await session.commit()
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -70,12 +82,16 @@ async def note_shown(session: AsyncSession, *, event_id: int, ref: str) -> None:
 
 
 async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], owner: str,
-                       lease_until: datetime | None) -> int:
-    """Extend (or, with None, give up) `owner`'s leases on these events; returns how many."""
+                       lease_s: float | None) -> set[int]:
+    """Extend by `lease_s` from the database's now (or, with None, give up) the leases on
+    these events that `owner` still holds; returns their ids. One missing was taken over by
+    another process (this one stalled past its lease): its turn must stop."""
     if not event_ids:
-        return 0
+        return set()
     result = await session.execute(
         update(events).where(events.c.id.in_(list(event_ids)), events.c.owner == owner)
-        .values(lease_until=lease_until))
+        .values(lease_until=None if lease_s is None else lease_end(session, lease_s))
+        .returning(events.c.id))
+    renewed = {int(i) for i in result.scalars()}
     await session.commit()
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return renewed

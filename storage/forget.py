@@ -8,7 +8,9 @@ Each is one transaction with its audit entry. What is deleted:
   (payload, and the link to the message: the event row stays as the idempotency record,
   marked done); and as an actor in the audit log they become their salted hash. Their
   salted hash is kept (storage.privacy), so later datasets and exports leave them out.
-- a conversation: everything in it, the same way.
+  The hand-offs they asked for, with every message relayed in them, and the messages
+  they relayed in any other (as an agent).
+- a conversation: everything in it, the same way (its hand-offs too).
 - retention: every message older than the cutoff with the answers to it, the same way, and
   conversations left empty.
 
@@ -31,6 +33,8 @@ from storage.models import (
     Conversation,
     EventStatus,
     Feedback,
+    Handoff,
+    HandoffMessage,
     InboundEvent,
     Message,
     Role,
@@ -73,6 +77,9 @@ async def forget_identity(session: AsyncSession, *, identity: str, actor: str) -
     erased.counts = await _erase(session, ids, whole)
     erased.counts["feedback"] += await _count(session, delete(Feedback)
                                               .where(Feedback.voter_id == identity))
+    erased.counts.update(await _erase_handoffs(
+        session, (Handoff.user_id == identity) | Handoff.conversation_id.in_(whole),
+        author=identity))
     if entries := await memory.erase(session, identity=identity):  # their answer memory
         erased.counts["memory_entries"] = entries
     await session.execute(privacy.mark_forgotten(session, h))
@@ -93,6 +100,8 @@ async def forget_conversation(session: AsyncSession, *, conversation_id: int,
     erased = Erased(conversations={conversation_id})
     ids = await _messages_of(session, {conversation_id})
     erased.counts = await _erase(session, ids, {conversation_id})
+    erased.counts.update(await _erase_handoffs(
+        session, Handoff.conversation_id == conversation_id))
     if entries := await memory.erase(session):  # entries of corrections deleted with it
         erased.counts["memory_entries"] = entries
     audit.record(session, actor=actor, action=audit.Action.FORGET,
@@ -158,6 +167,19 @@ async def _erase(session: AsyncSession, ids: set[int], conversations: set[int]
         counts["conversations"] += await _count(session, delete(Conversation)
                                                 .where(Conversation.id.in_(part)))
     return counts
+
+
+async def _erase_handoffs(session: AsyncSession, where: ColumnElement[bool], *,
+                          author: str | None = None) -> dict[str, int]:
+    """Delete the hand-offs `where` selects with every message relayed in them (both ways),
+    and the relayed messages `author` wrote in any other (an agent who is forgotten)."""
+    handoffs = set((await session.execute(select(Handoff.id).where(where))).scalars())
+    mine = HandoffMessage.handoff_id.in_(handoffs)
+    if author is not None:
+        mine = mine | (HandoffMessage.author_id == author)
+    counts = {"handoff_messages": await _count(session, delete(HandoffMessage).where(mine)),
+              "handoffs": await _count(session, delete(Handoff).where(Handoff.id.in_(handoffs)))}
+    return {k: n for k, n in counts.items() if n}  # counted where there were any
 
 
 async def _count(session: AsyncSession, stmt: Any) -> int:

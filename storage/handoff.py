@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from storage import feedback as feedback_store
 from storage.events import record_event
 from storage.models import (
+    Conversation,
     Feedback,
     Handoff,
     HandoffMessage,
@@ -59,6 +60,15 @@ async def open_in(session: AsyncSession, *, conversation_id: int | None, channel
     stmt = (select(Handoff).where(Handoff.status.in_(OPEN), where)
             .order_by((Handoff.conversation_id == (conversation_id or 0)).desc(),
                       Handoff.id.desc()).limit(1))
+    return (await session.execute(stmt.execution_options(populate_existing=True))).scalar()
+
+
+async def latest_in(session: AsyncSession, *, channel: str, chat_id: str, user_id: str
+                    ) -> Handoff | None:
+    """The newest hand-off of this user in this chat, open or not (the web chat's poll)."""
+    stmt = (select(Handoff).where(Handoff.channel == channel, Handoff.chat_id == chat_id,
+                                  Handoff.user_id == user_id)
+            .order_by(Handoff.id.desc()).limit(1))
     return (await session.execute(stmt.execution_options(populate_existing=True))).scalar()
 
 
@@ -232,6 +242,21 @@ async def agent_wrote(session: AsyncSession, *, handoff: Handoff, agent_id: str,
                           .values(feedback_id=fid))
     await session.commit()
     return fid
+
+
+async def downvotes(session: AsyncSession, *, answer_id: int, voter_id: str
+                    ) -> tuple[Conversation, int] | None:
+    """The conversation of the answer, and how many of its answers `voter_id` has voted 👎."""
+    conv = (await session.execute(select(Conversation).join(
+        Message, Message.conversation_id == Conversation.id).where(
+        Message.id == answer_id))).scalar()
+    if conv is None:
+        return None
+    n = (await session.execute(select(func.count()).select_from(Feedback).join(
+        Message, Message.id == Feedback.answer_id).where(
+        Message.conversation_id == conv.id, Feedback.voter_id == voter_id,
+        Feedback.rating < 0))).scalar()
+    return conv, int(n or 0)
 
 
 async def claim_idle(session: AsyncSession, *, channel: str, idle_s: float

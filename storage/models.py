@@ -5,7 +5,7 @@ Schema changes only through alembic revisions (storage/migrations).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -126,6 +126,11 @@ class Message(SQLModel, table=True):
 # the console's text search (lower(text) LIKE '%words%'): trigrams, PostgreSQL only (0008)
 Index("ix_message_text_trgm", text("lower(text) gin_trgm_ops"), postgresql_using="gin",
       _table=Message.__table__).ddl_if(dialect="postgresql")  # type: ignore[attr-defined]
+# the console's quality page: answers by time, covering on PostgreSQL (0008)
+Index("ix_message_answer_created_at", Message.__table__.c.created_at,  # type: ignore[attr-defined]
+      postgresql_include=["id", "conversation_id", "adapter", "status", "error_kind", "ttft_ms",
+                          "latency_ms"],
+      postgresql_where=text("role = 'assistant'"), sqlite_where=text("role = 'assistant'"))
 
 
 class InboundEvent(SQLModel, table=True):
@@ -163,7 +168,7 @@ class Feedback(SQLModel, table=True):
     trusted: bool = False
     review_status: str | None = Field(default=None, max_length=16, index=True)  # the queue
     created_at: datetime = _ts(nullable=False)
-    updated_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False, index=True)  # the quality roll-up's staleness
     # bumped by every change (vote, correction, review decision): runs consume revisions
     revision: int = Field(default=1, sa_column=Column(Integer, nullable=False,
                                                       server_default="1"))
@@ -290,6 +295,17 @@ class Operator(SQLModel, table=True):
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
     last_login_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True))
+
+
+class QualityDay(SQLModel, table=True):
+    """The console's quality roll-up of one closed UTC day (storage.console): its answers and
+    votes counted per channel, adapter, status and failure kind; a cache, recomputed when
+    stale."""
+
+    day: date = Field(primary_key=True)
+    computed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # [[channel, adapter, status, failure kind, answers, up, down], ...]
+    counts: list[Any] = Field(sa_column=Column(JSON, nullable=False))
 
 
 class OperatorSession(SQLModel, table=True):

@@ -71,13 +71,26 @@ async def finish_run(
     register: AdapterVersion | None = None,
 ) -> None:
     """Close the run with its outcome (the values given; None leaves a column as it is) and,
-    in the same transaction, add the adapter version it `register`s; commits."""
+    in the same transaction, add the adapter version it `register`s; commits.
+
+    Only a run still `running` is finished: one another run failed meanwhile (it stopped
+    heartbeating) raises RunLost, and nothing is written (its adapter is not registered)."""
     if register is not None:
         session.add(register)
     values = dict(error=error, metrics=metrics, dataset_hash=dataset_hash)
-    await _set(session, run_id, status=status, finished_at=utcnow(),
-               **{k: v for k, v in values.items() if v is not None})
+    done = await session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status == RunStatus.RUNNING)
+        .values(status=status, finished_at=utcnow(),
+                **{k: v for k, v in values.items() if v is not None}))
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        raise RunLost(f"training run {run_id} is no longer running")
     await session.commit()
+
+
+class RunLost(RuntimeError):
+    """The run was closed by someone else (failed as stale) before it finished."""
 
 
 async def _set(session: AsyncSession, run_id: int, **values: Any) -> None:

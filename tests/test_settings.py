@@ -47,6 +47,9 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_MAX_RETRIES", "5", "inference.max_retries", 5),
     ("CHATLOOP_MAX_LORA_RANK", "64", "inference.max_lora_rank", 64),
     ("CHATLOOP_ADAPTER", "fb-v3", "inference.adapter", "fb-v3"),
+    ("CHATLOOP_EMBEDDED_PRECISION", "auto", "inference.embedded_precision", "auto"),
+    ("CHATLOOP_EMBEDDED_MAX_BATCH", "8", "inference.embedded_max_batch", 8),
+    ("CHATLOOP_EMBEDDED_MAX_KV_TOKENS", "4096", "inference.embedded_max_kv_tokens", 4096),
     ("CHATLOOP_SYSTEM_PROMPT", "Be brief.", "core.system_prompt", "Be brief."),
     ("CHATLOOP_CONTEXT_TOKENS", "4096", "core.context_tokens", 4096),
     ("CHATLOOP_MAX_TOKENS", "100", "core.max_tokens", 100),
@@ -133,6 +136,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
      "https://help.example.com/new"),
     ("CHATLOOP_HANDOFF_EXPECTED_WAIT", "an hour", "handoff.expected_wait", "an hour"),
     ("CHATLOOP_LEARN_DPO_MIN_PAIRS", "3", "learn.dpo_min_pairs", 3),
+    ("CHATLOOP_LEARN_HELDOUT_VOTES_PERCENT", "30", "learn.heldout_votes_percent", 30),
 ]
 
 
@@ -325,3 +329,10 @@ def test_reviewers_are_telegram_or_slack_identities(monkeypatch: pytest.MonkeyPa
         Settings(_env_file=None)
     assert describe_error(bad.value).startswith("CHATLOOP_REVIEWERS: ")
     assert why in describe_error(bad.value)
+
+
+def test_the_dpo_step_and_the_votes_split_reach_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATLOOP_LEARN_DPO_MIN_PAIRS", "3")
+    monkeypatch.setenv("CHATLOOP_LEARN_HELDOUT_VOTES_PERCENT", "30")
+    cfg = loop_config(Settings(_env_file=None))
+    assert cfg.train.dpo_min_pairs == 3 and cfg.dataset.heldout_votes_percent == 30

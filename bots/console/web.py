@@ -6,6 +6,7 @@ and correct; promoting, rolling back, forgetting people and managing operators n
 admin (403 otherwise). Every action is audited with the operator's identity (`console:NAME`).
 """
 
+import hashlib
 import json
 import logging
 import mimetypes
@@ -23,8 +24,10 @@ from bots.console.auth import Auth, Who
 from bots.console.charts import bar_chart, legend, line_chart
 from bots.console.curves import loss_curves
 from bots.console.ops import Operations
+from bots.core.handoff import HandoffDesk, HandoffPolicy
 from storage import adapters, audit, operators, runs
 from storage import console as store
+from storage import handoff as handoff_store
 from storage.feedback import UnknownAnswer, record_correction
 from storage.models import AdapterStatus, Feedback, Message, TrainingRun
 
@@ -278,10 +281,11 @@ def router(auth: Auth, sessions: async_sessionmaker[AsyncSession], ops: Operatio
         since = datetime(first.year, first.month, first.day, tzinfo=UTC)
         labels = [(first + timedelta(days=i)) for i in range(days)]
         async with sessions() as s:
-            by_adapter, by_channel = await store.ratings_by_day(s, since=since)
-            volume, failures = await store.answer_volume(s, since=since)
+            counts = await store.quality_counts(s, first=first)
             ttft, latency = await store.percentiles(s, Message.ttft_ms, Message.latency_ms,
                                                     since=since)
+        by_adapter, by_channel = store.ratings_by_day(counts)
+        volume, failures = store.answer_volume(counts)
         return dict(days=days, labels=labels, by_adapter=by_adapter, by_channel=by_channel,
                     volume=volume, failures=failures, ttft=ttft, latency=latency)
 
@@ -316,8 +320,12 @@ def router(auth: Auth, sessions: async_sessionmaker[AsyncSession], ops: Operatio
         charts["volume"] = dict(svg=bar_chart(xs, answers, stacked=failed, width=1100,
                                               height=200, label="answers per day"))
         canary = await ops.canary()
+        async with sessions() as s:  # answers after which the user asked for a person
+            handoffs = await handoff_store.rates(
+                s, since=datetime.now(UTC) - timedelta(days=data["days"]))
         return await page(request, who, "quality.html", d=data, charts=charts, canary=canary,
-                          total_answers=int(sum(answers)), total_failed=int(sum(failed)))
+                          total_answers=int(sum(answers)), total_failed=int(sum(failed)),
+                          handoffs={a or "base model": r for a, r in handoffs.items()})
 
     # ---- training ----
 
@@ -405,6 +413,63 @@ def router(auth: Auth, sessions: async_sessionmaker[AsyncSession], ops: Operatio
                             target=f"adapter:{removed}", detail={"active": active})
         return back(f"{PREFIX}/training",
                     f"rolled back {removed}; active: {active or 'base model'}")
+
+    # ---- the inbox: web chat conversations handed to a person ----
+
+    # an operator is a trusted agent: their reply to the bot's last answer is an approved pair
+    desk = HandoffDesk(sessions, HandoffPolicy(channels=frozenset({"web"})),
+                       trusted=lambda _: True)
+
+    @r.get("/inbox")
+    async def inbox(request: Request, *, who: Signed) -> Response:
+        return await page(request, who, "inbox.html", handoffs=await desk.inbox(["web"]))
+
+    async def _web_handoff(handoff_id: int) -> Any:
+        found = await desk.find(handoff_id)
+        if found is None or found.channel != "web":
+            raise HTTPException(404, "no such web hand-off")
+        return found
+
+    @r.get("/inbox/{handoff_id}")
+    async def inbox_thread(request: Request, handoff_id: int, *, who: Signed) -> Response:
+        h = await _web_handoff(handoff_id)
+        return await page(request, who, "inbox_thread.html", h=h,
+                          transcript=await desk.transcript(h, limit=20),
+                          relayed=await desk.messages(handoff_id))
+
+    @r.post("/inbox/{handoff_id}/reply")
+    async def inbox_reply(handoff_id: int, posted: Posted) -> Response:
+        who, form = posted
+        text = form.get("text", "").replace("\r\n", "\n").strip()
+        if not text:
+            raise HTTPException(400, "a reply needs text")
+        await _web_handoff(handoff_id)
+        # one delivery per rendered form (its CSRF token and the messages it showed): a
+        # form sent twice relays once
+        form_id = hashlib.sha256(f"{form.get('csrf')}:{form.get('nonce')}".encode()).hexdigest()
+        sent = await desk.agent_message(handoff_id, agent=who.identity, name=who.name,
+                                        text=text, delivery=("console",
+                                                             f"inbox:{handoff_id}:{form_id[:32]}"))
+        return back(f"{PREFIX}/inbox/{handoff_id}",
+                    "sent: the chat shows it" if sent else "not sent: handed back already")
+
+    @r.post("/inbox/{handoff_id}/done")
+    async def inbox_done(handoff_id: int, posted: Posted) -> Response:
+        who, _ = posted
+        await _web_handoff(handoff_id)
+        done = await desk.hand_back(handoff_id, by=who.identity)
+        return back(f"{PREFIX}/inbox", f"hand-off #{handoff_id} "
+                    + ("handed back to the bot" if done else "was handed back already"))
+
+    # ---- the answer memory (approved answers sent as they are or quoted in prompts) ----
+
+    @r.get("/memory")
+    async def memory_page(request: Request, *, who: Signed) -> Response:
+        from storage import memory as answer_memory
+
+        async with sessions() as s:
+            entries = await answer_memory.entries(s)
+        return await page(request, who, "memory.html", entries=entries)
 
     # ---- people (forget) and operators: admins ----
 

@@ -13,6 +13,7 @@ platform payloads to core calls and render core results to platform calls.
 """
 
 from bots.core.conversation import HELP_TEXT, ConversationCore
+from bots.core.faults import unavailable
 from bots.core.recovery import MAX_RESUMES
 from bots.core.turns import APOLOGIES, APOLOGY
 from bots.core.types import (
@@ -38,5 +39,5 @@ __all__ = [
     "APOLOGIES", "APOLOGY", "HELP_TEXT", "MAX_RESUMES", "Accepted", "ConversationCore",
     "CoreLimits", "FeedbackResult", "InboundMessage", "Outcome", "PRIVATE_CHANNELS", "ReplySink",
     "Resumed", "Router", "SinkFor", "StaticRouter", "TurnResult", "UnknownAnswer", "channel_of",
-    "default_owner", "identity",
+    "default_owner", "identity", "unavailable",
 ]

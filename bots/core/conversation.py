@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Collection
 
@@ -60,11 +62,12 @@ class ConversationCore:
         self._limits = limits
         self._rate = RateLimiter(per_minute=limits.rate_limit_per_minute)
         self._conversation_locks = KeyedLocks()
-        self._turns = Turns(engine=self._engine, sessions=sessions, backend=backend,
-                            router=router or StaticRouter(), fitter=fitter,
-                            system_prompt=system_prompt, limits=limits, memory=memory)
         self._leases = Leases(sessions, owner=owner or default_owner(),
                               lease_s=limits.event_lease_s)
+        self._turns = Turns(engine=self._engine, sessions=sessions, backend=backend,
+                            router=router or StaticRouter(), fitter=fitter,
+                            system_prompt=system_prompt, limits=limits, memory=memory,
+                            leases=self._leases)
         self._recovery = Recovery(sessions=sessions, turns=self._turns, leases=self._leases)
         self._feedback = FeedbackDesk(sessions, reviewers=reviewers)
         self.handoff = HandoffDesk(sessions, handoff or HandoffPolicy(),
@@ -124,7 +127,7 @@ class ConversationCore:
                 f"That message is too long ({len(text)} characters; the limit is "
                 f"{self._limits.max_input_chars}). Please shorten it.",
             )
-        if not self._rate.allow(msg.author):
+        if not await self._rate.allow(msg.author):
             return await self._reject(
                 msg, sink, "You are sending messages too quickly. Please wait a minute."
             )
@@ -134,14 +137,20 @@ class ConversationCore:
             held = await self.handoff.intercept(msg, text)
             if held is not None:
                 return held
-        async with self._engine.connect() as s:
-            conv = await conversations.current_conversation(
-                s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id)
-            turn = await conversations.begin_turn(
-                s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
-                text=text, author_id=msg.author, external_message_id=msg.message_id,
-                payload=payload.dump(msg), owner=self.owner, lease_until=self._leases.until(),
-            )
+        try:
+            async with self._engine.connect() as s:
+                conv = await conversations.current_conversation(
+                    s, channel=msg.channel, chat_id=msg.chat_id, thread_id=msg.thread_id)
+                turn = await conversations.begin_turn(
+                    s, channel=msg.channel, event_id=msg.event_id, conversation_id=conv,
+                    text=text, author_id=msg.author, external_message_id=msg.message_id,
+                    payload=payload.dump(msg), owner=self.owner,
+                    lease_s=self._leases.lease_s,
+                )
+        except BaseException:  # not recorded: the platform's redelivery must not count twice
+            with contextlib.suppress(Exception):
+                await self._rate.refund(msg.author)
+            raise
         if turn is None:
             log.info("duplicate %s event %s ignored", msg.channel, msg.event_id)
             return TurnResult(Outcome.DUPLICATE)
@@ -155,6 +164,7 @@ class ConversationCore:
         async with self._leases.holding(accepted.turn.event_id), \
                 self._conversation_locks.hold(accepted.key):
             return await self._turns.run(accepted.turn, accepted.question, sink)
+        return TurnResult(Outcome.DUPLICATE)  # the lease was lost: another process answers it
 
     async def abandon(self, accepted: Accepted, why: str) -> None:
         """Close a turn nobody waits for any more (its answer task was cancelled first): the
@@ -208,11 +218,16 @@ class ConversationCore:
         platform delivery too (one transaction). UnknownAnswer unless the answer is one this
         voter may rate (bots.core.feedback). `operator`: the channel authenticated the voter
         as one of its operators (trusted like a reviewer)."""
-        return await self._feedback.vote(answer_id=answer_id, voter_id=voter_id, rating=rating,
-                                         source=source,
-                                         reason=clean_text(reason) if reason else reason,
-                                         delivery=_delivery(source, event_id),
-                                         operator=operator)
+        result = await self._feedback.vote(answer_id=answer_id, voter_id=voter_id,
+                                           rating=rating, source=source,
+                                           reason=clean_text(reason) if reason else reason,
+                                           delivery=_delivery(source, event_id),
+                                           operator=operator)
+        if rating < 0 and result.first_delivery:  # CHATLOOP_HANDOFF_AFTER_DOWNVOTES
+            handoff = await self.handoff.after_downvote(answer_id=answer_id, voter_id=voter_id)
+            if handoff is not None:
+                result = dataclasses.replace(result, handoff=handoff)
+        return result
 
     @hooks.feedback("correction")
     async def correct(self, *, answer_id: int, voter_id: str, text: str, source: str,

@@ -176,6 +176,27 @@ class HandoffDesk:
         await sink.notice(self.requested_text() if new else ALREADY)
         return TurnResult(Outcome.ESCALATED, handoff=view(row, new=new))
 
+    async def after_downvote(self, *, answer_id: int, voter_id: str) -> HandoffView | None:
+        """`policy.after_downvotes` 👎 of one user in a conversation ask for a person: the new
+        hand-off (the channel tells the user and posts the escalation), else None."""
+        if self.policy.after_downvotes <= 0:
+            return None
+        async with self._sessions() as s:
+            found = await store.downvotes(s, answer_id=answer_id, voter_id=voter_id)
+            if found is None or found[1] < self.policy.after_downvotes or not self.serves(
+                    found[0].channel):
+                return None
+            conv = found[0]
+            row, new = await store.request(
+                s, conversation_id=conv.id or 0, channel=conv.channel,
+                chat_id=conv.external_chat_id, thread_id=conv.external_thread_id,
+                user_id=voter_id, reason="downvotes")
+        if not new:
+            return None
+        metrics.HANDOFFS.labels(conv.channel, "downvotes", row.adapter or "base").inc()
+        log.info("hand-off %s requested in conversation %s (downvotes)", row.id, conv.id)
+        return view(row, new=True)
+
     async def intercept(self, msg: InboundMessage, text: str) -> TurnResult | None:
         """A message in a conversation a person holds or waits for: stored to be relayed to
         the agents (RELAYED), or, from the agent holding it (Slack: in the user's own
@@ -255,6 +276,7 @@ class HandoffDesk:
     async def _agent_wrote(self, s: AsyncSession, row: Handoff, agent: str, name: str,
                            text: str, delivery: tuple[str, str], *, visible: bool
                            ) -> Relay | None:
+        found = view(row)  # as it is now: the commits below may expire the row
         stored = await store.add_message(s, handoff_id=row.id or 0, direction="out",
                                          author_id=agent, text=text, delivery=delivery)
         if stored is None:
@@ -265,7 +287,7 @@ class HandoffDesk:
                                     trusted=self._trusted(agent))
         if visible:  # written where the user reads it: nothing to relay
             await store.mark_message(s, message_id=message_id)
-        return Relay(view(row), message_id, text, agent)
+        return Relay(found, message_id, text, agent)
 
     async def delivered(self, message_id: int, *, error: str | None = None) -> None:
         """A relayed message arrived (or failed for good: `error`, e.g. `telegram:blocked`)."""
@@ -286,6 +308,27 @@ class HandoffDesk:
                 return []
             left = await store.undelivered(s, handoff_id=handoff_id, direction=direction)
         return [Relay(view(row), m.id or 0, m.text, m.author_id) for m in left]
+
+    async def outbox(self, *, channel: str, chat_id: str, user: str
+                     ) -> tuple[HandoffView | None, list[Relay]]:
+        """For a channel that polls (the web chat): the user's newest hand-off in the chat and
+        the agents' messages not yet shown, marked delivered as they are returned."""
+        async with self._sessions() as s:
+            row = await store.latest_in(s, channel=channel, chat_id=chat_id, user_id=user)
+            if row is None or row.id is None:
+                return None, []
+            found = view(row)
+            left = [Relay(found, m.id or 0, m.text, m.author_id)
+                    for m in await store.undelivered(s, handoff_id=row.id, direction="out")]
+            for relay in left:
+                await store.mark_message(s, message_id=relay.message_id)
+        return found, left
+
+    async def messages(self, handoff_id: int) -> list[tuple[str, str, str]]:
+        """Every message relayed in the hand-off: (direction, author, text), in order."""
+        async with self._sessions() as s:
+            return [(m.direction, m.author_id, m.text)
+                    for m in await store.messages(s, handoff_id=handoff_id)]
 
     async def transcript(self, handoff: HandoffView, limit: int = 10) -> list[tuple[str, str]]:
         async with self._sessions() as s:

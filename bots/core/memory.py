@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 # rows committed out of order (a slow transaction, clocks of replicas apart) are still seen:
 # each refresh re-reads the ids changed within this window before the newest change seen
 OVERLAP = timedelta(seconds=5)
-BATCH_IN_THREAD = 256  # more entries than this are embedded and indexed in a worker thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,10 +121,9 @@ class AnswerMemory:
         live = [r for r in rows if r.id not in set(gone)]
         docs = [Doc(r.id, r.question, r.answer) for r in live]
         vectors, fresh = self._stored_vectors(live)
-        if len(live) > BATCH_IN_THREAD:
-            await asyncio.to_thread(self._index, gone, docs, vectors, fresh)
-        else:
-            self._index(gone, docs, vectors, fresh)
+        # in a worker thread: a segment merge with many entries takes a while, and searches
+        # (on the event loop) never wait for the index's writer
+        await asyncio.to_thread(self._index, gone, docs, vectors, fresh)
         for i in gone:
             st.docs.pop(i, None)
         st.docs.update({d.id: d for d in docs})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from bots.core.leases import Leases
 from bots.core.memory import AnswerMemory, Recall, Reference
 from bots.core.types import CoreLimits, Outcome, ReplySink, Router, TurnResult
 from chatloop.telemetry import hooks
@@ -51,7 +52,9 @@ class Turns:
     def __init__(self, *, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession],
                  backend: InferenceBackend, router: Router, fitter: PromptFitter,
                  system_prompt: str, limits: CoreLimits,
-                 memory: AnswerMemory | None = None) -> None:
+                 memory: AnswerMemory | None = None, leases: Leases | None = None) -> None:
+        """`leases`: storing and delivering confirm this process still holds the turn's event
+        (LeaseLost if not), so a process that stalled past its lease answers nothing twice."""
         # the turn path (history, store, deliver) runs on plain connections: an ORM
         # session's set-up and bookkeeping cost more than its few statements
         self._engine, self._sessions = engine, sessions
@@ -59,6 +62,7 @@ class Turns:
         self._fitter, self._system_prompt, self._limits = fitter, system_prompt, limits
         self._generations = asyncio.Semaphore(limits.max_concurrent_generations)
         self.memory = memory
+        self._leases = leases
 
     @hooks.running
     async def run(self, turn: TurnStart, question: str, sink: ReplySink) -> TurnResult:
@@ -137,6 +141,8 @@ class Turns:
     async def deliver(self, turn: TurnStart, answer_id: int, text: str, sink: ReplySink,
                       adapter: str | None, *, memory_entry_id: int | None = None) -> TurnResult:
         """Show a stored answer, then close its event (a crash before that re-delivers it)."""
+        if self._leases is not None:
+            await self._leases.confirm(turn.event_id)
         external_id = await sink.finish(text, answer_id)
         async with self._engine.connect() as s:
             await conversations.mark_delivered(s, turn=turn, answer_id=answer_id,
@@ -185,6 +191,8 @@ class Turns:
 
     async def _store(self, turn: TurnStart, text: str, status: AnswerStatus,
                      meta: AnswerMeta) -> int:
+        if self._leases is not None:
+            await self._leases.confirm(turn.event_id)
         async with self._engine.connect() as s:
             return await conversations.finish_turn(s, turn=turn, text=text, status=status,
                                                    meta=meta)

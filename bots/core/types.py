@@ -187,6 +187,9 @@ class FeedbackResult:
     trusted: bool
     review_status: str | None
     first_delivery: bool
+    # CHATLOOP_HANDOFF_AFTER_DOWNVOTES: this 👎 asked for a person (the channel tells the user
+    # and posts the escalation)
+    handoff: HandoffView | None = None
 
 
 @dataclass(frozen=True, slots=True)

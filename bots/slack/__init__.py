@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 from slack_bolt.async_app import AsyncApp
 
+from bots.limits import shared_buckets
 from bots.slack.api import SlackApi, make_client
 from bots.slack.channel import SlackChannel
 from bots.slack.pacing import Pacer, Pacing
@@ -36,7 +38,9 @@ def build_channel(settings: SlackSettings, *, core: ConversationCore,
     secret = s.signing_secret.get_secret_value() if s.signing_secret else ""
     app = AsyncApp(client=client, signing_secret=secret, process_before_response=True,
                    request_verification_enabled=app_token is None)
-    pacing = Pacing(edits=Pacer(per_minute=s.updates_per_minute),
+    workspace = hashlib.sha256(s.bot_token.get_secret_value().encode()).hexdigest()[:16]
+    pacing = Pacing(edits=Pacer(per_minute=s.updates_per_minute, buckets=shared_buckets(),
+                                workspace=workspace),  # one bot token per workspace
                     interval_s=s.update_interval_s, streaming=s.streaming,
                     message_chars=s.message_chars)
     return SlackChannel(core=core, app=app, api=SlackApi(client), pacing=pacing,

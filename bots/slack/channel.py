@@ -219,11 +219,13 @@ class SlackChannel:
             return
         rating = 1 if body["actions"][0].get("action_id") == render.VOTE_UP else -1
         try:
-            await self._core.vote(answer_id=click.answer_id, voter_id=click.voter_id,
-                                  rating=rating, source=CHANNEL)
+            stored = await self._core.vote(answer_id=click.answer_id, voter_id=click.voter_id,
+                                           rating=rating, source=CHANNEL)
         except UnknownAnswer:
             log.warning("slack: vote on unknown answer %s", click.answer_id)
             return
+        if stored.handoff is not None and self._handoff is not None:  # N 👎: a person
+            self._spawn(self._handoff.after_vote(stored.handoff))
         self._spawn(self._quietly(self._api.update(
             channel=click.channel_id, ts=click.message_ts, text=click.message.get("text", ""),
             blocks=render.revote_blocks(click.message, click.answer_id, rating))))

@@ -57,6 +57,11 @@ class SlackHandoff:
         elif result.relay is not None:
             await self.relay_in(result.relay)
 
+    async def after_vote(self, h: HandoffView) -> None:
+        """A 👎 too many asked for a person: tell the user, post the escalation."""
+        await self._tell_user(h, self._desk.requested_text())
+        await self.escalate(h)
+
     async def escalate(self, h: HandoffView) -> bool:
         transcript = await self._desk.transcript(h)
         try:

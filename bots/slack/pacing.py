@@ -3,31 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 
+from bots.limits import Buckets, LocalBuckets
 from bots.slack.render import MESSAGE_CHARS
 
 
 class Pacer:
-    """A workspace-wide token bucket for progress edits (chat.update is ~50/min per workspace)."""
+    """A workspace-wide token bucket for progress edits (chat.update is ~50/min per workspace),
+    in `buckets`: replicas share it through Redis (`bots.limits.shared_buckets`)."""
 
-    def __init__(self, *, per_minute: int) -> None:
+    def __init__(self, *, per_minute: int, buckets: Buckets | None = None,
+                 workspace: str = "workspace") -> None:
         self._rate = per_minute / 60.0
         self._burst = max(1.0, per_minute / 5)
-        self._tokens, self._last = self._burst, time.monotonic()
+        self._buckets = buckets or LocalBuckets()
+        self._key = f"slack:{workspace}:edits"
 
     async def take(self, stop: asyncio.Event) -> bool:
         """Wait for a token; False if `stop` is set first (the answer is complete)."""
         while True:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            wait = await self._buckets.take(self._key, self._rate, self._burst)
+            if wait <= 0:
                 return True
             try:
-                await asyncio.wait_for(stop.wait(), (1.0 - self._tokens) / self._rate)
+                await asyncio.wait_for(stop.wait(), wait)
                 return False
             except TimeoutError:
                 continue

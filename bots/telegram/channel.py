@@ -20,6 +20,7 @@ from aiogram.types import BotCommand, Update, User
 from fastapi import APIRouter
 
 from bots.core import Accepted, ConversationCore, InboundMessage, ReplySink, Resumed
+from bots.limits import shared_buckets
 from bots.telegram import convert
 from bots.telegram.convert import CHANNEL, Action, Ask, Correct, StaleButton, TextOnly, Vote
 from bots.telegram.feedback import Feedback
@@ -70,7 +71,8 @@ class TelegramChannel:
                              "A-Z, a-z, 0-9, _ and -")
         self.core, self.bot, self.options = core, bot, options
         self.api = TelegramApi(bot, retry)
-        self._pacer = Pacer()
+        self._pacer = Pacer(buckets=shared_buckets(), bot=str(bot.id))
+        self.api.budget = self._pacer.send
         self._intake = Lanes()  # recording: accept a question, store a vote or a correction
         self._answers = Lanes()  # generating and streaming answers
         self._inflight: dict[int, asyncio.Future[None]] = {}
@@ -202,7 +204,10 @@ class TelegramChannel:
             if bridge is not None and (accepted.relay is not None or accepted.handoff):
                 return lambda: bridge.after_turn(accepted)
         elif isinstance(action, Vote):
-            await self._feedback.vote(action)
+            handoff = await self._feedback.vote(action)
+            bridge = self._handoff
+            if handoff is not None and bridge is not None:  # N 👎: a person is asked for
+                return lambda: bridge.after_vote(handoff)
         elif isinstance(action, Correct):
             await self._feedback.correct(action, self._sink(action.where))
         elif isinstance(action, TextOnly):

@@ -11,6 +11,7 @@ import logging
 from aiogram.types import User
 
 from bots.core import ConversationCore, ReplySink, UnknownAnswer
+from bots.core.types import HandoffView
 from bots.telegram.convert import CHANNEL, Correct, Vote, correction_prompt
 from bots.telegram.outbound import DeliveryError, Target, TelegramApi
 
@@ -28,14 +29,15 @@ class Feedback:
         """Record a delivery that starts no turn; False if it was seen before."""
         return await self._core.record_delivery(CHANNEL, str(update_id))
 
-    async def vote(self, vote: Vote) -> None:
+    async def vote(self, vote: Vote) -> HandoffView | None:
+        """Store the vote; a hand-off it opened (CHATLOOP_HANDOFF_AFTER_DOWNVOTES), if any."""
         toast = THANKS_UP if vote.rating > 0 else THANKS_DOWN
-        fresh = False
+        fresh, handoff = False, None
         try:
             stored = await self._core.vote(answer_id=vote.answer_id, voter_id=vote.voter_id,
                                            rating=vote.rating, source=CHANNEL,
                                            event_id=str(vote.update_id))
-            fresh = stored.first_delivery
+            fresh, handoff = stored.first_delivery, stored.handoff
         except UnknownAnswer:
             toast = GONE
         finally:  # the button spins until answered, whatever happened
@@ -47,6 +49,7 @@ class Feedback:
                                           quote=True)
             except DeliveryError as exc:
                 log.warning("correction prompt for answer %s not sent: %s", vote.answer_id, exc)
+        return handoff
 
     async def correct(self, fix: Correct, sink: ReplySink) -> None:
         text = fix.text.strip()

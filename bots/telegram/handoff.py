@@ -96,6 +96,11 @@ class TelegramHandoff:
         elif result.relay is not None:
             await self.relay_in(result.relay)
 
+    async def after_vote(self, handoff: HandoffView) -> None:
+        """A 👎 too many asked for a person: tell the user, post the escalation."""
+        await self._tell_user(handoff, self._desk.requested_text())
+        await self.escalate(handoff)
+
     async def escalate(self, handoff: HandoffView) -> bool:
         """Create the hand-off's topic, post the conversation so far and what the user wrote
         meanwhile; False if the agents' group cannot be reached (stored on the hand-off)."""

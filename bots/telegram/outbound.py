@@ -179,6 +179,15 @@ class TelegramApi:
         self.bot = bot
         self.policy = policy or RetryPolicy()
         self._moved: dict[int, int] = {}  # groups upgraded to supergroups: old id -> new id
+        # awaited before every message, edit and draft (each attempt): the bot's send budget
+        self.budget: Callable[[], Awaitable[None]] | None = None
+
+    def _budgeted(self, op: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[T]]:
+        async def run() -> T:
+            if self.budget is not None:
+                await self.budget()
+            return await op()
+        return run
 
     async def put(self, where: Target, text: str, *, keyboard: InlineKeyboardMarkup | None = None,
                   edit: int | None = None, formatted: bool = True, quote: bool = False,
@@ -220,9 +229,9 @@ class TelegramApi:
                       policy: RetryPolicy) -> int:
         if edit is not None:
             try:
-                await call(lambda: self.bot.edit_message_text(
+                await call(self._budgeted(lambda: self.bot.edit_message_text(
                     text=text, chat_id=where.chat_id, message_id=edit, parse_mode=parse_mode,
-                    reply_markup=keyboard, link_preview_options=NO_PREVIEW), policy)
+                    reply_markup=keyboard, link_preview_options=NO_PREVIEW)), policy)
                 return edit
             except NotModified:
                 return edit
@@ -230,18 +239,18 @@ class TelegramApi:
                 log.info("message %s in chat %s is gone: sending anew", edit, where.chat_id)
         reply = (ReplyParameters(message_id=where.reply_to, allow_sending_without_reply=True)
                  if quote and where.reply_to is not None else None)
-        sent = await call(lambda: self.bot.send_message(
+        sent = await call(self._budgeted(lambda: self.bot.send_message(
             chat_id=where.chat_id, text=text, message_thread_id=where.thread_id,
             parse_mode=parse_mode, reply_markup=keyboard, reply_parameters=reply,
-            link_preview_options=NO_PREVIEW), policy)
+            link_preview_options=NO_PREVIEW)), policy)
         return sent.message_id
 
     async def draft(self, where: Target, draft_id: int, text: str) -> None:
         """One streaming preview in a private chat (sendMessageDraft); a single attempt."""
         where = self._current(where)
-        await call(lambda: self.bot.send_message_draft(
+        await call(self._budgeted(lambda: self.bot.send_message_draft(
             chat_id=where.chat_id, draft_id=draft_id, text=text,
-            message_thread_id=where.thread_id, parse_mode=None), _ONCE)
+            message_thread_id=where.thread_id, parse_mode=None)), _ONCE)
 
     async def send_plain(self, where: Target, text: str, *, quote: bool) -> int:
         return await self._put(where, text, None, None, None, quote, self.policy)

@@ -4,6 +4,9 @@ aiogram's `start_polling` moves the offset past an update as soon as it is dispa
 crash loses it (RELIABILITY.md §1). Here the offset only moves past a contiguous prefix of
 updates whose turn (or vote, or correction) is stored. Later updates may already be running;
 Telegram redelivers the unconfirmed ones, and those we already hold are not run twice.
+An update that could not be recorded because the database was away stays unconfirmed for as
+long as that lasts (polled again with a growing pause); only one failing for other reasons
+three times is dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from aiogram import Bot
 from aiogram.exceptions import AiogramError, TelegramUnauthorizedError
 from aiogram.types import Update
 
+from bots.core import unavailable
 from bots.telegram.convert import UPDATE_TYPES
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,7 @@ class Confirmations:
         self._failures: dict[int, int] = {}
         self._max_failures = max_failures
         self.offset: int | None = None
+        self.stalled = False  # the first unconfirmed update failed: wait before polling again
 
     def __contains__(self, update_id: int) -> bool:
         return update_id in self._pending
@@ -39,15 +44,29 @@ class Confirmations:
     def unrecorded(self) -> list[asyncio.Future[None]]:
         return [f for f in self._pending.values() if not f.done()]
 
+    def _forget_failed(self) -> None:
+        """Later updates that failed to record too are submitted again by the next poll."""
+        for update_id, recorded in list(self._pending.items()):
+            if recorded.done() and recorded.exception() is not None:
+                del self._pending[update_id]
+
     def advance(self) -> int | None:
         """Move the offset past every leading recorded update; return the new offset."""
+        self.stalled = False
         for update_id in sorted(self._pending):
             recorded = self._pending[update_id]
             if not recorded.done():
                 break
             error = recorded.exception()
             del self._pending[update_id]
+            if error is not None and unavailable(error):  # not the update's fault: keep it
+                log.warning("update %s not recorded (database unavailable), will retry: %s",
+                            update_id, error)
+                self.stalled = True
+                self._forget_failed()
+                break
             if error is not None:
+                self.stalled = True
                 tries = self._failures[update_id] = self._failures.get(update_id, 0) + 1
                 if tries < self._max_failures:  # leave it unconfirmed: the next poll retries it
                     log.warning("update %s failed (%s), will retry: %s", update_id, tries, error)
@@ -63,6 +82,7 @@ async def poll_forever(bot: Bot, submit: Callable[[Update], asyncio.Future[None]
     """getUpdates in a loop; `submit` starts an update and resolves once it is recorded."""
     seen = Confirmations()
     backoff = 1.0
+    stall = settle_s  # pause before polling again while recording fails
     while True:
         waiting = bool(seen.unrecorded())
         try:
@@ -84,3 +104,8 @@ async def poll_forever(bot: Bot, submit: Callable[[Update], asyncio.Future[None]
         if unrecorded := seen.unrecorded():
             await asyncio.wait(unrecorded, timeout=settle_s)
         seen.advance()
+        if seen.stalled:
+            await asyncio.sleep(stall)
+            stall = min(max(stall * 2, 0.1), 5.0)
+        else:
+            stall = settle_s

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from aiogram.types import InlineKeyboardMarkup
 
+from bots.limits import Buckets, LocalBuckets, wait_for_token
 from bots.telegram.convert import vote_keyboard
 from bots.telegram.outbound import (
     ChatUnreachable,
@@ -31,20 +32,35 @@ log = logging.getLogger(__name__)
 
 
 class Pacer:
-    """The earliest time each chat may get its next streaming call."""
+    """The bot's send budget (`per_second` messages, bursts of `burst`: Telegram allows about
+    30 a second in all, counted on arrival, so this leaves room for network jitter) and one
+    streaming call per interval per chat. Token buckets in `buckets`, which replicas share
+    through Redis (`bots.limits.shared_buckets`); flood-control holds (a 429's retry_after)
+    stay in this process."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *,
+                 buckets: Buckets | None = None, bot: str = "bot", per_second: float = 20.0,
+                 burst: float = 5.0) -> None:
         self._clock = clock
         self._next: dict[int, float] = {}
+        self._buckets = buckets or LocalBuckets(clock=clock)
+        self._bot, self._per_second, self._burst = bot, per_second, burst
 
     def wait_time(self, chat_id: int) -> float:
+        """How long a flood-control hold keeps this chat silent."""
         return max(0.0, self._next.get(chat_id, 0.0) - self._clock())
 
-    def take(self, chat_id: int, interval: float) -> None:
-        now = self._clock()
-        if len(self._next) > 10_000:  # forget chats that are free again
-            self._next = {k: v for k, v in self._next.items() if v > now}
-        self._next[chat_id] = now + interval
+    async def slot(self, chat_id: int, interval: float) -> float:
+        """Take this chat's streaming slot: 0.0, or the seconds until one is free."""
+        held = self.wait_time(chat_id)
+        if held > 0:
+            return held
+        return await self._buckets.take(f"tg:{self._bot}:chat:{chat_id}", 1.0 / interval, 1.0)
+
+    async def send(self) -> None:
+        """Wait for a token of the bot's send budget (every message, edit and draft)."""
+        await wait_for_token(self._buckets, f"tg:{self._bot}:sends", self._per_second,
+                             self._burst)
 
     def hold(self, chat_id: int, seconds: float) -> None:
         """Flood control: no streaming call to this chat for `seconds`."""
@@ -78,11 +94,11 @@ class _Stream:
         await asyncio.sleep(self._first_after)
         while not self._closing:
             await self._dirty.wait()
-            await asyncio.sleep(self._pacer.wait_time(self._chat))
-            if self._pacer.wait_time(self._chat) > 0:
-                continue  # another reply in this chat took the slot meanwhile
+            wait = await self._pacer.slot(self._chat, self._interval)
+            if wait > 0:  # another reply in this chat (on any replica) has the slot
+                await asyncio.sleep(wait)
+                continue
             self._dirty.clear()
-            self._pacer.take(self._chat, self._interval)
             self._busy = True
             try:
                 await self._push(self._latest)

@@ -148,6 +148,9 @@ def review(
         typer.echo(f"#{p.feedback_id} by {p.voter_id}\n  Q: {p.question}\n  A: {p.answer}\n"
                    f"  suggested: {p.correction}")
     typer.echo(f"{len(pending)} pending")
+    from chatloop.cli.memory import show_voted_down
+
+    show_voted_down()  # answer-memory entries disabled by trusted 👎
 
 
 @feedback_app.command("export")

@@ -192,6 +192,26 @@ def export() -> None:
                                "up": e.up, "down": e.down}, ensure_ascii=False))
 
 
+def show_voted_down() -> None:
+    """For `chatloop review`: the entries that trusted 👎 votes disabled (more 👎 than 👍
+    from distinct trusted voters), to fix and import again, or to enable."""
+    from storage import memory as store
+    from storage.models import MemoryStatus
+
+    async def main() -> list[store.EntryStats]:
+        async with database() as (_, sessions), sessions() as s:
+            return [e for e in await store.entries(s, status=MemoryStatus.DISABLED)
+                    if e.disabled_by == store.VOTES]
+
+    rows = run(main)
+    for e in rows:
+        typer.echo(f"memory entry {e.id} turned down by votes ({e.up} 👍, {e.down} 👎, used "
+                   f"{e.uses} times)\n  Q: {e.question}\n  A: {e.answer}")
+    if rows:
+        typer.echo(f"{len(rows)} memory entries turned down by votes (`chatloop memory "
+                   "enable ID` answers from one again)")
+
+
 def register(app: typer.Typer) -> None:
     """Add `chatloop memory` to the `chatloop` app."""
     app.add_typer(memory_app, name="memory")

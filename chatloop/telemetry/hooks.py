@@ -75,7 +75,7 @@ def accepting(fn: F) -> F:
         turn = getattr(result, "turn", None)
         if turn is None:
             if STATE.metrics:
-                m.TURNS.labels(msg.channel, _outcome(result)).inc()
+                m.child(m.TURNS, msg.channel, _outcome(result)).inc()
         elif STATE.tracer is not None:
             _received[turn.event_id] = (started, time.time_ns(), msg.channel)
             while len(_received) > _RECEIVED_MAX:
@@ -126,7 +126,7 @@ async def _evaluated(sessions: Any, kind: str, kwargs: dict[str, Any], result: A
     rating = {1: "up", -1: "down"}.get(result.rating, "none")
     channel = str(kwargs.get("voter_id", "")).partition(":")[0] or "unknown"
     if STATE.metrics:
-        m.FEEDBACK.labels(channel, kind, rating, adapter).inc()
+        m.child(m.FEEDBACK, channel, kind, rating, adapter).inc()
     if STATE.tracer is None or answer.reply_to_id is None:
         return
     attrs = {"gen_ai.evaluation.name": f"user_{kind}", "gen_ai.response.id": str(answer.id),
@@ -185,8 +185,9 @@ def running(fn: F) -> F:
         info.turn_id, info.conversation_id = turn.question_id, turn.conversation_id
         info.run_started_ns, info.prompt_done = time.time_ns(), False
         started = time.perf_counter()
-        gauge = m.TURNS_IN_FLIGHT.labels(info.channel)
-        gauge.inc()
+        gauge = m.child(m.TURNS_IN_FLIGHT, info.channel) if STATE.metrics else None
+        if gauge is not None:
+            gauge.inc()
         try:
             with _current(info):
                 result = await fn(self, turn, question, sink, *args, **kwargs)
@@ -194,7 +195,8 @@ def running(fn: F) -> F:
             _count_turn(info.channel, "cancelled")
             raise
         finally:
-            gauge.dec()
+            if gauge is not None:
+                gauge.dec()
         _count_turn(info.channel, _outcome(result))
         # one line per turn: ids, outcome and timing, never the text
         log.info("turn %s %s in %.0f ms (%s)", turn.question_id, _outcome(result),
@@ -213,7 +215,7 @@ def running(fn: F) -> F:
 
 def _count_turn(channel: str, outcome: str) -> None:
     if STATE.metrics:
-        m.TURNS.labels(channel, outcome).inc()
+        m.child(m.TURNS, channel, outcome).inc()
 
 
 def generating(fn: F) -> F:
@@ -267,14 +269,14 @@ def _inference_done(span: Any, model: str, progress: Any, done: Any, error: str,
     used = progress.adapter or model
     labels = ("chat", used, progress.adapter or "base")
     if STATE.metrics:
-        m.OPERATION_DURATION.labels(*labels, error).observe(time.perf_counter() - started)
+        m.child(m.OPERATION_DURATION, *labels, error).observe(time.perf_counter() - started)
         if progress.ttft_ms is not None:
             first = progress.started + progress.ttft_ms / 1000 - started
-            m.TIME_TO_FIRST_CHUNK.labels(*labels).observe(max(first, 0.0))
+            m.child(m.TIME_TO_FIRST_CHUNK, *labels).observe(max(first, 0.0))
         if done is not None:
             for kind, n in (("input", done.prompt_tokens), ("output", done.completion_tokens)):
                 if n is not None:
-                    m.TOKEN_USAGE.labels(*labels, kind).observe(n)
+                    m.child(m.TOKEN_USAGE, *labels, kind).observe(n)
     if span is None:
         return
     span.set_attributes({"gen_ai.response.model": used,
@@ -346,6 +348,12 @@ def canary_evaluated(fn: F) -> F:
             if votes is not None and outcome.canary:
                 m.CANARY_VOTES.labels(outcome.canary, arm, "down").set(votes.down)
                 m.CANARY_VOTES.labels(outcome.canary, arm, "up").set(votes.n - votes.down)
+        m.CANARY_HANDOFFS.clear()
+        for arm, handed in (("canary", outcome.canary_handoffs),
+                            ("control", outcome.control_handoffs)):
+            if handed is not None and outcome.canary:
+                m.CANARY_HANDOFFS.labels(outcome.canary, arm, "answers").set(handed.n)
+                m.CANARY_HANDOFFS.labels(outcome.canary, arm, "handoffs").set(handed.down)
         return outcome
     return evaluate  # type: ignore[return-value]
 

@@ -1,7 +1,8 @@
 """Log lines as text (the demo's default) or one JSON object per line (CHATLOOP_LOG_FORMAT=json).
 
 A JSON line written while a task works on a turn carries its turn id, conversation id,
-channel, adapter, trace id and span id (from `tracing.CURRENT` and the current span). What
+channel, adapter, trace id and span id (from `tracing.CURRENT` and the current span; without
+spans, the ids the turn's root span has, derived from the turn id). What
 people wrote and the answers are never logged at INFO: the code logs ids, kinds and counts.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 
-from chatloop.telemetry.tracing import CURRENT
+from chatloop.telemetry.tracing import CURRENT, STATE
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TURN_FIELDS = ("turn_id", "conversation_id", "channel", "adapter", "trace_id", "span_id")
@@ -32,10 +33,14 @@ class TurnContext(logging.Filter):
             record.turn_id = info.turn_id
             record.conversation_id = info.conversation_id
             record.adapter = info.adapter or "base"
-        ctx = trace.get_current_span().get_span_context()
-        if ctx.is_valid:
-            record.trace_id = format(ctx.trace_id, "032x")
-            record.span_id = format(ctx.span_id, "016x")
+        if STATE.tracer is not None:  # spans are made: the current one's ids
+            ctx = trace.get_current_span().get_span_context()
+            if ctx.is_valid:
+                record.trace_id = format(ctx.trace_id, "032x")
+                record.span_id = format(ctx.span_id, "016x")
+                return True
+        if info is not None and (ids := info.log_ids()) is not None:  # the turn's root's
+            record.trace_id, record.span_id = ids
         return True
 
 

@@ -74,6 +74,11 @@ CANARY_VOTES = Gauge(
     "chatloop_canary_votes", "Judged answers of the canary and of the active adapter (the "
     "control) at the last canary evaluation, by rating", ["adapter", "arm", "rating"],
     registry=REGISTRY)
+CANARY_HANDOFFS = Gauge(
+    "chatloop_canary_handoffs", "Answers of the canary and of the active adapter (the control) "
+    "at the last canary evaluation, and how many a hand-off to a person followed (the hand-off "
+    "rate the canary is judged by beside the 👎 rate)", ["adapter", "arm", "kind"],
+    registry=REGISTRY)
 CANARY_DECISIONS = Counter(
     "chatloop_canary_decisions", "Canary evaluations by decision (wait, promote, rollback)",
     ["decision"], registry=REGISTRY)
@@ -86,7 +91,20 @@ HANDOFFS = Counter(
 # the metric families every scrape shows (the dashboard and its test refer to these)
 FAMILIES = (TOKEN_USAGE, OPERATION_DURATION, TIME_TO_FIRST_CHUNK, TURNS, TURNS_IN_FLIGHT,
             FEEDBACK, PLATFORM_CALLS, EVENTS_RESUMED, EVENTS_GIVEN_UP, TRAINING_RUNS,
-            GATE_FAILURES, CANARY_VOTES, CANARY_DECISIONS)
+            GATE_FAILURES, CANARY_VOTES, CANARY_DECISIONS, CANARY_HANDOFFS)
+
+
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, kept: the per-turn metrics look their children up once (only
+    for metrics never `.clear()`ed, whose children stay registered)."""
+    try:
+        return _CHILDREN[(metric, labels)]
+    except KeyError:
+        found = _CHILDREN[(metric, labels)] = metric.labels(*labels)
+        return found
 
 
 def serve(*, host: str, port: int) -> Any:

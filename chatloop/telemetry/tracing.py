@@ -24,12 +24,15 @@ SCOPE = "chatloop"
 class State:
     metrics: bool = False
     tracer: trace.Tracer | None = None
+    # JSON log lines carry the turn's trace id: without a tracer (nothing exports spans) the
+    # ids are derived from the turn id alone, as the root span's would be, and no span is made
+    log_ids: bool = False
     provider: Any = None  # the SDK TracerProvider we made (flushed and shut down at exit)
     salt: bytes = b"chatloop"
 
     @property
     def active(self) -> bool:
-        return self.metrics or self.tracer is not None
+        return self.metrics or self.tracer is not None or self.log_ids
 
 
 STATE = State()
@@ -47,6 +50,17 @@ class TurnInfo:
     prompt_done: bool = False
     in_generate: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    ids: tuple[int, str, str] | None = None  # turn id, its trace id and root span id in hex
+
+    def log_ids(self) -> tuple[str, str] | None:
+        """The turn's trace id and root span id as log lines write them (None before the
+        question is recorded)."""
+        if self.turn_id is None:
+            return None
+        if self.ids is None or self.ids[0] != self.turn_id:
+            self.ids = (self.turn_id, format(turn_trace_id(self.turn_id), "032x"),
+                        format(turn_span_id(self.turn_id), "016x"))
+        return self.ids[1], self.ids[2]
 
 
 CURRENT: contextvars.ContextVar[TurnInfo | None] = contextvars.ContextVar(

@@ -34,7 +34,7 @@ def _run(connection: Connection) -> None:
 
 
 async def _run_async() -> None:
-    engine = make_engine(context.config.attributes["database_url"])
+    engine = make_engine(context.config.attributes["database_url"], command_timeout_s=None)
     async with engine.connect() as conn:
         await conn.run_sync(_run)
         await conn.commit()

@@ -149,6 +149,9 @@ class FakeTelegram:
         self.faults: list[Fault] = []
         self.webhook: dict[str, Any] | None = None
         self.webhook_statuses: list[int] = []
+        # Telegram retries a webhook delivery answered non-2xx, backing off; it gives up after
+        # "a reasonable amount of attempts" (a fault test raises these to outlast an outage)
+        self.webhook_attempts, self.webhook_retry_s = 5, 0.2
         self.commands: list[dict[str, Any]] = []
         self.answered_callbacks: dict[str, str | None] = {}
         # forum topics (T8): chat id -> thread id -> {"name", "icon_color", "closed"}
@@ -554,7 +557,7 @@ class FakeTelegram:
         async with httpx.AsyncClient(timeout=60) as client:
             while True:
                 update = await self._outbox.get()
-                for _attempt in range(5):
+                for _attempt in range(self.webhook_attempts):
                     if self.webhook is None:
                         break
                     headers = ({"X-Telegram-Bot-Api-Secret-Token": self.webhook["secret"]}
@@ -567,7 +570,7 @@ class FakeTelegram:
                     self.webhook_statuses.append(status)
                     if 200 <= status < 300:
                         break
-                    await asyncio.sleep(0.2)
+                    await asyncio.sleep(self.webhook_retry_s)
 
     # ---- control API for a fake in another process (benchmarks) ---------------------------------
     async def _load(self, request: Request) -> JSONResponse:

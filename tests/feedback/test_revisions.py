@@ -237,6 +237,7 @@ async def test_a_run_with_nothing_to_judge_a_candidate_on_is_skipped(
                   gate=GatePolicy(rephrasings=False))
     run = await cycle(sessions, cfg)
     assert (run.status, run.reasons) == (
-        "skipped", ("0 held-out corrections in the new feedback (the gate needs 1)",))
+        "skipped", ("0 held-out corrections in the new feedback (the gate needs 1, or 4 "
+                    "held-out votes liked and disliked; 0)",))
     assert not (tmp_path / "runs/run-1").exists()
     assert (await should_train(sessions, cfg))[0] is False

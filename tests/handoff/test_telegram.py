@@ -159,3 +159,26 @@ async def test_idle_hand_off_returns_to_the_bot_and_a_long_wait_is_apologised_fo
     late = [t for t in _texts(bot.fake, 42) if "help.example.com/t" in t]
     assert len(late) == 1
     del chat
+
+
+async def test_two_downvotes_in_a_conversation_ask_for_a_person(start_desk) -> None:  # type: ignore[no-untyped-def]
+    """CHATLOOP_HANDOFF_AFTER_DOWNVOTES=2: the second 👎 of the user in the conversation
+    escalates (the user is told when, a topic opens with the conversation so far)."""
+    bot = await start_desk(after_downvotes=2)
+    chat = bot.fake.private(42, "Ann")
+    for n, question in enumerate(("When are you open?", "And on Sundays?"), 1):
+        bot.fake.say(chat, question)
+        answers = await eventually(lambda n=n: len(bot.fake.answers(42)) >= n
+                                   and bot.fake.answers(42))
+        keyboard = answers[n - 1]["reply_markup"]["inline_keyboard"]
+        answer_id = keyboard[0][0]["callback_data"].split(":")[1]
+        bot.fake.press(answers[n - 1], f"v:{answer_id}:d")
+        await settled(bot.sessions, Feedback, lambda fs, n=n: len(fs) == n)
+        if n == 1:  # one 👎: the bot keeps answering
+            assert not await rows(bot.sessions, Handoff)
+    await eventually(lambda: any("asked for a person" in t for t in _texts(bot.fake, 42)))
+    [thread] = await eventually(lambda: bot.fake.topics.get(AGENTS))
+    posted = await eventually(lambda: _texts(bot.fake, AGENTS, thread))
+    assert "downvotes" in posted[0] and "And on Sundays?" in posted[0]
+    [h] = await rows(bot.sessions, Handoff)
+    assert h.reason == "downvotes" and h.user_id == "telegram:42" and h.status == "waiting"

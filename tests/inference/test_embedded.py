@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from inference.base import ChatMessage, Finished, GenerationRequest, TextDelta
 from inference.embedded import EmbeddedBackend
-from inference.errors import AdapterNotFound, AdapterRejected
+from inference.errors import AdapterNotFound, AdapterRejected, ContextTooLong
 from tests.fakes.lora import make_lora_adapter
 
 pytestmark = pytest.mark.slow
@@ -26,6 +27,14 @@ def engine(model_dir: Path) -> EmbeddedBackend:
 @pytest.fixture(scope="module")
 def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_lora_adapter(model_dir, tmp_path_factory.mktemp("lora"), rank=8, seed=1)
+
+
+async def until(check: Callable[[], bool], within: float = 120.0) -> None:
+    """Wait for a condition of the engine's thread (polled: it has no asyncio events)."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 async def collect(engine: EmbeddedBackend, request: GenerationRequest) -> tuple[str, Finished, int]:
@@ -97,3 +106,103 @@ async def test_adapter_rank_over_the_limit_is_rejected_before_loading(
     small_limit = EmbeddedBackend(str(model_dir), max_lora_rank=16)
     with pytest.raises(AdapterRejected, match="greater than"):
         await small_limit.load_adapter("big", str(big))
+
+
+PROMPTS = ["What is the capital of France?", "Name three colours.", "How do I return an item?",
+           "What are your opening hours?", "Say hello in Spanish.", "What is two plus two?"]
+
+
+def ask(i: int, adapter: str | None, max_tokens: int = 10) -> GenerationRequest:
+    return GenerationRequest([ChatMessage("user", PROMPTS[i % len(PROMPTS)])], max_tokens,
+                             adapter=adapter)
+
+
+async def test_a_batch_of_mixed_adapters_gives_each_row_its_solo_greedy_output(
+    engine: EmbeddedBackend, adapter_dir: Path, model_dir: Path, tmp_path: Path
+) -> None:
+    other = make_lora_adapter(model_dir, tmp_path, rank=4, seed=3)
+    await engine.load_adapter("mix-a", str(adapter_dir))
+    await engine.load_adapter("mix-b", str(other))
+    try:
+        requests = [ask(i, [None, "mix-a", "mix-b"][i % 3]) for i in range(6)]
+        solo = [await collect(engine, r) for r in requests]
+        assert len({t for t, _, _ in solo[:3]}) == 3  # base and both adapters really differ
+        steps = engine.engine.steps
+        # all at once, then one more joining a running batch between two decoding steps
+        first = [asyncio.create_task(collect(engine, r)) for r in requests]
+        await until(lambda: engine.engine.steps > steps)
+        late = await collect(engine, requests[4])
+        together = await asyncio.gather(*first)
+        assert engine.engine.peak_rows > 1  # rows really shared forward passes
+        assert [t[0] for t in together] == [s[0] for s in solo]
+        assert [t[1] for t in together] == [s[1] for s in solo]  # same finish and counts
+        assert late[0] == solo[4][0]
+    finally:
+        await engine.unload_adapter("mix-a")
+        await engine.unload_adapter("mix-b")
+
+
+async def test_cancelling_one_stream_leaves_the_others_untouched(engine: EmbeddedBackend) -> None:
+    requests = [ask(i, None, max_tokens=12) for i in range(3)]
+    solo = [(await collect(engine, r))[0] for r in requests]
+
+    async def abandon() -> str:
+        stream = engine.stream(ask(1, None, max_tokens=12))
+        first = await anext(stream)
+        await stream.aclose()  # the client went away after one delta
+        assert isinstance(first, TextDelta)
+        return first.text
+
+    results = await asyncio.gather(collect(engine, requests[0]), abandon(),
+                                   collect(engine, requests[2]))
+    assert (results[0][0], results[2][0]) == (solo[0], solo[2])
+    assert solo[1].startswith(results[1])
+    await until(lambda: engine.engine.active_rows() == 0)
+    assert engine.engine.active_rows() == 0  # the abandoned row left and freed its cache
+
+
+async def test_rows_and_kv_tokens_are_capped_and_the_rest_queue(model_dir: Path) -> None:
+    capped = EmbeddedBackend(str(model_dir), max_batch=3, max_kv_tokens=110)
+    try:
+        requests = [ask(i, None, max_tokens=10) for i in range(6)]  # about 47 tokens each
+        solo = [(await collect(capped, r))[0] for r in requests]
+        together = await asyncio.gather(*[collect(capped, r) for r in requests])
+        assert [t[0] for t in together] == solo
+        assert capped.engine.peak_rows == 2  # the KV cap binds: two rows' caches fit, not three
+        assert capped.engine.peak_kv_tokens <= 110
+        capped.engine.max_kv_tokens = 10_000
+        together = await asyncio.gather(*[collect(capped, r) for r in requests])
+        assert [t[0] for t in together] == solo
+        assert capped.engine.peak_rows == 3  # now the row cap binds
+        with pytest.raises(ContextTooLong, match="KV cache"):
+            capped.engine.max_kv_tokens = 110
+            await collect(capped, ask(0, None, max_tokens=390))
+    finally:
+        await capped.aclose()
+
+
+async def test_unloading_an_adapter_fails_only_its_own_rows(
+    engine: EmbeddedBackend, adapter_dir: Path
+) -> None:
+    await engine.load_adapter("gone", str(adapter_dir))
+    base = ask(0, None, max_tokens=12)
+    solo = (await collect(engine, base))[0]
+    doomed = asyncio.create_task(collect(engine, ask(0, "gone", max_tokens=200)))
+    kept = asyncio.create_task(collect(engine, base))
+    steps = engine.engine.steps
+    await until(lambda: engine.engine.steps >= steps + 2)
+    await engine.unload_adapter("gone")
+    with pytest.raises(AdapterNotFound):
+        await doomed
+    assert (await kept)[0] == solo
+
+
+def test_serving_precision_follows_the_training_rule() -> None:
+    import torch
+
+    from inference.batching import native_bf16, serving_dtype
+
+    assert serving_dtype("auto") == (torch.bfloat16 if native_bf16() else torch.float32)
+    assert serving_dtype("fp32") == torch.float32 and serving_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        serving_dtype("fp8")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.memory import Doc, HybridIndex, load_embedder, words
+from inference.memory import Doc, HybridIndex, load_embedder, recall_many, words
 
 COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
 
@@ -47,10 +47,29 @@ def test_entries_are_found_added_replaced_and_removed(embedder) -> None:  # type
     assert len(index) == 19
 
 
-def test_the_fresh_tier_merges_into_the_large_one(embedder) -> None:  # type: ignore[no-untyped-def]
+def test_sealed_segments_merge_and_stay_few(embedder) -> None:  # type: ignore[no-untyped-def]
     index = HybridIndex(embedder, fresh_limit=8)
-    for i in range(30):  # one at a time: fresh tier, merged every 9
+    for i in range(300):  # one at a time: sealed every 8, similar sizes merge
         index.upsert([Doc(i, f"question number {i} about widget{i}", f"answer {i}")])
-    assert len(index._large.slots) >= 27  # merged
+    sizes = [len(t.slots) for t in index._sealed]
+    assert sum(sizes) + len(index._fresh.slots) == 300
+    assert len(sizes) <= 8 and sizes == sorted(sizes, reverse=True)  # O(log n), older larger
+    index.remove([17])
+    index.upsert([Doc(17, "question about widget17 again", "answer 17 changed")])
+    for i in range(300, 340):  # merges drop the replaced slot
+        index.upsert([Doc(i, f"question number {i} about widget{i}", f"answer {i}")])
     hit = index.search("widget17")[0]
     assert hit.id == 17 and hit.lexical > 0
+    assert index.search("widget250")[0].id == 250 and len(index) == 340
+
+
+def test_recall_many_answers_verbatim_quotes_or_leaves_the_model_alone(embedder) -> None:  # type: ignore[no-untyped-def]
+    index = HybridIndex(embedder)
+    intents = COMPANY["intents"][:10]
+    index.upsert([Doc(i, it["questions"][0], it["answer"]) for i, it in enumerate(intents)])
+    [(verbatim, none), (_, quoted), (alone, nothing)] = recall_many(
+        index, [intents[0]["questions"][0], "returns", "Who invented the telephone?"],
+        answer_at=0.9, refer_at=0.45)
+    assert verbatim is not None and verbatim.answer == intents[0]["answer"] and none == []
+    assert quoted and quoted[0].answer == intents[0]["answer"]
+    assert (alone, nothing) == (None, [])

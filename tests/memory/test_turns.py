@@ -7,8 +7,10 @@ import asyncio
 import time
 
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from bots.core import Outcome
+from chatloop.cli import app
 from feedback import review
 from storage import memory as store
 from storage.forget import forget_identity
@@ -114,7 +116,8 @@ async def test_a_disabled_entry_is_no_longer_used(sessions, tokenizer, embedder)
     assert result.memory_entry_id is None
 
 
-async def test_trusted_thumbs_down_disable_a_memory_answer(sessions, tokenizer, embedder) -> None:  # type: ignore[no-untyped-def]
+async def test_trusted_thumbs_down_disable_a_memory_answer_and_review_shows_it(  # type: ignore[no-untyped-def]
+        sessions, db_url, tokenizer, embedder, monkeypatch, tmp_path) -> None:
     core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
     entry = await corrected(core, sessions)
     result, _ = await ask_until(core, PARAPHRASE, channel="telegram", user="333")
@@ -123,6 +126,12 @@ async def test_trusted_thumbs_down_disable_a_memory_answer(sessions, tokenizer, 
         stats = {e.id: e for e in await store.entries(s)}[entry]
     assert (stats.status, stats.disabled_by, stats.down, stats.uses) == (
         MemoryStatus.DISABLED, store.VOTES, 1, 1)
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("CHATLOOP_DATABASE_URL", db_url)
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["review"])
+    assert shown.exit_code == 0, shown.output
+    assert f"memory entry {entry} turned down by votes (0 👍, 1 👎" in shown.output
+    assert ANSWER in shown.output
 
 
 async def test_a_correction_approved_in_review_becomes_an_entry(sessions, tokenizer,  # type: ignore[no-untyped-def]

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from chatloop import telemetry
 from chatloop.telemetry.logs import configure_logging
-from chatloop.telemetry.tracing import turn_trace_id
+from chatloop.telemetry.tracing import STATE, turn_span_id, turn_trace_id
 from storage.models import Message
 from tests.telegram.conftest import eventually
 
@@ -56,3 +57,34 @@ async def test_a_turns_json_lines_carry_its_ids_and_no_text(
     text = json_lines.getvalue()
     assert QUESTION not in text and "4417" not in text
     assert stored.text not in text and answer["text"] not in text
+
+
+@pytest.fixture
+def ids_only() -> Iterator[None]:
+    """JSON logs and metrics with no tracer provider: what `chatloop serve` switches on with
+    CHATLOOP_LOG_FORMAT=json and no OTLP endpoint."""
+    telemetry.configure(metrics=True, log_ids=True)
+    yield
+    telemetry.configure()
+
+
+async def test_without_spans_a_turns_json_lines_carry_the_ids_its_root_span_would_have(
+        ids_only: None, json_lines: io.StringIO, telegram_bot: Any) -> None:
+    assert STATE.tracer is None
+    bot = await telegram_bot()
+    chat = bot.fake.private()
+    bot.fake.say(chat, QUESTION)
+    await eventually(lambda: bot.fake.answers(chat["id"]))
+    async with bot.sessions() as s:
+        stored = (await s.execute(select(Message).where(Message.role == "assistant"))
+                  ).scalar_one()
+
+    def turn_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
+        return [line for line in lines if line.get("turn_id") == stored.reply_to_id]
+    lines = await eventually(lambda: [x for x in turn_lines() if x["logger"] == "chatloop.turns"])
+    assert "answered" in lines[0]["message"]
+    for line in turn_lines():
+        assert line["conversation_id"] == stored.conversation_id
+        assert line["trace_id"] == format(turn_trace_id(stored.reply_to_id), "032x")
+        assert line["span_id"] == format(turn_span_id(stored.reply_to_id), "016x")

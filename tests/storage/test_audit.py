@@ -79,11 +79,13 @@ async def test_the_canarys_own_decision_is_audited_as_the_system(sessions) -> No
                                 source="telegram", trusted=True)
         await s.execute(update(AdapterVersion).values(status="canary"))
         await s.commit()
-    outcome = await evaluate_canary(sessions, CanaryPolicy(min_votes=1, margin=1.0),
+    outcome = await evaluate_canary(sessions, CanaryPolicy(min_votes=1, margin=1.0,
+                                                           handoff_margin=1.0),
                                     rules=DatasetPolicy())
     assert outcome.decision == Decision.PROMOTE
     async with sessions() as s:
         [entry] = await audit.recent(s)
     assert (entry.actor, entry.action, entry.target) == ("system:canary", "promote",
                                                          "adapter:fb-v1")
-    assert entry.detail == {"canary": [1, 0], "control": [0, 0], "tainted": False}
+    assert {k: entry.detail[k] for k in ("canary", "control", "tainted")} == {
+        "canary": [1, 0], "control": [0, 0], "tainted": False}

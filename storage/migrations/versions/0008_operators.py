@@ -1,5 +1,5 @@
-"""operator console: operator accounts and their sessions, the console's signing key, and the
-indexes its pages read by
+"""operator console: operator accounts and their sessions, the console's signing key, the
+indexes its pages read by and the quality page's per-day roll-up
 
 Revision ID: 0008_operators
 Revises: 0007_forget_audit
@@ -53,6 +53,24 @@ def upgrade() -> None:
     op.create_index('ix_feedback_review_status', 'feedback', ['review_status'], unique=False)
     op.create_index('ix_message_created_at', 'message', ['created_at'], unique=False)
     op.create_index('ix_conversation_created_at', 'conversation', ['created_at'], unique=False)
+    # the quality page: answers by time, read from the index alone on PostgreSQL (partial:
+    # answers only); votes changed since a day's roll-up was computed (storage.console)
+    op.create_index('ix_message_answer_created_at', 'message', ['created_at'], unique=False,
+                    postgresql_include=['id', 'conversation_id', 'adapter', 'status',
+                                        'error_kind', 'ttft_ms', 'latency_ms'],
+                    postgresql_where=sa.text("role = 'assistant'"),
+                    sqlite_where=sa.text("role = 'assistant'"))
+    op.create_index('ix_feedback_updated_at', 'feedback', ['updated_at'], unique=False)
+    # the quality page's roll-up: one row per closed UTC day, its answers and votes counted
+    # per channel, adapter, status and failure kind (a cache: storage.console recomputes a
+    # day whose votes changed, after a forget, and at least every few hours)
+    op.create_table(
+        'qualityday',
+        sa.Column('day', sa.Date(), nullable=False),
+        sa.Column('computed_at', sa.DateTime(timezone=True), nullable=False),
+        sa.Column('counts', sa.JSON(), nullable=False),
+        sa.PrimaryKeyConstraint('day'),
+    )
     if op.get_bind().dialect.name == 'postgresql':
         # conversation search by text: lower(text) LIKE '%words%' through trigrams (an
         # expression index, so the models need not describe it; SQLite scans)
@@ -63,6 +81,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP INDEX IF EXISTS ix_message_text_trgm")
+    op.drop_table('qualityday')
+    op.drop_index('ix_feedback_updated_at', table_name='feedback')
+    op.drop_index('ix_message_answer_created_at', table_name='message')
     op.drop_index('ix_conversation_created_at', table_name='conversation')
     op.drop_index('ix_message_created_at', table_name='message')
     op.drop_index('ix_feedback_review_status', table_name='feedback')

@@ -1,0 +1,407 @@
+"""Continuous batching for the embedded engine: one decoding loop shared by every request.
+
+A request is prefilled alone (its prompt in one forward pass) the moment it is admitted, then
+joins the running batch: each decoding step is one forward pass with one row per request, every
+row with its own LoRA adapter (peft's `adapter_names`; the base model is `"__base__"`). A request
+leaves the batch when it stops, runs out of tokens or is cancelled; the others carry on.
+
+Why not transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`)?
+It packs every request's tokens into a single row with paged attention, so peft cannot route
+rows to different adapters, and its streaming is per-token output objects on its own thread; the
+row-per-request layout here keeps peft's per-row adapters and stays small.
+
+Each request owns its KV cache: one fp32 tensor sized for its prompt plus `max_tokens`
+(SmolLM2-135M: 46 KB a token), reserved at admission. Attention runs per row against that
+request's own cache (`_rows_attention`, plugged in as a transformers attention implementation),
+so no padding ever enters a request's attention, and decoding steps run whole blocks of
+`ROW_BLOCK` rows (the matrix kernels then round every row alike): a request's greedy output is
+the one it gets alone, whatever else shares its batch. Memory is bounded by
+`max_batch` rows and `max_kv_tokens` reserved cache tokens; requests beyond wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference.base import Finished
+from inference.errors import AdapterNotFound, InferenceError
+
+ATTENTION = "chatloop_rows"  # the registered transformers attention implementation
+BASE = "__base__"  # peft's adapter name for rows that use the base model
+# Decoding steps run a multiple of this many rows (padding rows are computed and dropped): CPU
+# matrix kernels round a row differently by the row count and the row's place in it, but alike
+# in every whole block of 4 rows (measured on x86-64, fp32 and bf16, up to 32 rows), so a
+# request decodes the same alone and in any batch.
+ROW_BLOCK = 4
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: the rule `feedback.job.trains_in_bf16` uses
+    for precision "auto" (a CUDA GPU that supports it; oneDNN's check for AVX512-BF16 or AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and native is not None and native())
+
+
+def serving_dtype(precision: str) -> Any:
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+Sink = Callable[[Any], None]  # receives token ids' text (str), then Finished or an exception
+
+
+@dataclass(eq=False)
+class Row:
+    """One request inside the engine (a row of the batch). `sink` is called on the engine thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    adapter: str | None
+    temperature: float
+    seed: int | None
+    sink: Sink
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the KV cache
+    keys: Any = None  # [layers, kv_heads, capacity, head_dim]
+    values: Any = None
+    generator: Any = None
+    _text: Any = None
+
+    @property
+    def capacity(self) -> int:
+        return len(self.prompt) + self.max_tokens
+
+
+def _rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                    dropout: float = 0.0, scaling: float | None = None,
+                    kv_rows: list[Row] | None = None, **_: Any) -> tuple[Any, None]:
+    """Attention with one KV cache per batch row: writes the new keys and values into each
+    row's own cache, then attends over exactly that row's tokens (causal when prefilling)."""
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention
+
+    if kv_rows is None:
+        raise RuntimeError(f"the {ATTENTION!r} attention needs kv_rows (the engine's rows)")
+    layer, new = module.layer_idx, query.shape[2]
+    queries = query.float()  # the cache is fp32: CPU attention in bf16 is several times slower
+    outputs = []
+    for row, seq in enumerate(kv_rows):  # padding rows (beyond kv_rows) attend to nothing
+        start, end = seq.length, seq.length + new
+        seq.keys[layer, :, start:end] = key[row]
+        seq.values[layer, :, start:end] = value[row]
+        outputs.append(scaled_dot_product_attention(
+            queries[row:row + 1], seq.keys[layer, :, :end].unsqueeze(0),
+            seq.values[layer, :, :end].unsqueeze(0), is_causal=new > 1 and start == 0,
+            scale=scaling, enable_gqa=True))
+    padding = query.shape[0] - len(kv_rows)
+    if padding:
+        outputs.append(torch.zeros_like(queries[:padding]))
+    return torch.cat(outputs).to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _lora_rows(self: Any, x: Any, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
+    """peft's per-row adapters with each adapter applied to the whole batch and kept on its own
+    rows (peft picks the rows first): the product then has the batch's row count, whatever the
+    mix, so a row's result does not depend on its neighbours' adapters (see ROW_BLOCK)."""
+    if any(name in self.lora_variant for name in adapter_names):  # DoRA and co: peft's own
+        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names,
+                                               **kwargs)
+    kwargs.pop("alora_offsets", None)
+    result = self.base_layer(x, *args, **kwargs)
+    for name in dict.fromkeys(adapter_names):
+        if name == BASE or name not in self.lora_A:
+            continue
+        rows = [i for i, n in enumerate(adapter_names) if n == name]
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        delta = lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))))
+        result[rows] += (delta[rows] * self.scaling[name]).to(result.dtype)
+    return result
+
+
+def batch_invariant_lora(model: Any) -> None:
+    """Route a peft model's LoRA linear layers through `_lora_rows` (this model only)."""
+    import types
+
+    from peft.tuners.lora import Linear
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module._mixed_batch_forward = types.MethodType(_lora_rows, module)
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _rows_attention)
+
+
+class BatchEngine:
+    """The decoding loop on its own thread. `model` is a causal LM (or a peft model around one)
+    whose config uses the `ATTENTION` implementation; `submit` queues a request, `call` runs a
+    function on the loop's thread between two steps (loading and unloading adapters)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, eos_ids: set[int], max_batch: int,
+                 max_kv_tokens: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_kv_tokens = max_kv_tokens
+        self.eos_ids = eos_ids  # tokens that end a row (empty: run to max_tokens)
+        self._adapters: set[str] = set()  # names peft serves; rows for others fail
+        self._cond = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
+        self._active: list[Row] = []
+        self._reserved = 0  # KV tokens reserved by the active rows
+        self._stopping = False
+        self.steps = 0  # decoding steps run; the peaks since start (tests and benchmarks)
+        self.peak_rows = 0
+        self.peak_kv_tokens = 0
+        self._thread = threading.Thread(target=self._run, name="embedded-batch", daemon=True)
+        self._thread.start()
+
+    # -- the caller's side (any thread) --------------------------------------------------------
+
+    def submit(self, seq: Row) -> None:
+        if seq.capacity > self.max_kv_tokens:
+            raise InferenceError(f"{seq.capacity} tokens exceed the KV cache cap "
+                                 f"({self.max_kv_tokens})")
+        with self._cond:
+            if self._stopping:
+                raise InferenceError("the embedded engine is closed")
+            self._waiting.append(seq)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        """Let the loop notice a cancellation now (it checks between steps anyway)."""
+        with self._cond:
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._stopping:
+                raise InferenceError("the embedded engine is closed")
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    def active_rows(self) -> int:
+        return len(self._active)
+
+    def set_adapters(self, names: set[str]) -> None:
+        """On the loop's thread only (inside `call`): the adapters rows may use."""
+        self._adapters = set(names)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the loop's thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._calls or self._active
+                               or self._admissible()):
+                        self._cond.wait(timeout=0.5 if self._waiting else None)
+                    if self._stopping:
+                        break
+                    calls, self._calls = list(self._calls), deque()
+                for fn, future in calls:
+                    self._run_call(fn, future)
+                try:
+                    self._drop_cancelled()
+                    for seq in self._admit():
+                        self._prefill(seq)
+                    if self._active:
+                        self._decode()
+                except Exception as exc:  # a bug must not stop the loop: fail the rows
+                    error = InferenceError(f"generation failed: {type(exc).__name__}: {exc}")
+                    for seq in list(self._active):
+                        self._leave(seq, error)
+        self._fail_all(InferenceError("the embedded engine is closed"))
+
+    def _run_call(self, fn: Callable[[], Any], future: Future[Any]) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    def _admissible(self, admitted: int = 0) -> bool:
+        """Whether the next waiting request fits beside the active rows and `admitted` more."""
+        self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
+        return bool(self._waiting) and len(self._active) + admitted < self.max_batch and (
+            self._reserved + self._waiting[0].capacity <= self.max_kv_tokens)
+
+    def _admit(self) -> list[Row]:
+        admitted: list[Row] = []
+        with self._cond:
+            while self._admissible(len(admitted)):
+                seq = self._waiting.popleft()
+                self._reserved += seq.capacity
+                self.peak_kv_tokens = max(self.peak_kv_tokens, self._reserved)
+                admitted.append(seq)
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._active if s.cancelled.is_set()]:
+            self._leave(seq)
+
+    def _leave(self, seq: Row, event: Any = None) -> None:
+        self._active.remove(seq)
+        self._reserved -= seq.capacity
+        seq.keys = seq.values = None
+        if event is not None:
+            seq.sink(event)
+
+    def _fail_all(self, exc: InferenceError) -> None:
+        for seq in list(self._active):
+            self._leave(seq, exc)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in waiting:
+            seq.sink(exc)
+
+    def _forward(self, rows: list[Row], ids: Any, positions: Any) -> Any:
+        """One forward pass; `ids` may hold padding rows after `rows` (base model, dropped)."""
+        adapters = {}
+        if self._adapters:
+            names = [s.adapter or BASE for s in rows]
+            adapters["adapter_names"] = names + [BASE] * (ids.shape[0] - len(rows))
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
+                         logits_to_keep=1, kv_rows=rows, **adapters)
+        return out.logits[:len(rows), -1, :].float()
+
+    def _prefill(self, seq: Row) -> None:
+        import torch
+
+        if seq.adapter is not None and seq.adapter not in self._adapters:
+            self._reserved -= seq.capacity
+            seq.sink(AdapterNotFound(f"adapter {seq.adapter!r} is not loaded"))
+            return
+        cfg = self.model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, seq.capacity, head_dim)
+        seq.keys, seq.values = torch.empty(shape), torch.empty(shape)  # fp32, see _rows_attention
+        if seq.temperature > 0:
+            seq.generator = torch.Generator()
+            if seq.seed is not None:
+                seq.generator.manual_seed(seq.seed)
+            else:
+                seq.generator.seed()
+        self._active.append(seq)
+        ids = torch.tensor([seq.prompt])
+        positions = torch.arange(len(seq.prompt)).unsqueeze(0)
+        try:
+            logits = self._forward([seq], ids, positions)
+        except Exception as exc:  # torch / transformers failures become typed errors
+            self._leave(seq, InferenceError(f"generation failed: {type(exc).__name__}: {exc}"))
+            return
+        seq.length = len(seq.prompt)
+        self._advance([seq], logits)
+
+    def _decode(self) -> None:
+        import torch
+
+        rows = list(self._active)
+        self.peak_rows = max(self.peak_rows, len(rows))
+        padding = [rows[0]] * (-len(rows) % ROW_BLOCK)
+        ids = torch.tensor([[s.tokens[-1]] for s in rows + padding])
+        positions = torch.tensor([[s.length] for s in rows + padding])
+        try:
+            logits = self._forward(rows, ids, positions)
+        except Exception as exc:
+            error = InferenceError(f"generation failed: {type(exc).__name__}: {exc}")
+            for seq in rows:
+                self._leave(seq, error)
+            return
+        self.steps += 1
+        for seq in rows:
+            seq.length += 1
+        self._advance(rows, logits)
+
+    def _advance(self, rows: list[Row], logits: Any) -> None:
+        """Pick each row's next token, stream its text, and let finished rows leave."""
+        import torch
+
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, seq in enumerate(rows):
+            token = greedy[i]
+            if seq.temperature > 0:
+                probs = torch.softmax(logits[i] / seq.temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=seq.generator))
+            if seq.cancelled.is_set():
+                self._leave(seq)
+                continue
+            seq.tokens.append(token)
+            if seq._text is None:
+                seq._text = _Detokenizer(self.tokenizer)
+            stopped = token in self.eos_ids
+            if not stopped:
+                delta = seq._text.add(token)
+                if delta:
+                    seq.sink(delta)
+            if stopped or len(seq.tokens) >= seq.max_tokens:
+                tail = seq._text.flush()
+                if tail:
+                    seq.sink(tail)
+                reason = "stop" if stopped else "length"
+                self._leave(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))
+
+    def unload_rows(self, name: str) -> None:
+        """On the loop's thread: fail the rows (active or waiting) that use adapter `name`."""
+        error = AdapterNotFound(f"adapter {name!r} was unloaded")
+        for seq in [s for s in self._active if s.adapter == name]:
+            self._leave(seq, error)
+        with self._cond:
+            gone = [s for s in self._waiting if s.adapter == name]
+            self._waiting = deque(s for s in self._waiting if s.adapter != name)
+        for seq in gone:
+            seq.sink(error)
+
+
+class _Detokenizer:
+    """Text deltas from a growing token list (whole characters only; special tokens skipped)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._sent = 0
+
+    def add(self, token: int) -> str:
+        self._tokens.append(token)
+        text = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        return self._take(text)
+
+    def flush(self) -> str:
+        return self._take(self._tokenizer.decode(self._tokens, skip_special_tokens=True))
+
+    def _take(self, text: str) -> str:
+        if len(text) <= self._sent:
+            return ""
+        delta, self._sent = text[self._sent:], len(text)
+        return delta
+
