@@ -48,8 +48,10 @@ class OwnPostgres:
                        stderr=subprocess.PIPE, timeout=120)
 
     def start(self) -> None:
+        # fsync off: an immediate stop is a server crash, not the machine's, so the WAL in the
+        # OS cache survives it; commits stay synchronous, or the stop would lose the last ones
         opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off")
+                "-c full_page_writes=off")
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", opts, "-l",
                   str(self.root / "log"), "-w", "-t", "60", "start")
 
