@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -139,13 +140,18 @@ async def test_unknown_adapter_falls_back_to_base_model(sessions, tokenizer) -> 
 
 async def test_concurrency_bound_holds(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
     live = peak = 0
+    two = asyncio.Event()  # a loaded machine may not overlap turns by itself: make them
 
     class Counting(ScriptedBackend):
         async def stream(self, request):  # type: ignore[no-untyped-def]
             nonlocal live, peak
             live += 1
             peak = max(peak, live)
+            if live >= 2:
+                two.set()
             try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(two.wait(), 30)
                 async for ev in super().stream(request):
                     yield ev
             finally:
