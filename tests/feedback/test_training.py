@@ -120,11 +120,12 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     result = trained.result
     assert (result.status, result.adapter) == ("succeeded", "fb-v2"), result.reasons
     report = result.metrics
-    assert report["train"]["sft_examples"] == 17 and report["train"]["kto_examples"] == 36
+    # 36 labelled answers, 2 in conversations with votes only held out for the votes gate
+    assert report["train"]["sft_examples"] == 17 and report["train"]["kto_examples"] == 34
     assert 1 <= report["train"]["anchor_examples"] <= 48  # KL anchors on general prompts
     native = trains_in_bf16(TrainJob(model_dir="", out_dir="", work_dir=""))  # precision "auto"
     assert report["train"]["precision"] == ("bf16" if native else "fp32")
-    assert report["heldout_examples"] == 6
+    assert report["heldout_examples"] == 7
     cand, parent = report["candidate"], report["parent"]
     assert cand["heldout_loss"] < parent["heldout_loss"]
     assert cand["heldout_accuracy"] > parent["heldout_accuracy"]  # the right answers, unseen
