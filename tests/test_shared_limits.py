@@ -23,6 +23,8 @@ from bots.slack.pacing import Pacer as SlackPacer
 from bots.telegram import TelegramChannel, TelegramOptions, make_bot
 from bots.telegram.outbound import RetryPolicy
 from bots.telegram.sink import Pacer as TelegramPacer
+from storage.db import make_engine, session_factory
+from tests.conftest import database_at
 from tests.fakes.inference import ScriptedBackend
 from tests.fakes.servers import serve_app
 from tests.fakes.telegram_api import FakeTelegram
@@ -114,10 +116,18 @@ def _per_second(times: list[float]) -> int:
     return best
 
 
+@pytest.fixture
+async def sqlite_sessions(tmp_path):  # type: ignore[no-untyped-def]
+    """The budgets do not depend on the database: SQLite alone."""
+    async with database_at("sqlite", "head", tmp_path) as url:
+        engine = make_engine(url)
+        yield session_factory(engine)
+        await engine.dispose()
+
+
 async def test_three_telegram_replicas_stay_within_the_platform_limits(  # type: ignore[no-untyped-def]
-        sessions, tokenizer, monkeypatch, request) -> None:
-    if "postgres" in request.node.name:
-        pytest.skip("the budgets do not depend on the database: once is enough")
+        sqlite_sessions, tokenizer, monkeypatch) -> None:
+    sessions = sqlite_sessions
     bot_id = random.getrandbits(40)
     token = f"{bot_id}:TEST-shared-limits"
     fake = FakeTelegram(token=token)
