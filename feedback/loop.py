@@ -35,8 +35,9 @@ from inference.adapters import adapter_rank, check_prefix, inside
 from inference.base import ChatMessage, GenerationRequest, InferenceBackend, TextDelta
 from inference.errors import InferenceError
 from storage import adapters, privacy, runs
+from storage import memory as answer_memory
 from storage.feedback import eligible_count
-from storage.models import AdapterVersion, RunStatus, utcnow
+from storage.models import AdapterVersion, MemoryStatus, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,11 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
     async with sessions() as s:
         await runs.record_dataset(s, run_id=run_id, dataset_hash=ds.hash, adapter_name=name,
                                   log_path=str(log_path))
-    report = await _train(cfg, job, log_path)
+    memory_file = await _write_memory(sessions, cfg.redactor, work)
+    try:
+        report = await _train(cfg, job, log_path)
+    finally:  # only the candidate's evaluation reads it; `forget` need not look for it
+        memory_file.unlink(missing_ok=True)
     report["dataset"] = ds.report
     reasons = gate(report, cfg.gate)
     if not reasons:
@@ -227,6 +232,19 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         await privacy.propagate_taint(s)
     log.info("run %s registered %s as the canary", run_id, name)
     return CycleResult(run_id, RunStatus.SUCCEEDED, name, (), report)
+
+
+async def _write_memory(sessions: async_sessionmaker[AsyncSession], redactor: Redactor,
+                        work: Path) -> Path:
+    """The answer memory as it stands (active entries, imported ones too) for the gate's
+    with-memory figures (`memory.jsonl`, read by feedback.candidate): questions redacted as
+    the dataset's are, so that the held-out ones match; answers as approved (the company's
+    voice). An empty file when there are no entries."""
+    async with sessions() as s:
+        live = await answer_memory.entries(s, status=MemoryStatus.ACTIVE)
+    path = work / "memory.jsonl"
+    write_jsonl([{"question": redactor(e.question), "answer": e.answer} for e in live], path)
+    return path
 
 
 def _gate_on_rephrasings(ds: Dataset, job: TrainJob) -> None:

@@ -34,6 +34,9 @@ def main(argv: list[str]) -> int:
                          "golden_loss": 1.0, "pref_accuracy": 0.5},
               "parity_prompts": job.parity_prompts,
               "parity_outputs": [f"Echo: {p}" for p in job.parity_prompts]}
+    memory = Path(job.work_dir) / "memory.jsonl"  # the answer memory the loop hands over
+    report["memory_entries"] = (len(memory.read_text().splitlines()) if memory.exists()
+                                else None)
     tmp = Path(job.out_dir).parent / f".{Path(job.out_dir).name}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     (tmp / "adapter_config.json").write_text(json.dumps({"r": 4}))

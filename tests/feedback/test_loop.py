@@ -192,3 +192,24 @@ async def test_the_next_run_continues_from_the_active_adapter_with_new_data_and_
     assert len(replay) == 1 and len(first_run) == 4  # half of one new example, rounded up
     async with sessions() as s:
         assert (await adapters.get(s, "fb-v2")).parent_name == "fb-v1"
+
+
+async def test_the_training_process_sees_the_answer_memory_as_it_stands(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    """The gate's with-memory figures use the live entries (imported ones too, disabled ones
+    not); the file is gone once the training process has read it."""
+    from storage import memory
+    from storage.models import MemoryStatus
+
+    await corrected(sessions, tokenizer)  # a reviewer's corrections: four entries at once
+    async with sessions() as s:
+        imported, off = await memory.add_entries(s, [
+            memory.NewEntry("Do you sell gift cards?", "Yes, from 10 to 200 pounds."),
+            memory.NewEntry("Old question", "An answer no longer given.")], actor="admin")
+        assert await memory.set_status(s, entry_id=off, status=MemoryStatus.DISABLED, by="admin")
+        await s.commit()
+    cfg = loop_config(tmp_path, model_dir, fake="pass 0")
+    result = await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")
+    assert result.status == "succeeded"
+    assert result.metrics is not None and result.metrics["memory_entries"] == 5
+    assert not list(cfg.runs_dir.glob("run-*/memory.jsonl"))
