@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,14 @@ def clear_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_setting_is_listed_with_its_variable() -> None:
     assert {(name, path) for name, _, path, _ in VARIABLES} == \
         {(name, ".".join(where)) for name, where in env_names().items()}
+
+
+def test_every_variable_is_documented_for_users() -> None:
+    root = Path(__file__).parents[1]
+    docs = "\n".join(p.read_text(encoding="utf-8") for p in
+                     [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    documented = set(re.findall(r"\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", docs))
+    assert sorted(set(env_names()) - documented) == []
 
 
 @pytest.mark.parametrize(("name", "sample", "path", "expected"), VARIABLES,
