@@ -221,7 +221,8 @@ async def bench(storage: str, messages: int, repeats: int) -> list[dict[str, Any
                     if mode == "in-process":
                         t = time.perf_counter()
                         report = await erasure.forget_person(
-                            sessions, identity=TARGET, runs_dir=runs_dir, actor="cli:bench")
+                            sessions, identity=TARGET, runs_dir=runs_dir,
+                            adapters_dir=Path("/adapters"), actor="cli:bench")
                         results[mode].append(time.perf_counter() - t)
                         detail = {**report.erased.counts, "dataset_rows": report.rows,
                                   "files": len(report.files),

@@ -32,6 +32,7 @@ def console_operations(settings: Settings, sessions: async_sessionmaker[AsyncSes
 
         report = await erasure.forget_person(sessions, identity=identity,
                                              runs_dir=settings.learn.runs_dir.resolve(),
+                                             adapters_dir=settings.learn.adapters_dir.resolve(),
                                              actor=actor)
         c = report.erased.counts
         tainted = (f"; tainted adapters: {', '.join(report.tainted_adapters)}"

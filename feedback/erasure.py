@@ -27,6 +27,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from feedback.examples import Dataset, Example, write_jsonl
+from inference.adapters import inside
+from inference.errors import AdapterRejected
 from storage import audit, forget, privacy
 from storage.forget import Erased
 from storage.models import utcnow
@@ -52,7 +54,7 @@ class Report:
 
 
 async def forget_person(sessions: async_sessionmaker[AsyncSession], *, identity: str,
-                        runs_dir: Path, actor: str) -> Report:
+                        runs_dir: Path, adapters_dir: Path, actor: str) -> Report:
     """Forget a person: their data in the database (one transaction), their dataset rows in
     files, and the runs and adapters trained on them marked tainted."""
     erased = await _retrying(sessions, lambda s: forget.forget_identity(
@@ -61,31 +63,38 @@ async def forget_person(sessions: async_sessionmaker[AsyncSession], *, identity:
     assert erased.identity_hash is not None
     async with sessions() as s:
         runs = await privacy.runs_of(s, erased.identity_hash) | _runs_in(report.files, runs_dir)
-    await _taint(sessions, report, runs, runs_dir)
+    await _taint(sessions, report, runs, runs_dir, adapters_dir)
     return report
 
 
 async def forget_conversation(sessions: async_sessionmaker[AsyncSession], *,
-                              conversation_id: int, runs_dir: Path, actor: str) -> Report:
+                              conversation_id: int, runs_dir: Path, adapters_dir: Path,
+                              actor: str) -> Report:
     """Forget a conversation: the database part, its dataset rows, and the runs whose
     datasets held them (and their adapters) tainted."""
     erased = await _retrying(sessions, lambda s: forget.forget_conversation(
         s, conversation_id=conversation_id, actor=actor))
     report = await _scrub(erased, runs_dir)
-    await _taint(sessions, report, _runs_in(report.files, runs_dir), runs_dir)
+    await _taint(sessions, report, _runs_in(report.files, runs_dir), runs_dir, adapters_dir)
     return report
 
 
 async def _taint(sessions: async_sessionmaker[AsyncSession], report: Report, runs: set[int],
-                 runs_dir: Path) -> None:
+                 runs_dir: Path, adapters_dir: Path) -> None:
     """Taint these runs and their adapters, and drop the sample answers from their reports
-    (in the database, and the report.json files of the runs and the adapters)."""
+    (in the database, and the report.json files of the runs and the adapters; an adapter
+    path from the database is only written to inside the adapters directory)."""
     async with sessions() as s:
         report.tainted_adapters = await privacy.taint(s, run_ids=runs)
         adapters = await privacy.adapter_paths(s, run_ids=runs)
     report.tainted_runs = sorted(runs)
     reports = [p for r in runs for p in (runs_dir / f"run-{r}").rglob("report.json")]
-    reports += [Path(a) / "report.json" for a in adapters]
+    for path in adapters:
+        try:
+            reports.append(inside(path, adapters_dir) / "report.json")
+        except AdapterRejected:
+            log.warning("forget: adapter path %s is outside %s: its report is left as it is",
+                        path, adapters_dir)
     await asyncio.to_thread(_strip_reports, reports)
 
 

@@ -42,15 +42,18 @@ def forget(
         die("give either IDENTITY or --conversation ID")
     settings = load_settings()
     runs_dir = settings.learn.runs_dir.resolve()
+    adapters_dir = settings.learn.adapters_dir.resolve()
 
     async def main() -> erasure.Report:
         async with database() as (_, sessions):
             if identity is not None:
                 return await erasure.forget_person(sessions, identity=identity,
-                                                   runs_dir=runs_dir, actor=cli_actor())
+                                                   runs_dir=runs_dir, adapters_dir=adapters_dir,
+                                                   actor=cli_actor())
             assert conversation is not None
             return await erasure.forget_conversation(sessions, conversation_id=conversation,
-                                                     runs_dir=runs_dir, actor=cli_actor())
+                                                     runs_dir=runs_dir, adapters_dir=adapters_dir,
+                                                   actor=cli_actor())
 
     report = run(main)
     who = identity if identity is not None else f"conversation {conversation}"

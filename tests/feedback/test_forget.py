@@ -114,7 +114,7 @@ async def test_forget_while_serving_removes_every_trace_and_the_next_run_starts_
     serving = asyncio.create_task(serve_others())
     await eventually(lambda: asyncio.sleep(0, len(served) >= 2))
     report = await erasure.forget_person(sessions, identity=alice, runs_dir=cfg.runs_dir,
-                                         actor="cli:tester")
+                                         adapters_dir=cfg.adapters_dir, actor="cli:tester")
     answered = len(served)
     await eventually(lambda: asyncio.sleep(0, len(served) >= answered + 2))  # still serving
     stop.set()
@@ -159,7 +159,7 @@ async def test_forgetting_during_a_run_taints_its_adapter_which_is_never_promote
 
     await eventually(training)
     report = await erasure.forget_person(sessions, identity=alice, runs_dir=cfg.runs_dir,
-                                         actor="cli:tester")
+                                         adapters_dir=cfg.adapters_dir, actor="cli:tester")
     assert report.tainted_runs == [1] and report.tainted_adapters == []  # not registered yet
     result = await cycle
     assert (result.status, result.adapter) == ("succeeded", "fb-v1")  # the run finishes
@@ -210,7 +210,8 @@ async def test_datasets_and_exports_leave_out_a_forgotten_person_who_writes_agai
         sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
     core, users, alice = await people(sessions, tokenizer)
     cfg = loop_config(tmp_path, model_dir)
-    await erasure.forget_person(sessions, identity=alice, runs_dir=cfg.runs_dir, actor="cli:t")
+    await erasure.forget_person(sessions, identity=alice, runs_dir=cfg.runs_dir,
+                                adapters_dir=cfg.adapters_dir, actor="cli:t")
     channel, _, user = alice.partition(":")
     again = await users.ask(f"Me again about {SECRET}", user=alice if channel else f"test:{user}")
     await core.correct(answer_id=again, voter_id=REVIEWER, text=f"Sure, {SECRET}.",
@@ -276,3 +277,23 @@ async def test_a_deletion_refused_for_a_message_that_arrived_meanwhile_is_tried_
 
     assert (await erasure._retrying(sessions, erase)).counts == {"messages": 2}
     assert len(tries) == 2
+
+
+async def test_forget_writes_no_report_outside_the_adapters_directory(
+        sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    """An adapter path in the database is not trusted: one pointing elsewhere is left alone."""
+    _, _, alice = await people(sessions, tokenizer)
+    cfg = loop_config(tmp_path, model_dir, fake="pass 0")
+    first = await run_cycle(sessions, ScriptedBackend(), cfg, trigger="manual")
+    assert first.status == "succeeded", first.reasons
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    report = {"candidate": {"heldout_answers": [f"About your {SECRET} order"]}}
+    (elsewhere / "report.json").write_text(json.dumps(report))
+    async with sessions() as s:
+        await s.execute(update(AdapterVersion).values(path=f"{cfg.adapters_dir}/../elsewhere"))
+        await s.commit()
+    done = await erasure.forget_person(sessions, identity=alice, runs_dir=cfg.runs_dir,
+                                       adapters_dir=cfg.adapters_dir, actor="cli:t")
+    assert done.tainted_adapters == ["fb-v1"]
+    assert json.loads((elsewhere / "report.json").read_text()) == report
