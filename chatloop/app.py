@@ -55,18 +55,21 @@ class Services:
 
 def make_backend(settings: Settings) -> InferenceBackend:
     s = settings.inference
-    if s.url:
+    if s.urls:
         from inference.openai_backend import OpenAIBackend
+        from inference.replicas import ReplicaBackend
 
-        return OpenAIBackend(
-            base_url=s.url,
+        endpoints = [OpenAIBackend(
+            base_url=url,
             model_name=s.served_model_name,
             api_key=s.api_key.get_secret_value(),
             connect_timeout=s.connect_timeout_s,
             read_timeout=s.read_timeout_s,
             max_retries=s.max_retries,
             max_lora_rank=s.max_lora_rank,
-        )
+        ) for url in s.urls]
+        # several vLLM replicas: every adapter on each, a conversation on one
+        return endpoints[0] if len(endpoints) == 1 else ReplicaBackend(endpoints)
     from inference.embedded import EmbeddedBackend
 
     _require_model(s)
@@ -240,8 +243,10 @@ def build_app(services: Services, *, webchat: bool, web_operator: bool = False) 
         except Exception as exc:  # reported, not raised: this is the readiness probe
             log.warning("readiness: database unreachable: %s", type(exc).__name__)
             checks["database"] = "unreachable"  # terse: anyone may call /readyz
+        # the registry's check also loads the adapters again on a restarted server
+        pinned = services.settings.inference.adapter is not None
         try:
-            await services.backend.health()
+            await (services.backend if pinned else services.adapters).health()
         except InferenceError as exc:
             log.warning("readiness: inference %s: %s", exc.kind, exc)
             checks["inference"] = exc.kind

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -112,7 +113,8 @@ class ConsoleSettings(Section):
 
 
 class InferenceSettings(Section):
-    # an OpenAI-compatible /v1 endpoint; unset = the embedded engine on `model`
+    # an OpenAI-compatible /v1 endpoint, or several comma-separated (vLLM replicas: each gets
+    # every adapter, a conversation stays on one); unset = the embedded engine on `model`
     url: str | None = Field(default=None, validation_alias="CHATLOOP_INFERENCE_URL")
     api_key: SecretStr = Field(default=SecretStr("EMPTY"),
                                validation_alias="CHATLOOP_INFERENCE_API_KEY")
@@ -131,6 +133,21 @@ class InferenceSettings(Section):
     embedded_precision: Literal["auto", "bf16", "fp32"] = "fp32"
     embedded_max_batch: int = Field(default=32, ge=1)
     embedded_max_kv_tokens: int = Field(default=16384, ge=256)
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, v: str | None) -> str | None:
+        for url in v.split(",") if v is not None else ():
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url.strip()!r} is not an http(s) URL such as "
+                                 "http://vllm:8000/v1 (several: comma-separated)")
+        return v
+
+    @property
+    def urls(self) -> list[str]:
+        """The endpoints of CHATLOOP_INFERENCE_URL (none: the embedded engine)."""
+        return [u.strip() for u in (self.url or "").split(",") if u.strip()]
 
 
 class CoreSettings(Section):

@@ -17,13 +17,15 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """A chat completion request; `adapter` None means the base model."""
+    """A chat completion request; `adapter` None means the base model. `conversation_id`, if
+    given, keeps a conversation on one server where there are several (warm prefix caches)."""
 
     messages: Sequence[ChatMessage]
     max_tokens: int
     adapter: str | None = None
     temperature: float = 0.0
     seed: int | None = None
+    conversation_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,8 @@ builds it from storage; this module imports no storage):
   they have, and a route points to an adapter only once the backend has loaded it: a
   canary not (yet) loaded, or refused, leaves its slice on the active adapter, an active
   one the base model.
+- `health` is the readiness check: a backend that was away may be back without its adapters
+  (a restarted vLLM), so the first check that passes after a failed one re-syncs them.
 """
 
 from __future__ import annotations
@@ -172,6 +174,7 @@ class AdapterRegistry:
         self._loaded_at: float | None = None
         self._refresh_lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        self._resync = False  # the backend was away: it may be back without its adapters
 
     # -- names, records, load/unload (vLLM's OpenAIServingModels) --
 
@@ -308,10 +311,29 @@ class AdapterRegistry:
         state = await self._source()
         try:
             await self.sync(state)  # before routing to a new adapter
+            self._resync = False
         except InferenceError as exc:
             log.warning("adapter sync failed: %s", exc)
         self._routes = (self._servable(state.active), self._servable(state.canary))
         self._loaded_at = self._clock()
+
+    async def health(self) -> None:
+        """The backend's health (readiness). After a failed check the backend may come back
+        without its adapters (a restarted vLLM): the first check that passes re-syncs them
+        before it reports healthy, and the next request waits for a fresh read."""
+        try:
+            await self.backend.health()
+        except InferenceError:
+            self._resync = True
+            self.invalidate()
+            raise
+        if self._resync:
+            try:
+                async with self._refresh_lock:
+                    if self._resync:
+                        await self.refresh()
+            except Exception as exc:  # the source's database: readiness checks it on its own
+                log.warning("adapters not re-synced: %s", exc)
 
     def _servable(self, ref: AdapterRef | None) -> str | None:
         if ref is None:

@@ -38,6 +38,7 @@ class _Progress:
 
     started: float
     adapter: str | None
+    conversation_id: int | None = None  # keeps the conversation on one inference server
     text: str = ""
     ttft_ms: float | None = None
     memory_refs: list[int] | None = None  # the memory entries quoted in the prompt
@@ -82,6 +83,7 @@ class Turns:
         adapter = await self.router.route(turn.conversation_id)
         await sink.begin()
         progress = _Progress(started=started, adapter=adapter,
+                             conversation_id=turn.conversation_id,
                              memory_refs=[r.id for r in recall.references] or None)
         system = with_references(self._system_prompt,
                                  [(r.question, r.answer) for r in recall.references])
@@ -168,7 +170,8 @@ class Turns:
                         progress: _Progress) -> Finished:
         """Stream one completion into the sink; an unknown adapter falls back to the base model."""
         request = GenerationRequest(messages=messages, max_tokens=self._limits.max_tokens,
-                                    adapter=progress.adapter)
+                                    adapter=progress.adapter,
+                                    conversation_id=progress.conversation_id)
         try:
             # aclosing: returning on Finished must close the stream now (its connection, its
             # slot in the concurrency bound), not whenever the generator is collected

