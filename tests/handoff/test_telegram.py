@@ -182,3 +182,33 @@ async def test_two_downvotes_in_a_conversation_ask_for_a_person(start_desk) -> N
     assert "downvotes" in posted[0] and "And on Sundays?" in posted[0]
     [h] = await rows(bot.sessions, Handoff)
     assert h.reason == "downvotes" and h.user_id == "telegram:42" and h.status == "waiting"
+
+
+async def test_an_agent_answering_the_moment_the_topic_appears_reaches_the_user(  # type: ignore[no-untyped-def]
+        start_desk) -> None:
+    """The topic exists before it is linked to its hand-off: a message in that moment waits
+    for the link instead of being dropped."""
+    bot = await start_desk()
+    desk = bot.core.handoff
+    link, find = desk.escalated, desk.by_agent_ref
+    missed: list[int] = []
+
+    async def looked_up(agent_chat: str, agent_ref: str) -> Any:
+        found = await find(agent_chat, agent_ref)
+        if found is None:
+            missed.append(int(agent_ref))
+        return found
+
+    async def link_late(handoff_id: int, *, agent_chat: str, agent_ref: str) -> None:
+        bot.fake.say(bot.fake.chats[AGENTS], "Hello, I am here.", user=AGENT,
+                     thread=int(agent_ref))
+        await eventually(lambda: missed)  # the agent's message found no hand-off yet
+        await link(handoff_id, agent_chat=agent_chat, agent_ref=agent_ref)
+
+    desk.by_agent_ref, desk.escalated = looked_up, link_late
+    chat = bot.fake.private(42, "Ann")
+    bot.fake.say(chat, "/human")
+    await eventually(lambda: "Maya: Hello, I am here." in _texts(bot.fake, 42))
+    [h] = await rows(bot.sessions, Handoff)
+    assert (h.status, h.agent_id) == ("held", "telegram:77")
+    del chat
