@@ -10,13 +10,19 @@ It packs every request's tokens into a single row with paged attention, so peft 
 rows to different adapters, and its streaming is per-token output objects on its own thread; the
 row-per-request layout here keeps peft's per-row adapters and stays small.
 
-Each request owns its KV cache: one fp32 tensor sized for its prompt plus `max_tokens`
-(SmolLM2-135M: 46 KB a token), reserved at admission. Attention runs per row against that
-request's own cache (`_rows_attention`, plugged in as a transformers attention implementation),
-so no padding ever enters a request's attention, and decoding steps run whole blocks of
-`ROW_BLOCK` rows (the matrix kernels then round every row alike): a request's greedy output is
-the one it gets alone, whatever else shares its batch. Memory is bounded by
-`max_batch` rows and `max_kv_tokens` reserved cache tokens; requests beyond wait in FIFO order.
+A request's prompt is prefilled into a cache of its own (one fp32 tensor sized for its prompt plus
+`max_tokens`; SmolLM2-135M: 46 KB a token); decoding rows then share one pooled cache
+(`KvPool`: [layers, rows, kv_heads, length, head_dim], the rows' tokens from position 0, the
+length a multiple of `SPAN`), and each layer attends for every row in one call (`_rows_attention`,
+plugged in as a transformers attention implementation): the scores over the first positions
+rounded up to `SPAN`, the others' and the free positions masked out. A row's attention is then
+computed alike alone and in any batch: the vectorised sums see whole `SPAN` chunks, the masked
+positions add exact zeros. Decoding steps run whole blocks of `ROW_BLOCK` rows (the matrix
+kernels then round every row alike): a request's greedy output is the one it gets alone,
+whatever else shares its batch.
+Memory is bounded by `max_batch` rows and `max_kv_tokens` cache tokens: reserved ones (each
+request's prompt plus `max_tokens`) and the pooled cache's (rows x its length) alike; requests
+beyond wait in FIFO order.
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ BASE = "__base__"  # peft's adapter name for rows that use the base model
 # Decoding steps run a multiple of this many rows (padding rows are computed and dropped): CPU
 # matrix kernels round a row differently by the row count and the row's place in it, but alike
 # in every whole block of 4 rows (measured on x86-64, fp32 and bf16, up to 32 rows), so a
-# request decodes the same alone and in any batch.
+# request decodes the same alone and in any batch. Not 1 in bf16 either: the model rounds a
+# one-token row alike at 1 to 13 rows (not 14 and more), yet whole greedy decodes batched 8 at
+# a time differ from the solo ones for 2 requests of 8 (2026-12-01).
 ROW_BLOCK = 4
+SPAN = 16  # decoding attention runs over a multiple of this many positions (see KvPool)
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -87,31 +96,101 @@ class Row:
         return len(self.prompt) + self.max_tokens
 
 
+class KvPool:
+    """The decoding rows' caches in one tensor per keys and values: [layers, slots, kv_heads,
+    length, head_dim], fp32, zeroed at allocation (a masked position must hold a finite value:
+    its weight is exactly 0). Slot i holds `rows[i]`'s tokens from position 0; `begin` readies
+    one decoding step (where each row writes its new token, which positions it sees)."""
+
+    def __init__(self, rows: list[Row], shape: tuple[int, int, int, int, int]) -> None:
+        import torch
+
+        self.keys, self.values = torch.zeros(shape), torch.zeros(shape)
+        self.rows = list(rows)
+        self.index: Any = None  # [rows]: the slots; [rows]: where each writes its new token
+        self.positions: Any = None
+        self.mask: Any = None  # [rows, 1, 1, span]: 0 where a row attends, -inf elsewhere
+        self.span = 0
+
+    @property
+    def slots(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[3])
+
+    def begin(self) -> None:
+        import torch
+
+        lengths = torch.tensor([s.length for s in self.rows])
+        self.span = min(self.length, -(-(int(lengths.max()) + 1) // SPAN) * SPAN)
+        self.index = torch.arange(len(self.rows))
+        self.positions = lengths
+        seen = torch.arange(self.span).unsqueeze(0) <= lengths.unsqueeze(1)
+        self.mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))[:, None, None, :]
+
+
 def _rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                     dropout: float = 0.0, scaling: float | None = None,
-                    kv_rows: list[Row] | None = None, **_: Any) -> tuple[Any, None]:
-    """Attention with one KV cache per batch row: writes the new keys and values into each
-    row's own cache, then attends over exactly that row's tokens (causal when prefilling)."""
+                    kv_pool: KvPool | None = None, kv_row: Row | None = None,
+                    **_: Any) -> tuple[Any, None]:
+    """Attention over the engine's caches. Prefilling (`kv_row`: one row, its whole prompt):
+    causal over the row's own cache. Decoding (`kv_pool`: one new token a row): every row's new
+    keys and values written into its pool slot, then one masked attention over the pool for all
+    rows, computed the same way whatever the batch (see KvPool and SPAN)."""
     import torch
     from torch.nn.functional import scaled_dot_product_attention
 
-    if kv_rows is None:
-        raise RuntimeError(f"the {ATTENTION!r} attention needs kv_rows (the engine's rows)")
-    layer, new = module.layer_idx, query.shape[2]
-    queries = query.float()  # the cache is fp32: CPU attention in bf16 is several times slower
-    outputs = []
-    for row, seq in enumerate(kv_rows):  # padding rows (beyond kv_rows) attend to nothing
-        start, end = seq.length, seq.length + new
-        seq.keys[layer, :, start:end] = key[row]
-        seq.values[layer, :, start:end] = value[row]
-        outputs.append(scaled_dot_product_attention(
-            queries[row:row + 1], seq.keys[layer, :, :end].unsqueeze(0),
-            seq.values[layer, :, :end].unsqueeze(0), is_causal=new > 1 and start == 0,
-            scale=scaling, enable_gqa=True))
-    padding = query.shape[0] - len(kv_rows)
+    layer = module.layer_idx
+    if kv_row is not None:  # prefill: alone, into the row's own cache
+        end = query.shape[2]
+        kv_row.keys[layer, :, :end] = key[0]
+        kv_row.values[layer, :, :end] = value[0]
+        out = scaled_dot_product_attention(
+            query.float(), kv_row.keys[layer, :, :end].unsqueeze(0),
+            kv_row.values[layer, :, :end].unsqueeze(0), is_causal=end > 1, scale=scaling,
+            enable_gqa=True)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    if kv_pool is None:
+        raise RuntimeError(f"the {ATTENTION!r} attention needs the engine's caches")
+    rows, span = len(kv_pool.rows), kv_pool.span
+    keys, values = kv_pool.keys[layer], kv_pool.values[layer]
+    keys[kv_pool.index, :, kv_pool.positions] = key[:rows, :, 0].float()
+    values[kv_pool.index, :, kv_pool.positions] = value[:rows, :, 0].float()
+    heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[3]
+    scale = dim ** -0.5 if scaling is None else scaling
+    # [rows, kv_heads, heads sharing a kv head, dim]; the cache is fp32 (CPU attention in bf16 is
+    # several times slower)
+    q = (query[:rows, :, 0].float() * scale).view(rows, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, keys[:rows, :, :span].transpose(-1, -2)) + kv_pool.mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), values[:rows, :, :span])
+    out = out.view(rows, 1, heads, dim).to(query.dtype)  # [rows, new token, heads, dim]
+    padding = query.shape[0] - rows  # padding rows attend to nothing
     if padding:
-        outputs.append(torch.zeros_like(queries[:padding]))
-    return torch.cat(outputs).to(query.dtype).transpose(1, 2).contiguous(), None
+        out = torch.cat([out, out.new_zeros((padding, *out.shape[1:]))])
+    return out, None
+
+
+class Routing:
+    """Which adapter each row of the next forward pass uses, shared by a model's LoRA layers:
+    set by the engine before each pass instead of peft's `adapter_names` (which walks every
+    module and hooks every LoRA layer on each call: 40% of a decoding step with two adapters
+    loaded). `names` None: peft's own forward (the active adapter for every row)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.base_only = False  # every row on the base model: the base layers alone
+
+
+def _routed_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """A LoRA layer's forward under `Routing` (see batch_invariant_lora)."""
+    routing = self._chatloop_routing
+    if routing.names is None or kwargs.get("adapter_names") is not None:
+        return type(self).forward(self, x, *args, **kwargs)
+    if routing.base_only:
+        return self.base_layer(x, *args, **kwargs)
+    return _lora_rows(self, x, *args, adapter_names=routing.names, **kwargs)
 
 
 def _lora_rows(self: Any, x: Any, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
@@ -133,15 +212,22 @@ def _lora_rows(self: Any, x: Any, *args: Any, adapter_names: list[str], **kwargs
     return result
 
 
-def batch_invariant_lora(model: Any) -> None:
-    """Route a peft model's LoRA linear layers through `_lora_rows` (this model only)."""
+def batch_invariant_lora(model: Any) -> Routing:
+    """Route a peft model's LoRA linear layers through `_lora_rows` (this model only), by the
+    rows' adapters set on the returned `Routing` (the same one each call for a model), or by
+    peft's `adapter_names` when a caller passes them."""
     import types
 
     from peft.tuners.lora import Linear
 
+    routing = model.__dict__.get("_chatloop_routing") or Routing()
+    model.__dict__["_chatloop_routing"] = routing
     for module in model.modules():
         if isinstance(module, Linear):
             module._mixed_batch_forward = types.MethodType(_lora_rows, module)
+            module.__dict__["_chatloop_routing"] = routing
+            module.forward = types.MethodType(_routed_forward, module)
+    return routing
 
 
 def register_attention() -> None:
@@ -172,6 +258,7 @@ class BatchEngine:
         self.steps = 0  # decoding steps run; the peaks since start (tests and benchmarks)
         self.peak_rows = 0
         self.peak_kv_tokens = 0
+        self._pool: KvPool | None = None  # the decoding rows' caches (None: no row decoding)
         self._thread = threading.Thread(target=self._run, name="embedded-batch", daemon=True)
         self._thread.start()
 
@@ -248,16 +335,24 @@ class BatchEngine:
         except BaseException as exc:  # handed to the caller
             future.set_exception(exc)
 
-    def _admissible(self, admitted: int = 0) -> bool:
-        """Whether the next waiting request fits beside the active rows and `admitted` more."""
+    def _admissible(self, admitted: tuple[Row, ...] = ()) -> bool:
+        """Whether the next waiting request fits beside the active rows and `admitted`: its
+        reserved tokens, and the pooled cache they would all decode in (a lone row always)."""
         self._waiting = deque(s for s in self._waiting if not s.cancelled.is_set())
-        return bool(self._waiting) and len(self._active) + admitted < self.max_batch and (
-            self._reserved + self._waiting[0].capacity <= self.max_kv_tokens)
+        if not self._waiting:
+            return False
+        rows = [*self._active, *admitted, self._waiting[0]]
+        if len(rows) > self.max_batch:
+            return False
+        if self._reserved + rows[-1].capacity > self.max_kv_tokens:
+            return False
+        return len(rows) == 1 or len(rows) * _spans(max(s.capacity for s in rows)) <= (
+            self.max_kv_tokens)
 
     def _admit(self) -> list[Row]:
         admitted: list[Row] = []
         with self._cond:
-            while self._admissible(len(admitted)):
+            while self._admissible(tuple(admitted)):
                 seq = self._waiting.popleft()
                 self._reserved += seq.capacity
                 self.peak_kv_tokens = max(self.peak_kv_tokens, self._reserved)
@@ -272,6 +367,8 @@ class BatchEngine:
         self._active.remove(seq)
         self._reserved -= seq.capacity
         seq.keys = seq.values = None
+        if self._pool is not None and not self._active:
+            self._pool = None
         if event is not None:
             seq.sink(event)
 
@@ -283,15 +380,52 @@ class BatchEngine:
         for seq in waiting:
             seq.sink(exc)
 
-    def _forward(self, rows: list[Row], ids: Any, positions: Any) -> Any:
+    def _forward(self, rows: list[Row], ids: Any, positions: Any, **caches: Any) -> Any:
         """One forward pass; `ids` may hold padding rows after `rows` (base model, dropped)."""
         adapters = {}
+        routing = self.model.__dict__.get("_chatloop_routing")
         if self._adapters:
             names = [s.adapter or BASE for s in rows]
-            adapters["adapter_names"] = names + [BASE] * (ids.shape[0] - len(rows))
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
-                         logits_to_keep=1, kv_rows=rows, **adapters)
+            names += [BASE] * (ids.shape[0] - len(rows))
+            if routing is None:
+                adapters["adapter_names"] = names
+            else:
+                routing.names, routing.base_only = names, all(n == BASE for n in names)
+        try:
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
+                             logits_to_keep=1, **caches, **adapters)
+        finally:
+            if routing is not None:
+                routing.names = None
         return out.logits[:len(rows), -1, :].float()
+
+    def _pooled(self, rows: list[Row]) -> KvPool:
+        """The pool holding exactly `rows`, in order: the current one, compacted in place when
+        rows left, or a new one (rows joined or need longer slots) with every row copied in."""
+        pool = self._pool
+        length = _spans(max(s.capacity for s in rows))
+        if pool is not None and pool.rows == rows:
+            return pool
+        kept = set(map(id, pool.rows)) if pool is not None else set()
+        if pool is not None and all(id(s) in kept for s in rows) and pool.length >= length:
+            slots = {id(s): i for i, s in enumerate(pool.rows)}
+            for i, seq in enumerate(rows):  # rows keep their order: slot i <= the old slot
+                old = slots[id(seq)]
+                if old != i:
+                    pool.keys[:, i, :, :seq.length] = pool.keys[:, old, :, :seq.length]
+                    pool.values[:, i, :, :seq.length] = pool.values[:, old, :, :seq.length]
+            pool.rows = list(rows)
+        else:
+            layers, kv_heads, _, head_dim = rows[0].keys.shape
+            self._pool = None  # the old pool goes once its rows are copied out
+            pool = KvPool(rows, (layers, len(rows), kv_heads, length, head_dim))
+            for i, seq in enumerate(rows):
+                pool.keys[:, i, :, :seq.length] = seq.keys[:, :, :seq.length]
+                pool.values[:, i, :, :seq.length] = seq.values[:, :, :seq.length]
+        for i, seq in enumerate(rows):  # each row's cache is now its slot
+            seq.keys, seq.values = pool.keys[:, i], pool.values[:, i]
+        self._pool = pool
+        return pool
 
     def _prefill(self, seq: Row) -> None:
         import torch
@@ -314,7 +448,7 @@ class BatchEngine:
         ids = torch.tensor([seq.prompt])
         positions = torch.arange(len(seq.prompt)).unsqueeze(0)
         try:
-            logits = self._forward([seq], ids, positions)
+            logits = self._forward([seq], ids, positions, kv_row=seq)
         except Exception as exc:  # torch / transformers failures become typed errors
             self._leave(seq, InferenceError(f"generation failed: {type(exc).__name__}: {exc}"))
             return
@@ -330,7 +464,9 @@ class BatchEngine:
         ids = torch.tensor([[s.tokens[-1]] for s in rows + padding])
         positions = torch.tensor([[s.length] for s in rows + padding])
         try:
-            logits = self._forward(rows, ids, positions)
+            pool = self._pooled(rows)
+            pool.begin()
+            logits = self._forward(rows, ids, positions, kv_pool=pool)
         except Exception as exc:
             error = InferenceError(f"generation failed: {type(exc).__name__}: {exc}")
             for seq in rows:
@@ -379,6 +515,11 @@ class BatchEngine:
             self._waiting = deque(s for s in self._waiting if s.adapter != name)
         for seq in gone:
             seq.sink(error)
+
+
+def _spans(tokens: int) -> int:
+    """`tokens` rounded up to whole SPANs: a pool slot's length."""
+    return -(-tokens // SPAN) * SPAN
 
 
 class _Detokenizer:

@@ -206,3 +206,16 @@ def test_serving_precision_follows_the_training_rule() -> None:
     assert serving_dtype("fp32") == torch.float32 and serving_dtype("bf16") == torch.bfloat16
     with pytest.raises(ValueError):
         serving_dtype("fp8")
+
+
+async def test_bf16_rows_decode_alike_alone_and_batched(model_dir: Path) -> None:
+    """Precision "auto" serves bf16 on such machines: batching must not change its greedy text."""
+    bf16 = EmbeddedBackend(str(model_dir), precision="bf16", max_batch=8)
+    try:
+        requests = [ask(i, None, max_tokens=12 + 3 * i) for i in range(8)]
+        solo = [(await collect(bf16, r))[0] for r in requests]
+        together = await asyncio.gather(*[collect(bf16, r) for r in requests])
+        assert bf16.engine.peak_rows > 1  # rows really shared forward passes
+        assert [t[0] for t in together] == solo
+    finally:
+        await bf16.aclose()
