@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -31,10 +31,10 @@ def json_lines() -> Iterator[io.StringIO]:
     root.setLevel(level)
 
 
-async def test_a_turns_json_lines_carry_its_ids_and_no_text(
-        spans: Any, json_lines: io.StringIO, telegram_bot: Any) -> None:
-    # the adapter is not loaded: the turn logs a warning, then answers with the base model
-    bot = await telegram_bot(adapter="fb-v9", loaded=False)
+async def asked(bot: Any, json_lines: io.StringIO
+                ) -> tuple[Message, Any, Callable[[], list[dict[str, Any]]]]:
+    """QUESTION asked in a private chat: the stored answer, the one shown, and a reader of the
+    turn's JSON lines once the turn has logged its answer."""
     chat = bot.fake.private()
     bot.fake.say(chat, QUESTION)
     [answer] = await eventually(lambda: bot.fake.answers(chat["id"]))
@@ -45,7 +45,16 @@ async def test_a_turns_json_lines_carry_its_ids_and_no_text(
     def turn_lines() -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
         return [line for line in lines if line.get("turn_id") == stored.reply_to_id]
-    lines = await eventually(lambda: [x for x in turn_lines() if x["logger"] == "chatloop.turns"])
+    await eventually(lambda: [x for x in turn_lines() if x["logger"] == "chatloop.turns"])
+    return stored, answer, turn_lines
+
+
+async def test_a_turns_json_lines_carry_its_ids_and_no_text(
+        spans: Any, json_lines: io.StringIO, telegram_bot: Any) -> None:
+    # the adapter is not loaded: the turn logs a warning, then answers with the base model
+    bot = await telegram_bot(adapter="fb-v9", loaded=False)
+    stored, answer, turn_lines = await asked(bot, json_lines)
+    lines = [x for x in turn_lines() if x["logger"] == "chatloop.turns"]
     assert "answered" in lines[0]["message"] and lines[0]["adapter"] == "base"
     assert any("fb-v9 is not loaded" in x["message"] for x in turn_lines())
     for line in turn_lines():
@@ -72,17 +81,8 @@ async def test_without_spans_a_turns_json_lines_carry_the_ids_its_root_span_woul
         ids_only: None, json_lines: io.StringIO, telegram_bot: Any) -> None:
     assert STATE.tracer is None
     bot = await telegram_bot()
-    chat = bot.fake.private()
-    bot.fake.say(chat, QUESTION)
-    await eventually(lambda: bot.fake.answers(chat["id"]))
-    async with bot.sessions() as s:
-        stored = (await s.execute(select(Message).where(Message.role == "assistant"))
-                  ).scalar_one()
-
-    def turn_lines() -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in json_lines.getvalue().splitlines()]
-        return [line for line in lines if line.get("turn_id") == stored.reply_to_id]
-    lines = await eventually(lambda: [x for x in turn_lines() if x["logger"] == "chatloop.turns"])
+    stored, _, turn_lines = await asked(bot, json_lines)
+    lines = [x for x in turn_lines() if x["logger"] == "chatloop.turns"]
     assert "answered" in lines[0]["message"]
     for line in turn_lines():
         assert line["conversation_id"] == stored.conversation_id
