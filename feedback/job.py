@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PRECISIONS = ("auto", "bf16", "fp32")  # TrainJob.precision
+from inference.batching import PRECISIONS, native_bf16  # TrainJob.precision: serving's rule
 
 
 @dataclass
@@ -90,16 +90,10 @@ def cuda() -> bool:
 
 def trains_in_bf16(job: TrainJob) -> bool:
     """Whether to train under bf16 autocast (`TrainJob.precision`)."""
-    import torch
 
     if job.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                          f"not {job.precision!r}")
-    if job.precision != "auto":
-        return job.precision == "bf16"
-    if cuda():
-        return bool(torch.cuda.is_bf16_supported())
-    # oneDNN's check for native bf16 instructions (AVX512-BF16, AMX); emulated bf16 is slower
-    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and native is not None and native())
+    # "auto": native bf16 only (a CUDA GPU that has it, AVX512-BF16 or AMX); emulated is slower
+    return job.precision == "bf16" or (job.precision == "auto" and native_bf16())
 

@@ -51,8 +51,9 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def native_bf16() -> bool:
-    """Whether this machine computes bf16 natively: the rule `feedback.job.trains_in_bf16` uses
-    for precision "auto" (a CUDA GPU that supports it; oneDNN's check for AVX512-BF16 or AMX)."""
+    """Whether this machine computes bf16 natively: precision "auto" for serving and training
+    (`feedback.job.trains_in_bf16`): a CUDA GPU that supports it; oneDNN's check for
+    AVX512-BF16 or AMX."""
     import torch
 
     if torch.cuda.is_available():
