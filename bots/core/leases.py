@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage import events
-from storage.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +37,6 @@ class Leases:
         self._heartbeat: asyncio.Task[None] | None = None
         self._turns: dict[int, asyncio.Task[object]] = {}  # the task running each held turn
         self._lost: set[int] = set()
-
-    def until(self) -> datetime:
-        """When a lease taken now runs out, by this host's clock (SQLite, one host)."""
-        return utcnow() + timedelta(seconds=self.lease_s)
 
     async def claim(self, event_id: int) -> bool:
         """Take an open event no live process holds (`storage.events.claim_event`)."""
