@@ -7,7 +7,7 @@ Keyword-only functions taking the session (or, on the turn path, a plain connect
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Interval, bindparam, func, insert, select, update
@@ -75,16 +75,10 @@ _ANSWER_COLUMNS = ("conversation_id", "role", "text", "reply_to_id", "status",
                    "external_message_id", "created_at", *AnswerMeta.__dataclass_fields__)
 _question = (insert(_messages).values(bound_values(_messages, "q_", _QUESTION_COLUMNS))
              .returning(_messages.c.id).cte("question"))
-_BEGIN_TURN_PG = (
-    insert(events)
-    .from_select([*_EVENT_COLUMNS, "message_id"],
-                 select(*bound_values(events, "e_", _EVENT_COLUMNS).values(), _question.c.id))
-    .returning(events.c.id, events.c.message_id)
-)
-# the same with the lease's end by the database's clock (`e_lease_for`: an interval)
+# the lease's end by the database's clock (`e_lease_for`: an interval; NULL, no lease)
 _EVENT_VALUES = {**bound_values(events, "e_", _EVENT_COLUMNS),
                  "lease_until": func.now() + bindparam("e_lease_for", type_=Interval())}
-_BEGIN_TURN_PG_DB_CLOCK = (
+_BEGIN_TURN_PG = (
     insert(events)
     .from_select([*_EVENT_COLUMNS, "message_id"],
                  select(*_EVENT_VALUES.values(), _question.c.id))
@@ -162,17 +156,16 @@ async def begin_turn(
     external_message_id: str | None = None,
     payload: dict[str, Any] | None = None,
     owner: str | None = None,
-    lease_until: datetime | None = None,
     lease_s: float | None = None,
 ) -> TurnStart | None:
     """Record the inbound event and the question in one transaction; None if already seen.
 
-    `owner` holds the event until `lease_until`, or with `lease_s` for that long by the
-    database's clock (renewed while the turn runs); no other process resumes it before that.
+    `owner` holds the event for `lease_s` by the database's clock (renewed while the turn
+    runs); no other process resumes it before that.
     """
     now = utcnow()
-    if lease_s is not None:
-        lease_until = now + timedelta(seconds=lease_s)
+    lease_for = timedelta(seconds=lease_s) if lease_s is not None else None
+    lease_until = now + lease_for if lease_for is not None else None  # SQLite: one host
     question = dict(conversation_id=conversation_id, role=Role.USER, text=text,
                     author_id=author_id, external_message_id=external_message_id, created_at=now)
     event = dict(channel=channel, external_event_id=event_id, payload=payload,
@@ -180,11 +173,9 @@ async def begin_turn(
                  lease_until=lease_until)
     try:
         if is_postgres(session):
-            values = {**prefixed("q_", question), **prefixed("e_", event)}
-            if lease_s is not None:
-                values["e_lease_for"] = timedelta(seconds=lease_s)
-            row = (await session.execute(
-                _BEGIN_TURN_PG if lease_s is None else _BEGIN_TURN_PG_DB_CLOCK, values)).one()
+            values = {**prefixed("q_", question), **prefixed("e_", event),
+                      "e_lease_for": lease_for}
+            row = (await session.execute(_BEGIN_TURN_PG, values)).one()
             question_id, event_row = row.message_id, row.id
         else:
             question_id = (await session.execute(_INSERT_MESSAGE, question)).scalar_one()
