@@ -17,7 +17,8 @@ from feedback.evaluate import (
     golden_set,
     greedy,
     mean_loss,
-    pref_accuracy,
+    pref_wins,
+    share,
     vote_margin,
 )
 from feedback.examples import Example, read_examples
@@ -69,9 +70,7 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
     longest = max((len(tokenizer(e.completion)["input_ids"]) for e in heldout), default=0)
     max_tokens = min(job.eval_max_tokens, longest + 16)
 
-    # held-out hand-off pairs (the agent's reply over the bot's) and held-out votes
-    pairs = [(e.prompt, e.completion, e.rejected) for e in heldout
-             if e.source == "handoff" and e.rejected]
+    # held-out votes (held-out hand-off pairs, the agent's reply over the bot's: _metrics)
     votes = read_examples(Path(job.work_dir) / "heldout_votes.jsonl")[: job.eval_max_examples]
     liked = [bool(e.label) for e in votes]
     memory = _memory(Path(job.work_dir), heldout)
@@ -80,11 +79,12 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
         logps = answer_logps(model, tokenizer, [(e.prompt, e.completion) for e in votes])
         return {**_metrics(model, tokenizer, heldout, golden, known, max_tokens),
                 **_memory_metrics(model, tokenizer, heldout, known, max_tokens, memory),
-                "pair_accuracy": pref_accuracy(model, tokenizer, pairs),
                 "vote_logps": logps, "vote_margin": vote_margin(logps, liked)}
 
     report: dict[str, Any] = {"heldout_examples": len(heldout), "candidate": metrics(),
-                              "heldout_pairs": len(pairs), "heldout_vote_labels": liked,
+                              "heldout_pairs": sum(e.source == "handoff" and bool(e.rejected)
+                                                   for e in heldout),
+                              "heldout_vote_labels": liked,
                               "heldout_votes": len(votes) if len(set(liked)) == 2 else 0}
     if job.parent_path:
         model.load_adapter(job.parent_path, adapter_name="parent")
@@ -105,7 +105,9 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
 def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
              golden: list[tuple[list[dict[str, str]], str]], known: list[str],
              max_tokens: int) -> dict[str, Any]:
-    pairs = [(e.prompt, e.completion, e.rejected) for e in heldout if e.rejected]
+    with_rejected = [e for e in heldout if e.rejected]
+    wins = pref_wins(model, tokenizer, [(e.prompt, e.completion, e.rejected)
+                                        for e in with_rejected]) if with_rejected else []
     answers = [a["text"] for a in greedy_batch(model, tokenizer, [e.prompt for e in heldout],
                                                max_tokens)]
     scores = answer_scores(answers, [e.completion for e in heldout], known)
@@ -115,7 +117,10 @@ def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
             "heldout_wrong": scores["wrong"],
             "heldout_answers": answers[:8],
             "golden_loss": mean_loss(model, tokenizer, golden),
-            "pref_accuracy": pref_accuracy(model, tokenizer, pairs)}
+            "pref_accuracy": share(wins),
+            # hand-off pairs alone (the agent's reply over the bot's)
+            "pair_accuracy": share([w for w, e in zip(wins, with_rejected, strict=True)
+                                    if e.source == "handoff"])}
 
 
 

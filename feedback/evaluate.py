@@ -233,17 +233,23 @@ def mean_loss(model: Any, tokenizer: Any, items: Sequence[tuple[Chat, str]]) -> 
     return -sum(lp for lp, _ in scores) / count if count else None
 
 
-def pref_accuracy(model: Any, tokenizer: Any,
-                  pairs: Sequence[tuple[Chat, str, str]]) -> float | None:
-    """Share of (prompt, chosen, rejected) where chosen has the higher mean token log-prob."""
-    if not pairs:
-        return None
+def pref_wins(model: Any, tokenizer: Any, pairs: Sequence[tuple[Chat, str, str]]) -> list[bool]:
+    """Per (prompt, chosen, rejected): whether chosen has the higher mean token log-prob."""
     scores = completion_logps(model, tokenizer, [(p, c) for p, c, _ in pairs]
                               + [(p, r) for p, _, r in pairs])
     chosen, rejected = scores[:len(pairs)], scores[len(pairs):]
-    wins = sum(c / max(nc, 1) > r / max(nr, 1)
-               for (c, nc), (r, nr) in zip(chosen, rejected, strict=True))
-    return wins / len(pairs)
+    return [c / max(nc, 1) > r / max(nr, 1)
+            for (c, nc), (r, nr) in zip(chosen, rejected, strict=True)]
+
+
+def share(wins: Sequence[bool]) -> float | None:
+    return sum(wins) / len(wins) if wins else None
+
+
+def pref_accuracy(model: Any, tokenizer: Any,
+                  pairs: Sequence[tuple[Chat, str, str]]) -> float | None:
+    """Share of (prompt, chosen, rejected) where chosen has the higher mean token log-prob."""
+    return share(pref_wins(model, tokenizer, pairs)) if pairs else None
 
 
 def answer_logps(model: Any, tokenizer: Any, items: Sequence[tuple[Chat, str]]) -> list[float]:
