@@ -22,6 +22,7 @@ held-out votes, once with the votes as given and once with the labels shuffled.
 
     .venv/bin/python benchmarks/handoff.py [--part all|relay|learn] [--intents 6] [--train 3]
                                            [--anchors 48] [--augment 2] [--messages 100]
+                                           [--dpo-sft-weight 1.0]
 
 Prints tables and writes benchmarks/results/handoff.json.
 """
@@ -110,9 +111,9 @@ def learn(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 heldout.append(replace(ex, source="handoff"))
     job = dict(seed=args.seed, dpo_epochs=args.dpo_epochs, dpo_learning_rate=args.dpo_lr,
-               anchors=args.anchors, augment=args.augment)
+               dpo_sft_weight=args.dpo_sft_weight, anchors=args.anchors, augment=args.augment)
     out: dict[str, Any] = {"intents": len(intents), "train_pairs": len(dpo),
-                           "heldout_pairs": len(heldout)}
+                           "heldout_pairs": len(heldout), "job": job}
     with tempfile.TemporaryDirectory(prefix="bench-handoff-") as tmp:
         work = Path(tmp)
         runs = {}
@@ -320,6 +321,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dpo-epochs", type=float, default=TrainJob.dpo_epochs)
     ap.add_argument("--dpo-lr", type=float, default=TrainJob.dpo_learning_rate)
+    ap.add_argument("--dpo-sft-weight", type=float, default=TrainJob.dpo_sft_weight,
+                    help="weight of the agent's answer's NLL beside the DPO loss (0: DPO alone)")
     ap.add_argument("--anchors", type=int, default=TrainJob.anchors,
                     help="KL anchors (0: none; quicker on a loaded machine)")
     ap.add_argument("--augment", type=int, default=TrainJob.augment)

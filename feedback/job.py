@@ -54,6 +54,9 @@ class TrainJob:
     dpo_learning_rate: float = 5e-5
     dpo_epochs: float = 2.0
     dpo_beta: float = 0.1
+    # DPO alone lowers the chosen answers' likelihood along with the rejected ones' (RPO,
+    # Pang et al. 2024): the agent's answer's NLL, with this weight, keeps it up
+    dpo_sft_weight: float = 1.0
     eval_max_examples: int = 64
     eval_max_tokens: int = 96  # greedy answers to held-out questions (answer F1 and accuracy)
     system_prompt: str = ""

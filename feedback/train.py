@@ -125,7 +125,8 @@ def train(job: TrainJob) -> dict[str, Any]:
 def _dpo(model: Any, tokenizer: Any, job: TrainJob, pairs: list[Any]) -> dict[str, Any]:
     """DPO on the hand-offs' preference pairs (chosen: the agent's reply, rejected: the bot's
     answer), continuing the same LoRA adapter after SFT; the reference is a frozen copy of
-    the adapter as SFT left it (TRL's "ref" adapter)."""
+    the adapter as SFT left it (TRL's "ref" adapter). With `dpo_sft_weight`, the chosen
+    answer's NLL is added to the sigmoid loss (TRL's "sft" loss type)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -133,8 +134,10 @@ def _dpo(model: Any, tokenizer: Any, job: TrainJob, pairs: list[Any]) -> dict[st
                                "chosen": [{"role": "assistant", "content": e.completion}],
                                "rejected": [{"role": "assistant", "content": e.rejected or ""}]}
                               for e in pairs])
+    losses = {"sigmoid": 1.0, "sft": job.dpo_sft_weight} if job.dpo_sft_weight else {"sigmoid": 1.0}
     args = DPOConfig(**_common_args(job, "dpo"), learning_rate=job.dpo_learning_rate,
-                     num_train_epochs=job.dpo_epochs, beta=job.dpo_beta)
+                     num_train_epochs=job.dpo_epochs, beta=job.dpo_beta,
+                     loss_type=list(losses), loss_weights=list(losses.values()))
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     loss = trainer.train().training_loss
     if "ref" in model.peft_config:

@@ -13,10 +13,12 @@ is the channel's business (bots/<channel>/handoff.py); this desk keeps the state
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import unicodedata
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -109,6 +111,40 @@ class HandoffPolicy:
     def wants_person(self, text: str) -> bool:
         said = _norm(text)
         return any(p in said for p in self._phrases)
+
+
+class Links:
+    """Escalations this process is posting and linking to their agents' thread (a forum
+    topic, a Slack thread). An agent may write there the moment the thread appears, before
+    the link is committed: a lookup that finds no hand-off while links are under way waits
+    for them and looks again, instead of taking the thread for the agents' own."""
+
+    def __init__(self) -> None:
+        self._pending = self._done = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def linking(self) -> AsyncIterator[None]:
+        """Around creating an escalation's thread and storing it on the hand-off."""
+        self._pending += 1
+        try:
+            yield
+        finally:
+            self._pending -= 1
+            self._done += 1
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def find(self, lookup: Callable[[], Awaitable[HandoffView | None]]
+                   ) -> HandoffView | None:
+        """`lookup()`, looked at again after each link finished meanwhile."""
+        while True:
+            done, pending = self._done, self._pending
+            found = await lookup()
+            if found is not None or not pending:
+                return found
+            async with self._changed:
+                await self._changed.wait_for(lambda done=done: self._done != done)
 
 
 def _norm(text: str) -> str:

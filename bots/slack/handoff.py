@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from bots.core import ConversationCore, TurnResult
-from bots.core.handoff import BACK, TAKEN
+from bots.core.handoff import BACK, TAKEN, Links
 from bots.core.types import HandoffView, InboundMessage, Relay
 from bots.slack.api import SlackApi, SlackError
 from bots.slack.convert import CHANNEL, voter
@@ -50,6 +50,7 @@ class SlackHandoff:
     def __init__(self, core: ConversationCore, api: SlackApi, *, channel: str) -> None:
         self._core, self._api, self.channel = core, api, channel
         self._desk = core.handoff
+        self._links = Links()  # escalations posted here and not yet linked to their hand-off
 
     async def after_turn(self, result: TurnResult) -> None:
         if result.handoff is not None and result.handoff.new:
@@ -65,13 +66,14 @@ class SlackHandoff:
     async def escalate(self, h: HandoffView) -> bool:
         transcript = await self._desk.transcript(h)
         try:
-            ts = await self._api.post(channel=self.channel, thread_ts=None,
-                                      text=f"Hand-off #{h.id}: a person is asked for",
-                                      blocks=escalation_blocks(h, transcript, "waiting"))
+            async with self._links.linking():
+                ts = await self._api.post(channel=self.channel, thread_ts=None,
+                                          text=f"Hand-off #{h.id}: a person is asked for",
+                                          blocks=escalation_blocks(h, transcript, "waiting"))
+                await self._desk.escalated(h.id, agent_chat=self.channel, agent_ref=ts)
         except SlackError as exc:
             await self._desk.failed(h.id, f"slack:{exc.code}")
             return False
-        await self._desk.escalated(h.id, agent_chat=self.channel, agent_ref=ts)
         for relay in await self._desk.pending(h.id):
             await self.relay_in(relay, retry=False)
         return True
@@ -118,7 +120,7 @@ class SlackHandoff:
 
     async def on_agent(self, msg: InboundMessage) -> bool:
         """A message in an escalation's thread; False if the thread is no escalation."""
-        h = await self._desk.by_agent_ref(self.channel, msg.thread_id)
+        h = await self._links.find(lambda: self._desk.by_agent_ref(self.channel, msg.thread_id))
         if h is None:
             return False
         relay = await self._desk.agent_message(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiogram.types import Update, User
 
 from bots.core import ConversationCore, InboundMessage, TurnResult, identity
-from bots.core.handoff import BACK, TAKEN
+from bots.core.handoff import BACK, TAKEN, Links
 from bots.core.types import HandoffView, Relay
 from bots.telegram.convert import CHANNEL, HUMAN_BUTTON, MEDIA, Ask, Target
 from bots.telegram.outbound import (
@@ -60,10 +60,7 @@ class TelegramHandoff:
     def __init__(self, core: ConversationCore, api: TelegramApi, *, agents_chat: int) -> None:
         self._core, self._api, self.agents_chat = core, api, agents_chat
         self._desk = core.handoff
-        # topics created here whose hand-off is not linked to them yet: an agent may write in
-        # a topic the moment it appears, before the link is committed
-        self._linking = self._links_done = 0
-        self._linked = asyncio.Condition()
+        self._links = Links()  # topics created here and not yet linked to their hand-off
 
     # -- classifying -----------------------------------------------------------------------------
 
@@ -109,20 +106,15 @@ class TelegramHandoff:
         """Create the hand-off's topic, post the conversation so far and what the user wrote
         meanwhile; False if the agents' group cannot be reached (stored on the hand-off)."""
         name = f"#{handoff.id} {handoff.user_id}"[:128]
-        self._linking += 1
         try:
-            topic = await call(lambda: self._api.bot.create_forum_topic(
-                chat_id=self.agents_chat, name=name), self._api.policy)
-            await self._desk.escalated(handoff.id, agent_chat=str(self.agents_chat),
-                                       agent_ref=str(topic.message_thread_id))
+            async with self._links.linking():
+                topic = await call(lambda: self._api.bot.create_forum_topic(
+                    chat_id=self.agents_chat, name=name), self._api.policy)
+                await self._desk.escalated(handoff.id, agent_chat=str(self.agents_chat),
+                                           agent_ref=str(topic.message_thread_id))
         except DeliveryError as exc:
             await self._desk.failed(handoff.id, f"telegram:{_kind(exc)}")
             return False
-        finally:
-            self._linking -= 1
-            self._links_done += 1
-            async with self._linked:
-                self._linked.notify_all()
         lines = [f"{'User' if role == 'user' else 'Bot'}: {text}"
                  for role, text in await self._desk.transcript(handoff)]
         intro = (f"{handoff.user_id} asked for a person ({handoff.reason}). Write here to "
@@ -162,19 +154,9 @@ class TelegramHandoff:
 
     # -- the agents' side ------------------------------------------------------------------------
 
-    async def _topic(self, thread: int) -> HandoffView | None:
-        """The hand-off of a topic; while this process is linking a new topic to its hand-off,
-        the link is waited for (an agent may answer in a topic the moment it appears)."""
-        while True:
-            done, linking = self._links_done, self._linking
-            handoff = await self._desk.by_agent_ref(str(self.agents_chat), str(thread))
-            if handoff is not None or not linking:
-                return handoff
-            async with self._linked:  # then look again
-                await self._linked.wait_for(lambda done=done: self._links_done != done)
-
     async def on_agent(self, says: AgentSays) -> None:
-        handoff = await self._topic(says.thread)
+        handoff = await self._links.find(
+            lambda: self._desk.by_agent_ref(str(self.agents_chat), str(says.thread)))
         topic = Target(self.agents_chat, says.thread)
         if handoff is None:  # agents talking in a topic of their own
             log.debug("agents' topic %s belongs to no hand-off: not relayed", says.thread)

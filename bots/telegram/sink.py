@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 from aiogram.types import InlineKeyboardMarkup
 
@@ -30,6 +31,9 @@ from bots.telegram.render import is_plain, split_text
 
 log = logging.getLogger(__name__)
 
+# a send token this task took along with a chat's streaming slot, spent by its next call
+_prepaid: ContextVar[bool] = ContextVar("prepaid", default=False)
+
 
 class Pacer:
     """The bot's send budget (`per_second` messages, bursts of `burst`: Telegram allows about
@@ -45,22 +49,35 @@ class Pacer:
         self._next: dict[int, float] = {}
         self._buckets = buckets or LocalBuckets(clock=clock)
         self._bot, self._per_second, self._burst = bot, per_second, burst
+        self._sends = f"tg:{bot}:sends"
 
     def wait_time(self, chat_id: int) -> float:
         """How long a flood-control hold keeps this chat silent."""
         return max(0.0, self._next.get(chat_id, 0.0) - self._clock())
 
     async def slot(self, chat_id: int, interval: float) -> float:
-        """Take this chat's streaming slot: 0.0, or the seconds until one is free."""
+        """Take this chat's streaming slot: 0.0, or the seconds until one is free.
+
+        The bot's send token for the call comes first and goes with the slot: Telegram counts
+        calls when they arrive, so a slot taken before a wait in the bot's queue would let
+        this call land right before the chat's next one."""
         held = self.wait_time(chat_id)
         if held > 0:
             return held
-        return await self._buckets.take(f"tg:{self._bot}:chat:{chat_id}", 1.0 / interval, 1.0)
+        await self.send()
+        wait = await self._buckets.take(f"tg:{self._bot}:chat:{chat_id}", 1.0 / interval, 1.0)
+        if wait > 0:
+            await self._buckets.give(self._sends, self._per_second, self._burst)
+            return wait
+        _prepaid.set(True)
+        return 0.0
 
     async def send(self) -> None:
         """Wait for a token of the bot's send budget (every message, edit and draft)."""
-        await wait_for_token(self._buckets, f"tg:{self._bot}:sends", self._per_second,
-                             self._burst)
+        if _prepaid.get():
+            _prepaid.set(False)
+            return
+        await wait_for_token(self._buckets, self._sends, self._per_second, self._burst)
 
     def hold(self, chat_id: int, seconds: float) -> None:
         """Flood control: no streaming call to this chat for `seconds`."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import select
@@ -88,3 +89,41 @@ async def test_bot_not_in_the_agents_channel_is_stored(launch: Launch, sqlite_ur
         await gw.event(_event(payload("dm"), "Ev0202", text="hello?", ts="1735689900.000100"))
         await gw.idle()
         assert len(gw.backend.requests) == asked  # still with the people, nothing answered
+
+
+async def test_an_agent_answering_the_moment_the_escalation_appears_reaches_the_user(
+        launch: Launch, sqlite_url: str) -> None:
+    """The escalation is in the agents' channel before it is linked to its hand-off: a reply
+    in its thread in that moment waits for the link instead of being dropped."""
+    async with launch(sqlite_url, **SETTINGS) as gw:
+        desk = gw.services.core.handoff
+        link, find = desk.escalated, desk.by_agent_ref
+        missed: list[str] = []
+        replies: list[asyncio.Task[Any]] = []
+
+        async def looked_up(agent_chat: str, agent_ref: str) -> Any:
+            found = await find(agent_chat, agent_ref)
+            if found is None:
+                missed.append(agent_ref)
+            return found
+
+        async def link_late(handoff_id: int, *, agent_chat: str, agent_ref: str) -> None:
+            reply = _event("thread_reply", "Ev0301", channel=AGENTS, thread_ts=agent_ref,
+                           user="UAGENT", ts="1735689700.000300", text="Hello, I am here.")
+            reply["event"]["channel_type"] = "channel"
+            replies.append(asyncio.create_task(gw.event(reply)))
+            await gw.fake.wait_for(lambda: missed)  # the reply found no hand-off yet
+            await link(handoff_id, agent_chat=agent_chat, agent_ref=agent_ref)
+
+        desk.by_agent_ref, desk.escalated = looked_up, link_late
+        dm = payload("dm")
+        channel = dm["event"]["channel"]
+        await gw.event(_event(dm, "Ev0300", text="/human"))
+        await gw.fake.wait_for(lambda: any("Hello, I am here." in m.text
+                                           for m in _in(gw, channel)))
+        [response] = await asyncio.gather(*replies)
+        assert response.status_code == 200
+        await gw.idle()
+        async with gw.services.sessions() as s:
+            [h] = (await s.execute(select(Handoff))).scalars().all()
+        assert (h.status, h.agent_id) == ("held", "slack:T111/UAGENT")
