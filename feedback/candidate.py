@@ -162,15 +162,14 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
     is above the answer threshold, else the model with the entries it quotes in the prompt."""
     if memory is None:
         return {}
-    from inference.memory import recall_many
     from inference.prompt import with_references
 
-    picks = recall_many(memory, [_question(e.prompt) for e in heldout])
-    answers = [d.answer if d else "" for d, _ in picks]
-    todo = [i for i, (d, _) in enumerate(picks) if d is None]
+    picks = [memory.recall(_question(e.prompt)) for e in heldout]
+    answers = [r.verbatim.answer if r.verbatim else "" for r in picks]
+    todo = [i for i, r in enumerate(picks) if r.verbatim is None]
     chats = []
     for i in todo:
-        prompt, refs = heldout[i].prompt, [(d.question, d.answer) for d in picks[i][1]]
+        prompt, refs = heldout[i].prompt, [(r.question, r.answer) for r in picks[i].references]
         system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
         rest = prompt[1:] if system else prompt
         chats.append([{"role": "system", "content": with_references(system, refs)}, *rest]

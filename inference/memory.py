@@ -159,6 +159,25 @@ class Hit:
     lexical: float
 
 
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """An entry a turn used, with its similarity to the question."""
+
+    id: int
+    question: str
+    answer: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Recall:
+    """What the memory offers a question: an answer to send as it is, or else entries to
+    quote in the prompt (none: the model answers alone)."""
+
+    verbatim: Reference | None = None
+    references: tuple[Reference, ...] = ()
+
+
 class _Lexical:
     """One bm25s index over some slots of the dense matrix."""
 
@@ -293,6 +312,23 @@ class HybridIndex:
                 for s in top[:k] if np.isfinite(score[s])]
 
 
+    def recall(self, question: str, *, answer_at: float = ANSWER_AT,
+               refer_at: float = REFER_AT, k: int = 3, previous: str | None = None) -> Recall:
+        """Above `answer_at` the best entry is sent as it is; from `refer_at` the best `k`
+        are quoted. `previous` (the conversation's last question) is tried with the question
+        when the question alone matches nothing well enough to send: a follow-up."""
+        hits = self.search(question, k=k)
+        if previous and (not hits or hits[0].score < answer_at):
+            joined = self.search(f"{previous} {question}", k=k)
+            if joined and (not hits or joined[0].score > hits[0].score):
+                hits = joined
+        refs = tuple(Reference(h.id, d.question, d.answer, h.score) for h in hits
+                     if h.score >= refer_at and (d := self.docs.get(h.id)))
+        if refs and refs[0].score >= answer_at:
+            return Recall(verbatim=refs[0])
+        return Recall(references=refs)
+
+
 def to_bytes(vector: np.ndarray) -> bytes:
     return np.asarray(vector, np.float32).tobytes()
 
@@ -301,20 +337,3 @@ def from_bytes(blob: bytes, dim: int) -> np.ndarray | None:
     """A stored vector, or None if it is not one of `dim` float32s."""
     v = np.frombuffer(blob, np.float32)
     return v if v.shape == (dim,) else None
-
-
-def recall_many(index: HybridIndex, questions: Sequence[str], *, answer_at: float = ANSWER_AT,
-                refer_at: float = REFER_AT, k: int = 3
-                ) -> list[tuple[Doc | None, list[Doc]]]:
-    """Per question what the turn path does with a memory (bots.core.memory): the entry sent
-    as it is (above `answer_at`), else the entries quoted in the prompt (from `refer_at`).
-    For offline use (the training process's gate): the index holds `Doc`s by id in `docs`."""
-    out: list[tuple[Doc | None, list[Doc]]] = []
-    for q in questions:
-        hits = [h for h in index.search(q, k=k) if h.score >= refer_at]
-        docs = [index.docs[h.id] for h in hits if h.id in index.docs]
-        if hits and hits[0].score >= answer_at and docs:
-            out.append((docs[0], []))
-        else:
-            out.append((None, docs))
-    return out

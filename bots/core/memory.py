@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from inference.memory import Doc, HybridIndex, from_bytes, to_bytes
+from inference.memory import Doc, HybridIndex, Recall, from_bytes, to_bytes
 from storage import memory as store
 from storage.memory import EntryRow
 from storage.models import MemoryStatus
@@ -31,26 +31,9 @@ log = logging.getLogger(__name__)
 OVERLAP = timedelta(seconds=5)
 
 
-@dataclass(frozen=True, slots=True)
-class Reference:
-    """A memory entry a turn used, with its similarity to the question."""
-
-    id: int
-    question: str
-    answer: str
-    score: float
-
-
-@dataclass(frozen=True, slots=True)
-class Recall:
-    verbatim: Reference | None = None  # send this answer as it is
-    references: tuple[Reference, ...] = ()  # else quote these in the prompt
-
-
 @dataclass
 class _State:
     seen: dict[int, datetime] = field(default_factory=dict)  # entry id -> updated_at indexed
-    docs: dict[int, Doc] = field(default_factory=dict)  # live entries
     newest: datetime | None = None
 
 
@@ -81,19 +64,11 @@ class AnswerMemory:
         question, tried with it when the question alone matches nothing well: a follow-up)."""
         try:
             await self.refresh_if_stale()
-            hits = self.index.search(question, k=self.max_references)
-            if previous and (not hits or hits[0].score < self.answer_at):
-                joined = self.index.search(f"{previous} {question}", k=self.max_references)
-                if joined and (not hits or joined[0].score > hits[0].score):
-                    hits = joined
+            return self.index.recall(question, answer_at=self.answer_at, refer_at=self.refer_at,
+                                     k=self.max_references, previous=previous)
         except Exception:  # the model answers alone: memory is an aid, never a failure
             log.exception("answer memory unavailable for this turn")
             return Recall()
-        refs = tuple(Reference(h.id, d.question, d.answer, h.score) for h in hits
-                     if h.score >= self.refer_at and (d := self._state.docs.get(h.id)))
-        if refs and refs[0].score >= self.answer_at:
-            return Recall(verbatim=refs[0])
-        return Recall(references=refs)
 
     async def refresh_if_stale(self) -> None:
         if time.monotonic() - self._refreshed < self.refresh_s:
@@ -124,9 +99,6 @@ class AnswerMemory:
         # in a worker thread: a segment merge with many entries takes a while, and searches
         # (on the event loop) never wait for the index's writer
         await asyncio.to_thread(self._index, gone, docs, vectors, fresh)
-        for i in gone:
-            st.docs.pop(i, None)
-        st.docs.update({d.id: d for d in docs})
         for r in rows:
             st.seen[r.id] = r.updated_at
             st.newest = r.updated_at if st.newest is None else max(st.newest, r.updated_at)

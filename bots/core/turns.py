@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bots.core.leases import Leases
-from bots.core.memory import AnswerMemory, Recall, Reference
+from bots.core.memory import AnswerMemory
 from bots.core.types import CoreLimits, Outcome, ReplySink, Router, TurnResult
 from chatloop.telemetry import hooks
 from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBackend
 from inference.errors import AdapterNotFound, InferenceError
+from inference.memory import Recall, Reference
 from inference.prompt import PromptFitter, with_references
 from storage import conversations
 from storage.conversations import AnswerMeta, TurnStart

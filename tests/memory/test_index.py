@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.memory import Doc, HybridIndex, load_embedder, recall_many, words
+from inference.memory import Doc, HybridIndex, load_embedder, words
 
 COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
 
@@ -63,13 +63,13 @@ def test_sealed_segments_merge_and_stay_few(embedder) -> None:  # type: ignore[n
     assert index.search("widget250")[0].id == 250 and len(index) == 340
 
 
-def test_recall_many_answers_verbatim_quotes_or_leaves_the_model_alone(embedder) -> None:  # type: ignore[no-untyped-def]
+def test_recall_answers_verbatim_quotes_or_leaves_the_model_alone(embedder) -> None:  # type: ignore[no-untyped-def]
     index = HybridIndex(embedder)
     intents = COMPANY["intents"][:10]
     index.upsert([Doc(i, it["questions"][0], it["answer"]) for i, it in enumerate(intents)])
-    [(verbatim, none), (_, quoted), (alone, nothing)] = recall_many(
-        index, [intents[0]["questions"][0], "returns", "Who invented the telephone?"],
-        answer_at=0.9, refer_at=0.45)
-    assert verbatim is not None and verbatim.answer == intents[0]["answer"] and none == []
-    assert quoted and quoted[0].answer == intents[0]["answer"]
-    assert (alone, nothing) == (None, [])
+    sent, quoted, alone = (index.recall(q, answer_at=0.9, refer_at=0.45) for q in
+                           [intents[0]["questions"][0], "returns", "Who invented the telephone?"])
+    assert sent.verbatim is not None and sent.verbatim.answer == intents[0]["answer"]
+    assert sent.references == ()
+    assert quoted.verbatim is None and quoted.references[0].answer == intents[0]["answer"]
+    assert alone.verbatim is None and alone.references == ()
