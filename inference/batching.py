@@ -2,8 +2,9 @@
 
 A request is prefilled alone (its prompt in one forward pass) the moment it is admitted, then
 joins the running batch: each decoding step is one forward pass with one row per request, every
-row with its own LoRA adapter (peft's `adapter_names`; the base model is `"__base__"`). A request
-leaves the batch when it stops, runs out of tokens or is cancelled; the others carry on.
+row with its own LoRA adapter (`Routing`: per-row adapters, as peft's `adapter_names` gives; the
+base model is `"__base__"`). A request leaves the batch when it stops, runs out of tokens or is
+cancelled; the others carry on.
 
 Why not transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`)?
 It packs every request's tokens into a single row with paged attention, so peft cannot route
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference.base import Finished
-from inference.errors import AdapterNotFound, InferenceError
+from inference.errors import AdapterNotFound, ContextTooLong, InferenceError
 
 ATTENTION = "chatloop_rows"  # the registered transformers attention implementation
 BASE = "__base__"  # peft's adapter name for rows that use the base model
@@ -187,7 +188,7 @@ class Routing:
 def _routed_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """A LoRA layer's forward under `Routing` (see batch_invariant_lora)."""
     routing = self._chatloop_routing
-    if routing.names is None or kwargs.get("adapter_names") is not None:
+    if routing.names is None:
         return type(self).forward(self, x, *args, **kwargs)
     if routing.base_only:
         return self.base_layer(x, *args, **kwargs)
@@ -215,8 +216,7 @@ def _lora_rows(self: Any, x: Any, *args: Any, adapter_names: list[str], **kwargs
 
 def batch_invariant_lora(model: Any) -> Routing:
     """Route a peft model's LoRA linear layers through `_lora_rows` (this model only), by the
-    rows' adapters set on the returned `Routing` (the same one each call for a model), or by
-    peft's `adapter_names` when a caller passes them."""
+    rows' adapters set on the returned `Routing` (the same one each call for a model)."""
     import types
 
     from peft.tuners.lora import Linear
@@ -225,7 +225,6 @@ def batch_invariant_lora(model: Any) -> Routing:
     model.__dict__["_chatloop_routing"] = routing
     for module in model.modules():
         if isinstance(module, Linear):
-            module._mixed_batch_forward = types.MethodType(_lora_rows, module)
             module.__dict__["_chatloop_routing"] = routing
             module.forward = types.MethodType(_routed_forward, module)
     return routing
@@ -267,8 +266,8 @@ class BatchEngine:
 
     def submit(self, seq: Row) -> None:
         if seq.capacity > self.max_kv_tokens:
-            raise InferenceError(f"{seq.capacity} tokens exceed the KV cache cap "
-                                 f"({self.max_kv_tokens})")
+            raise ContextTooLong(f"{len(seq.prompt)} prompt tokens + {seq.max_tokens} exceed "
+                                 f"the KV cache cap ({self.max_kv_tokens})")
         with self._cond:
             if self._stopping:
                 raise InferenceError("the embedded engine is closed")
@@ -383,18 +382,14 @@ class BatchEngine:
 
     def _forward(self, rows: list[Row], ids: Any, positions: Any, **caches: Any) -> Any:
         """One forward pass; `ids` may hold padding rows after `rows` (base model, dropped)."""
-        adapters = {}
-        routing = self.model.__dict__.get("_chatloop_routing")
+        routing = self.model.__dict__.get("_chatloop_routing")  # set once adapters are loaded
         if self._adapters:
             names = [s.adapter or BASE for s in rows]
             names += [BASE] * (ids.shape[0] - len(rows))
-            if routing is None:
-                adapters["adapter_names"] = names
-            else:
-                routing.names, routing.base_only = names, all(n == BASE for n in names)
+            routing.names, routing.base_only = names, all(n == BASE for n in names)
         try:
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
-                             logits_to_keep=1, **caches, **adapters)
+                             logits_to_keep=1, **caches)
         finally:
             if routing is not None:
                 routing.names = None
