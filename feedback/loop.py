@@ -21,7 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatloop.telemetry import hooks
@@ -36,6 +35,7 @@ from inference.base import ChatMessage, GenerationRequest, InferenceBackend, Tex
 from inference.errors import InferenceError
 from storage import adapters, privacy, runs
 from storage import memory as answer_memory
+from storage.db import unavailable
 from storage.feedback import eligible_count
 from storage.models import AdapterVersion, MemoryStatus, RunStatus, utcnow
 
@@ -117,8 +117,8 @@ async def _finish(sessions: async_sessionmaker[AsyncSession], run_id: int, statu
             async with sessions() as s:
                 await runs.finish_run(s, run_id=run_id, status=status, **outcome)
             return
-        except (DBAPIError, OSError) as exc:
-            if asyncio.get_running_loop().time() + delay > deadline:
+        except Exception as exc:
+            if not unavailable(exc) or asyncio.get_running_loop().time() + delay > deadline:
                 raise
             log.warning("finishing run %s: database unavailable (%s), retrying", run_id,
                         type(exc).__name__)
@@ -135,7 +135,9 @@ async def _heartbeat(sessions: async_sessionmaker[AsyncSession], run_id: int,
         try:
             async with sessions() as s:
                 await runs.heartbeat(s, run_id=run_id)
-        except (DBAPIError, OSError) as exc:
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
             log.warning("heartbeat of run %s failed (%s): retrying", run_id,
                         type(exc).__name__)
 

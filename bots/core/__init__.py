@@ -13,7 +13,6 @@ platform payloads to core calls and render core results to platform calls.
 """
 
 from bots.core.conversation import HELP_TEXT, ConversationCore
-from bots.core.faults import unavailable
 from bots.core.recovery import MAX_RESUMES
 from bots.core.turns import APOLOGIES, APOLOGY
 from bots.core.types import (
@@ -33,6 +32,7 @@ from bots.core.types import (
     default_owner,
     identity,
 )
+from storage.db import unavailable
 from storage.feedback import UnknownAnswer
 
 __all__ = [
