@@ -1,7 +1,7 @@
 """Telegram gateway throughput and latency against the fake Bot API, polling and webhook mode.
 
     .venv/bin/python benchmarks/telegram.py [--users 200] [--per-user 5] [--storage sqlite]
-                                            [--repeat 3]
+                                            [--repeat 3] [--sends-per-s 1000]
 
 200 simulated users in private chats (the fake Bot API, in its own process, sends each user's
 next message when the previous answer arrives), an instant scripted model, one gateway (this
@@ -60,20 +60,22 @@ LIGHT_USERS = 5
 
 
 async def _run(mode: str, storage: str, users: int, per_user: int, tokenizer: Any,
-               deadline_s: float) -> dict[str, Any]:
+               deadline_s: float, sends_per_s: float) -> dict[str, Any]:
     async with fresh_database(storage, "chatloop_bench_tg") as url:
-        return await _run_on(url, mode, storage, users, per_user, tokenizer, deadline_s)
+        return await _run_on(url, mode, storage, users, per_user, tokenizer, deadline_s,
+                             sends_per_s)
 
 
 async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: int,
-                  tokenizer: Any, deadline_s: float) -> dict[str, Any]:
+                  tokenizer: Any, deadline_s: float, sends_per_s: float) -> dict[str, Any]:
     api_port, gw_port = free_port(), free_port()
     fake = start_process([sys.executable, "-m", "tests.fakes.telegram_api", "--port",
                           str(api_port)], f"http://127.0.0.1:{api_port}/_fake/stats")
     engine = make_engine(db_url)
     core = _core(engine, tokenizer)
     options = TelegramOptions(mode=mode, webhook_url=f"http://127.0.0.1:{gw_port}/telegram/webhook",
-                              webhook_secret="bench-secret", poll_timeout_s=5)
+                              webhook_secret="bench-secret", poll_timeout_s=5,
+                              sends_per_s=sends_per_s)
     channel = TelegramChannel(core=core, bot=make_bot(TOKEN, api_base=f"http://127.0.0.1:{api_port}"),
                               options=options)
 
@@ -188,7 +190,7 @@ async def _median_run(repeat: int, run: Callable[[], Awaitable[dict[str, Any]]]
 
 
 async def main(users: int, per_user: int, storages: list[str], modes: list[str],
-               deadline_s: float, repeat: int) -> None:
+               deadline_s: float, repeat: int, sends_per_s: float) -> None:
     from transformers import AutoTokenizer
 
     logging.basicConfig(level=logging.ERROR)
@@ -197,15 +199,18 @@ async def main(users: int, per_user: int, storages: list[str], modes: list[str],
     for storage in storages:
         for mode in modes:
             results.append(await _median_run(repeat, partial(
-                _run, mode, storage, users, per_user, tokenizer, deadline_s)))
+                _run, mode, storage, users, per_user, tokenizer, deadline_s, sends_per_s)))
         results.append(await _median_run(repeat, partial(
             _core_only, storage, users, per_user, tokenizer)))
         for mode in modes:  # light load: latency without queueing
-            light = await _run(mode, storage, LIGHT_USERS, 10, tokenizer, deadline_s)
+            light = await _run(mode, storage, LIGHT_USERS, 10, tokenizer, deadline_s,
+                               sends_per_s)
             results.append({**light, "mode": f"{mode}, {LIGHT_USERS} users"})
     rows = [{k: r.get(k, "") for k in results[0] if k != "methods"} for r in results]
-    print_table(f"telegram gateway: {users} users x {per_user} messages, instant model", rows)
-    write_json("telegram", {"users": users, "per_user": per_user, "results": results,
+    print_table(f"telegram gateway: {users} users x {per_user} messages, instant model, "
+                f"send budget {sends_per_s:g}/s", rows)
+    write_json("telegram", {"users": users, "per_user": per_user, "sends_per_s": sends_per_s,
+                            "results": results,
                             "note": "latency = update available at the fake Bot API -> final "
                                     "answer received by it; includes the fake's own handling"})
 
@@ -220,6 +225,10 @@ if __name__ == "__main__":
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds per run, at most")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per heavy configuration; the median run is reported")
+    ap.add_argument("--sends-per-s", type=float, default=1000.0,
+                    help="the bot's send budget (CHATLOOP_TELEGRAM_SENDS_PER_S; default 20, "
+                         "Telegram's limit for most bots): the gateway's own capacity is "
+                         "measured above it, as for a bot with paid broadcasts")
     a = ap.parse_args()
     asyncio.run(main(a.users, a.per_user, a.storage or ["sqlite", "postgres"],
-                     a.mode or ["polling", "webhook"], a.deadline, a.repeat))
+                     a.mode or ["polling", "webhook"], a.deadline, a.repeat, a.sends_per_s))

@@ -325,6 +325,9 @@ class TelegramSettings(Section):
     api_base: str | None = None  # another Bot API server (self-hosted, or a test fake)
     draft_interval_s: float = Field(default=1.0, ge=0)  # private chats: draft updates
     edit_interval_s: float = Field(default=3.0, ge=0)  # groups: edits (~20/min/group)
+    # the bot's messages, edits and drafts a second, all replicas together (Telegram: about
+    # 30; more with paid broadcasts)
+    sends_per_s: float = Field(default=20.0, gt=0)
     poll_timeout_s: int = Field(default=25, ge=0, le=50)
     drain_s: float = Field(default=20.0, ge=0)  # on shutdown: finish answers in progress
     agents_chat: int | None = None  # hand-off: the agents' forum supergroup (one topic a user)

@@ -114,6 +114,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_TELEGRAM_API_BASE", "http://tg:8081", "telegram.api_base", "http://tg:8081"),
     ("CHATLOOP_TELEGRAM_DRAFT_INTERVAL_S", "0.5", "telegram.draft_interval_s", 0.5),
     ("CHATLOOP_TELEGRAM_EDIT_INTERVAL_S", "4", "telegram.edit_interval_s", 4.0),
+    ("CHATLOOP_TELEGRAM_SENDS_PER_S", "250", "telegram.sends_per_s", 250.0),
     ("CHATLOOP_TELEGRAM_POLL_TIMEOUT_S", "10", "telegram.poll_timeout_s", 10),
     ("CHATLOOP_TELEGRAM_DRAIN_S", "3", "telegram.drain_s", 3.0),
     ("SLACK_BOT_TOKEN", "xoxb-1", "slack.bot_token", "xoxb-1"),

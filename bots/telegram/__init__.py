@@ -45,6 +45,7 @@ def build_channel(settings: TelegramSettings, *, core: ConversationCore) -> Tele
     options = TelegramOptions(
         mode=s.mode, webhook_url=s.webhook_url, webhook_secret=secret,
         draft_interval_s=s.draft_interval_s, edit_interval_s=s.edit_interval_s,
+        sends_per_s=s.sends_per_s,
         poll_timeout_s=s.poll_timeout_s, drain_s=s.drain_s, agents_chat=s.agents_chat,
     )
     bot = make_bot(s.bot_token.get_secret_value(), api_base=s.api_base)

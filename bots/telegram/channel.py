@@ -45,6 +45,7 @@ class TelegramOptions:
     webhook_secret: str | None = None
     draft_interval_s: float = 1.0  # private chats: sendMessageDraft
     edit_interval_s: float = 3.0  # groups: editMessageText, ~20 per minute per group
+    sends_per_s: float = 20.0  # the bot's send budget, every replica together (sink.Pacer)
     preview_after_s: float = 0.25  # no preview before: an answer done by then is sent once
     poll_timeout_s: int = 25
     settle_s: float = 0.2  # polling: wait this long for recording before polling again
@@ -71,7 +72,8 @@ class TelegramChannel:
                              "A-Z, a-z, 0-9, _ and -")
         self.core, self.bot, self.options = core, bot, options
         self.api = TelegramApi(bot, retry)
-        self._pacer = Pacer(buckets=shared_buckets(), bot=str(bot.id))
+        self._pacer = Pacer(buckets=shared_buckets(), bot=str(bot.id),
+                            per_second=options.sends_per_s)
         self.api.budget = self._pacer.send
         self._intake = Lanes()  # recording: accept a question, store a vote or a correction
         self._answers = Lanes()  # generating and streaming answers
