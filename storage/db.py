@@ -80,9 +80,11 @@ def make_engine(url: str, *, pool_size: int = 20, idle_ping_s: float = IDLE_PING
     if u.drivername.startswith("sqlite"):
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, hide_parameters=True
-        )
+        from storage.sqlite_driver import DBAPI
+
+        engine = create_async_engine(  # one trip to aiosqlite's thread a statement
+            url, module=DBAPI, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     engine = create_async_engine(
