@@ -81,11 +81,12 @@ async def note_shown(session: AsyncSession, *, event_id: int, ref: str) -> None:
     await session.commit()
 
 
-async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], owner: str,
-                       lease_s: float | None) -> set[int]:
+async def renew_leases(session: Executor, *, event_ids: Collection[int], owner: str,
+                       lease_s: float | None, commit: bool = True) -> set[int]:
     """Extend by `lease_s` from the database's now (or, with None, give up) the leases on
     these events that `owner` still holds; returns their ids. One missing was taken over by
-    another process (this one stalled past its lease): its turn must stop."""
+    another process (this one stalled past its lease): its turn must stop. `commit=False`
+    leaves the renewal in the caller's transaction (the rows stay locked until it ends)."""
     if not event_ids:
         return set()
     result = await session.execute(
@@ -93,5 +94,6 @@ async def renew_leases(session: AsyncSession, *, event_ids: Collection[int], own
         .values(lease_until=None if lease_s is None else lease_end(session, lease_s))
         .returning(events.c.id))
     renewed = {int(i) for i in result.scalars()}
-    await session.commit()
+    if commit:
+        await session.commit()
     return renewed

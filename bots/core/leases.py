@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from storage import events
+from storage.sql import Executor
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,17 @@ class Leases:
             return await events.claim_event(s, event_id=event_id, owner=self.owner,
                                             lease_s=self.lease_s)
 
-    async def confirm(self, event_id: int) -> None:
-        """Renew the lease on `event_id` now, or raise LeaseLost if another process has it."""
-        async with self._sessions() as s:
-            renewed = await events.renew_leases(s, event_ids={event_id}, owner=self.owner,
-                                                lease_s=self.lease_s)
+    async def confirm(self, event_id: int, within: Executor | None = None) -> None:
+        """Renew the lease on `event_id` now, or raise LeaseLost if another process has it;
+        `within`: in that connection's transaction (a write it makes then stands or falls
+        with the lease: the event's row stays locked until it commits)."""
+        if within is not None:
+            renewed = await events.renew_leases(within, event_ids={event_id}, owner=self.owner,
+                                                lease_s=self.lease_s, commit=False)
+        else:
+            async with self._sessions() as s:
+                renewed = await events.renew_leases(s, event_ids={event_id}, owner=self.owner,
+                                                    lease_s=self.lease_s)
         if event_id not in renewed:
             self._lose(event_id, stop=False)
             raise LeaseLost(event_id)

@@ -109,7 +109,8 @@ class Turns:
         if not progress.text.strip():
             return await self._failed(turn, progress, "empty_answer", sink, APOLOGY, meta)
         answer_id = await self._store(turn, progress.text, AnswerStatus.OK, meta)
-        return await self.deliver(turn, answer_id, progress.text, sink, progress.adapter)
+        return await self.deliver(turn, answer_id, progress.text, sink, progress.adapter,
+                                  confirmed=True)
 
     async def _from_memory(self, turn: TurnStart, entry: Reference, sink: ReplySink,
                            started: float) -> TurnResult:
@@ -120,7 +121,7 @@ class Turns:
                           finish_reason="memory", memory_entry_id=entry.id)
         answer_id = await self._store(turn, entry.answer, AnswerStatus.OK, meta)
         return await self.deliver(turn, answer_id, entry.answer, sink, None,
-                                  memory_entry_id=entry.id)
+                                  memory_entry_id=entry.id, confirmed=True)
 
     def _meta(self, progress: _Progress, done: Finished | None = None) -> AnswerMeta:
         return AnswerMeta(
@@ -142,9 +143,11 @@ class Turns:
 
     @hooks.delivering
     async def deliver(self, turn: TurnStart, answer_id: int, text: str, sink: ReplySink,
-                      adapter: str | None, *, memory_entry_id: int | None = None) -> TurnResult:
-        """Show a stored answer, then close its event (a crash before that re-delivers it)."""
-        if self._leases is not None:
+                      adapter: str | None, *, memory_entry_id: int | None = None,
+                      confirmed: bool = False) -> TurnResult:
+        """Show a stored answer, then close its event (a crash before that re-delivers it).
+        The lease is confirmed first, unless storing the answer just did (`confirmed`)."""
+        if self._leases is not None and not confirmed:
             await self._leases.confirm(turn.event_id)
         external_id = await sink.finish(text, answer_id)
         async with self._engine.connect() as s:
@@ -195,8 +198,8 @@ class Turns:
 
     async def _store(self, turn: TurnStart, text: str, status: AnswerStatus,
                      meta: AnswerMeta) -> int:
-        if self._leases is not None:
-            await self._leases.confirm(turn.event_id)
         async with self._engine.connect() as s:
+            if self._leases is not None:  # in the answer's transaction
+                await self._leases.confirm(turn.event_id, within=s)
             return await conversations.finish_turn(s, turn=turn, text=text, status=status,
                                                    meta=meta)
