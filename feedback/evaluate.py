@@ -243,13 +243,9 @@ def pref_wins(model: Any, tokenizer: Any, pairs: Sequence[tuple[Chat, str, str]]
 
 
 def share(wins: Sequence[bool]) -> float | None:
+    """The share of wins (None: nothing to judge)."""
     return sum(wins) / len(wins) if wins else None
 
-
-def pref_accuracy(model: Any, tokenizer: Any,
-                  pairs: Sequence[tuple[Chat, str, str]]) -> float | None:
-    """Share of (prompt, chosen, rejected) where chosen has the higher mean token log-prob."""
-    return share(pref_wins(model, tokenizer, pairs)) if pairs else None
 
 
 def answer_logps(model: Any, tokenizer: Any, items: Sequence[tuple[Chat, str]]) -> list[float]:

@@ -311,7 +311,6 @@ class HybridIndex:
         return [Hit(int(ids[s]), float(score[s]), float(dense[s]), float(lexical[s]))
                 for s in top[:k] if np.isfinite(score[s])]
 
-
     def recall(self, question: str, *, answer_at: float = ANSWER_AT,
                refer_at: float = REFER_AT, k: int = 3, previous: str | None = None) -> Recall:
         """Above `answer_at` the best entry is sent as it is; from `refer_at` the best `k`

@@ -49,13 +49,10 @@ class Leases:
         """Renew the lease on `event_id` now, or raise LeaseLost if another process has it;
         `within`: in that connection's transaction (a write it makes then stands or falls
         with the lease: the event's row stays locked until it commits)."""
-        if within is not None:
-            renewed = await events.renew_leases(within, event_ids={event_id}, owner=self.owner,
-                                                lease_s=self.lease_s, commit=False)
-        else:
-            async with self._sessions() as s:
-                renewed = await events.renew_leases(s, event_ids={event_id}, owner=self.owner,
-                                                    lease_s=self.lease_s)
+        async with (contextlib.nullcontext(within) if within is not None
+                    else self._sessions()) as s:
+            renewed = await events.renew_leases(s, event_ids={event_id}, owner=self.owner,
+                                                lease_s=self.lease_s, commit=within is None)
         if event_id not in renewed:
             self._lose(event_id, stop=False)
             raise LeaseLost(event_id)

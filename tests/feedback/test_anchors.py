@@ -64,7 +64,7 @@ def test_batched_completion_logps_match_one_full_forward_each(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from feedback.evaluate import completion_logps, pref_accuracy
+    from feedback.evaluate import completion_logps, pref_wins, share
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     items = [([{"role": "user", "content": q}], a) for q, a in [
@@ -88,4 +88,4 @@ def test_batched_completion_logps_match_one_full_forward_each(
         assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in expected], abs=1e-3)
     # the right answer beats a wrong one for a question, and pairs stay paired in the batch
     pairs = [(p, a, items[(i + 1) % 4][1]) for i, (p, a) in enumerate(items[:4])]
-    assert pref_accuracy(model, tokenizer, pairs) >= 0.75
+    assert share(pref_wins(model, tokenizer, pairs)) >= 0.75
