@@ -12,7 +12,7 @@ from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 
-from chatloop.telemetry.metrics import PLATFORM_CALLS, child
+from chatloop.telemetry.metrics import PLATFORM_CALLS
 from chatloop.telemetry.tracing import STATE
 
 
@@ -32,5 +32,5 @@ class CountCalls(AsyncRetryHandler):
                               error: Exception | None = None) -> bool:
         if STATE.metrics:
             method = request.url.rstrip("/").rsplit("/", 1)[-1]
-            child(PLATFORM_CALLS, "slack", method, status_of(response)).inc()
+            PLATFORM_CALLS.labels("slack", method, status_of(response)).inc()
         return False

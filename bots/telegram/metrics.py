@@ -24,7 +24,7 @@ from aiogram.exceptions import (
 )
 from aiogram.methods import Response, TelegramMethod
 
-from chatloop.telemetry.metrics import PLATFORM_CALLS, child
+from chatloop.telemetry.metrics import PLATFORM_CALLS
 from chatloop.telemetry.tracing import STATE
 
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class CountCalls(BaseRequestMiddleware):
         try:
             response = await make_request(bot, method)
         except TelegramAPIError as exc:
-            child(PLATFORM_CALLS, "telegram", name, status_of(exc)).inc()
+            PLATFORM_CALLS.labels("telegram", name, status_of(exc)).inc()
             raise
-        child(PLATFORM_CALLS, "telegram", name, "200").inc()
+        PLATFORM_CALLS.labels("telegram", name, "200").inc()
         return response

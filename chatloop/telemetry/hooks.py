@@ -50,13 +50,6 @@ def _outcome(result: Any) -> str:
     return str(getattr(result, "outcome", "unknown"))
 
 
-@contextlib.contextmanager
-def _current(info: TurnInfo) -> Iterator[TurnInfo]:
-    token = CURRENT.set(info)
-    try:
-        yield info
-    finally:
-        CURRENT.reset(token)
 
 
 # -- bots.core.conversation.ConversationCore -------------------------------------------------
@@ -70,12 +63,15 @@ def accepting(fn: F) -> F:
         if not STATE.active:
             return await fn(self, msg, sink, *args, **kwargs)
         started = time.time_ns()
-        with _current(TurnInfo(channel=msg.channel)):
+        token = CURRENT.set(TurnInfo(channel=msg.channel))
+        try:
             result = await fn(self, msg, sink, *args, **kwargs)
+        finally:
+            CURRENT.reset(token)
         turn = getattr(result, "turn", None)
         if turn is None:
             if STATE.metrics:
-                m.child(m.TURNS, msg.channel, _outcome(result)).inc()
+                m.TURNS.labels(msg.channel, _outcome(result)).inc()
         elif STATE.tracer is not None:
             _received[turn.event_id] = (started, time.time_ns(), msg.channel)
             while len(_received) > _RECEIVED_MAX:
@@ -94,10 +90,16 @@ def answering(fn: F) -> F:
         started, received, channel = _received.pop(turn.event_id, (None, None, accepted.key[0]))
         info = TurnInfo(channel=channel, turn_id=turn.question_id,
                         conversation_id=turn.conversation_id)
-        with _current(info), _root(info, start=started) as root:
-            if root is not None and started is not None:
-                _child("turn received", started, received)
-            return await fn(self, accepted, sink, *args, **kwargs)
+        token = CURRENT.set(info)
+        try:
+            if STATE.tracer is None:
+                return await fn(self, accepted, sink, *args, **kwargs)
+            with _root(info, start=started):
+                if started is not None:
+                    _child("turn received", started, received)
+                return await fn(self, accepted, sink, *args, **kwargs)
+        finally:
+            CURRENT.reset(token)
     return answer  # type: ignore[return-value]
 
 
@@ -126,7 +128,7 @@ async def _evaluated(sessions: Any, kind: str, kwargs: dict[str, Any], result: A
     rating = {1: "up", -1: "down"}.get(result.rating, "none")
     channel = str(kwargs.get("voter_id", "")).partition(":")[0] or "unknown"
     if STATE.metrics:
-        m.child(m.FEEDBACK, channel, kind, rating, adapter).inc()
+        m.FEEDBACK.labels(channel, kind, rating, adapter).inc()
     if STATE.tracer is None or answer.reply_to_id is None:
         return
     attrs = {"gen_ai.evaluation.name": f"user_{kind}", "gen_ai.response.id": str(answer.id),
@@ -153,9 +155,12 @@ def resuming(fn: F) -> F:
                          ) -> Any:
         if not STATE.active or event.message_id is None:
             return await fn(self, event, sink_for, *args, **kwargs)
-        info = TurnInfo(channel=event.channel, turn_id=event.message_id)
-        with _current(info), _root(info, attempt=event.attempts + 1, end=False) as root:
-            resumed = await fn(self, event, sink_for, *args, **kwargs)
+        token = CURRENT.set(info := TurnInfo(channel=event.channel, turn_id=event.message_id))
+        try:
+            with _root(info, attempt=event.attempts + 1, end=False) as root:
+                resumed = await fn(self, event, sink_for, *args, **kwargs)
+        finally:
+            CURRENT.reset(token)
         if resumed:
             if root is not None:
                 root.end()
@@ -181,29 +186,36 @@ def running(fn: F) -> F:
                   ) -> Any:
         if not STATE.active:
             return await fn(self, turn, question, sink, *args, **kwargs)
-        info = CURRENT.get() or TurnInfo(channel="unknown")
+        info = CURRENT.get()
+        token = None
+        if info is None:  # a turn not begun by `answer` (tests that run Turns alone)
+            token = CURRENT.set(info := TurnInfo(channel="unknown"))
         info.turn_id, info.conversation_id = turn.question_id, turn.conversation_id
         info.run_started_ns, info.prompt_done = time.time_ns(), False
         started = time.perf_counter()
-        gauge = m.child(m.TURNS_IN_FLIGHT, info.channel) if STATE.metrics else None
+        gauge = m.TURNS_IN_FLIGHT.labels(info.channel) if STATE.metrics else None
         if gauge is not None:
             gauge.inc()
         try:
-            with _current(info):
-                result = await fn(self, turn, question, sink, *args, **kwargs)
+            result = await fn(self, turn, question, sink, *args, **kwargs)
         except asyncio.CancelledError:
             _count_turn(info.channel, "cancelled")
             raise
         finally:
             if gauge is not None:
                 gauge.dec()
-        _count_turn(info.channel, _outcome(result))
+            if token is not None:
+                CURRENT.reset(token)
+        outcome = _outcome(result)
+        _count_turn(info.channel, outcome)
         # one line per turn: ids, outcome and timing, never the text
-        log.info("turn %s %s in %.0f ms (%s)", turn.question_id, _outcome(result),
+        log.info("turn %s %s in %.0f ms (%s)", turn.question_id, outcome,
                  (time.perf_counter() - started) * 1000, result.error_kind or "ok")
+        if STATE.tracer is None:
+            return result
         span = trace.get_current_span()
         if span.is_recording():
-            span.set_attributes({"chatloop.outcome": _outcome(result),
+            span.set_attributes({"chatloop.outcome": outcome,
                                  "chatloop.adapter": result.adapter or "base"})
             if result.answer_id is not None:
                 span.set_attribute("chatloop.answer_id", result.answer_id)
@@ -215,7 +227,7 @@ def running(fn: F) -> F:
 
 def _count_turn(channel: str, outcome: str) -> None:
     if STATE.metrics:
-        m.child(m.TURNS, channel, outcome).inc()
+        m.TURNS.labels(channel, outcome).inc()
 
 
 def generating(fn: F) -> F:
@@ -228,9 +240,9 @@ def generating(fn: F) -> F:
             return await fn(self, messages, sink, progress, *args, **kwargs)
         info = info or TurnInfo(channel="unknown")
         model = getattr(self.backend, "model_name", "") or "unknown"
-        tracer, now = STATE.tracer, time.time_ns()
+        tracer = STATE.tracer
         if tracer is not None and not info.prompt_done and info.run_started_ns is not None:
-            _child("prompt fitted", info.run_started_ns, now,
+            _child("prompt fitted", info.run_started_ns, time.time_ns(),
                    {"chatloop.prompt_messages": len(messages)})
             info.prompt_done = True
         info.adapter = progress.adapter
@@ -245,8 +257,11 @@ def generating(fn: F) -> F:
         started, done, error = time.perf_counter(), None, ""
         info.in_generate = True
         try:
-            with trace.use_span(span, end_on_exit=False) if span else contextlib.nullcontext():
+            if span is None:
                 done = await fn(self, messages, sink, progress, *args, **kwargs)
+            else:
+                with trace.use_span(span, end_on_exit=False):
+                    done = await fn(self, messages, sink, progress, *args, **kwargs)
             return done
         except Exception as exc:
             error = str(getattr(exc, "kind", "") or type(exc).__name__)
@@ -269,14 +284,14 @@ def _inference_done(span: Any, model: str, progress: Any, done: Any, error: str,
     used = progress.adapter or model
     labels = ("chat", used, progress.adapter or "base")
     if STATE.metrics:
-        m.child(m.OPERATION_DURATION, *labels, error).observe(time.perf_counter() - started)
+        m.OPERATION_DURATION.labels(*labels, error).observe(time.perf_counter() - started)
         if progress.ttft_ms is not None:
             first = progress.started + progress.ttft_ms / 1000 - started
-            m.child(m.TIME_TO_FIRST_CHUNK, *labels).observe(max(first, 0.0))
+            m.TIME_TO_FIRST_CHUNK.labels(*labels).observe(max(first, 0.0))
         if done is not None:
             for kind, n in (("input", done.prompt_tokens), ("output", done.completion_tokens)):
                 if n is not None:
-                    m.child(m.TOKEN_USAGE, *labels, kind).observe(n)
+                    m.TOKEN_USAGE.labels(*labels, kind).observe(n)
     if span is None:
         return
     span.set_attributes({"gen_ai.response.model": used,

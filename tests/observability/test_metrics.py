@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from storage.models import Message
@@ -72,3 +73,39 @@ async def test_metrics_count_turns_tokens_votes_and_platform_calls(
     assert calls("sendMessage", "200") >= 3
     assert calls("answerCallbackQuery", "200") == 2
     assert after[("chatloop_turns_in_flight", (("channel", "telegram"),))] == 0
+
+
+def test_a_family_exposes_what_prometheus_client_would() -> None:
+    """Buckets are cumulative with `le` inclusive, counters end in _total, a cleared gauge
+    shows no series, and a wrong number of labels is refused."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chatloop.telemetry.metrics import Family
+
+    registry = CollectorRegistry()
+    hist = Family("histogram", "t_seconds", "a histogram", ["k"], buckets=(0.1, 1.0),
+                  registry=registry)
+    count = Family("counter", "t_events", "a counter", ["k"], registry=registry)
+    gauge = Family("gauge", "t_level", "a gauge", ["k"], registry=registry)
+    for value in (0.1, 0.5, 1.0, 7.0):  # on a bound counts in that bucket
+        hist.labels("a").observe(value)
+    count.labels("a").inc()
+    count.labels("a").inc(2)
+    gauge.labels("x").set(3)
+    gauge.clear()
+    gauge.labels("y").inc()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in f.samples}
+    assert samples == {
+        ("t_seconds_bucket", (("k", "a"), ("le", "0.1"))): 1.0,
+        ("t_seconds_bucket", (("k", "a"), ("le", "1.0"))): 3.0,
+        ("t_seconds_bucket", (("k", "a"), ("le", "+Inf"))): 4.0,
+        ("t_seconds_count", (("k", "a"),)): 4.0,
+        ("t_seconds_sum", (("k", "a"),)): 8.6,
+        ("t_events_total", (("k", "a"),)): 3.0,
+        ("t_level", (("k", "y"),)): 1.0,
+    }
+    with pytest.raises(ValueError, match="takes labels"):
+        count.labels("a", "b")
