@@ -47,9 +47,17 @@ class TurnContext(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message, the turn's ids, exc."""
 
+    _encoder = json.JSONEncoder(ensure_ascii=False, default=str)
+    _second: tuple[int, str] = (-1, "")  # the last whole second seen, formatted
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second[0]:
+            self._second = (second, datetime.fromtimestamp(second, UTC).strftime(
+                "%Y-%m-%dT%H:%M:%S"))
+        millis = int((record.created - second) * 1000)
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": f"{self._second[1]}.{millis:03d}+00:00",
             "level": record.levelname, "logger": record.name, "message": record.getMessage(),
         }
         for name in TURN_FIELDS:
@@ -58,7 +66,7 @@ class JsonFormatter(logging.Formatter):
                 out[name] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return self._encoder.encode(out)
 
 
 def configure_logging(fmt: Literal["text", "json"] = "text", *, level: int = logging.INFO,
