@@ -11,7 +11,8 @@ the turn's ids and trace id: what `chatloop serve` does with `CHATLOOP_LOG_FORMA
 OTLP endpoint, where no span is made; `--spans`: the SDK's spans made for every turn too, as
 with an OTLP endpoint, but exported nowhere), alternating off/on/on/off... so that drift on a
 shared machine hits both alike. Reports the median updates/s of each and their ratio (goal:
-on within 3 % of off), and the gateway's CPU time per update. The log lines go to a file
+on within 3 % of off), the median ratio of neighbouring runs (one off, one on, back to back:
+less moved by the machine's drift), and the gateway's CPU time per update. The log lines go to a file
 under var/bench; after the "on" rounds /metrics is scraped and must count every answered turn.
 """
 
@@ -94,8 +95,15 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
              "gateway CPU ms /update": cpu[flag],
              "runs updates/s": " ".join(f"{r:.1f}" for r in rates[flag])}
             for name, flag, value in (("off", False, off), ("on", True, on))]
+    # runs 2k and 2k+1 are neighbours (one off, one on): their ratio shares the machine's state
+    seq = [r["updates/s"] for r in runs]
+    pairs = [(seq[i + 1] / seq[i]) if order[i + 1] else (seq[i] / seq[i + 1])
+             for i in range(0, len(seq) - 1, 2)]
     rows.append({"telemetry": "on / off", "median updates/s": on / off,
                  "gateway CPU ms /update": cpu[True] / cpu[False], "runs updates/s": ""})
+    rows.append({"telemetry": "on / off, neighbours", "median updates/s": median(pairs),
+                 "gateway CPU ms /update": "",
+                 "runs updates/s": " ".join(f"{p:.3f}" for p in pairs)})
     print_table(f"telegram gateway ({mode}, {storage}): {users} users x {per_user} messages, "
                 f"telemetry off vs on{' (with spans)' if spans else ''}, {rounds} runs each",
                 rows)
@@ -103,6 +111,7 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
                                  "spans": spans,
                                  "storage": storage, "off updates/s": off,
                                  "on updates/s": on, "ratio": on / off,
+                                 "neighbour ratios": pairs, "median neighbour ratio": median(pairs),
                                  "cpu ratio": cpu[True] / cpu[False], "runs": runs})
 
 
