@@ -4,16 +4,18 @@
                                                  [--storage postgres] [--mode polling]
 
 benchmarks/telegram.py's heavy load (200 users in private chats against the fake Bot API, an
-instant scripted model, one gateway in this process), run `rounds` times with telemetry off
-(text log lines at INFO, no metrics, no spans: the demo's default) and `rounds` times on
+instant scripted model, one gateway in this process) in one run: one gateway, one database,
+the load sent `2 x rounds` times in windows, each on new chats, telemetry switched before
+each window: off (text log lines at INFO, no metrics, no spans: the demo's default) or on
 (Prometheus metrics recorded and served on a port of their own, JSON log lines at INFO with
 the turn's ids and trace id: what `chatloop serve` does with `CHATLOOP_LOG_FORMAT=json` and no
 OTLP endpoint, where no span is made; `--spans`: the SDK's spans made for every turn too, as
-with an OTLP endpoint, but exported nowhere), alternating off/on/on/off... so that drift on a
-shared machine hits both alike. Reports the median updates/s of each and their ratio (goal:
-on within 3 % of off), the median ratio of neighbouring runs (one off, one on, back to back:
-less moved by the machine's drift), and the gateway's CPU time per update. The log lines go to a file
-under var/bench; after the "on" rounds /metrics is scraped and must count every answered turn.
+with an OTLP endpoint, but exported nowhere), in the order off/on/on/off/off/on... so that
+drift on a shared machine hits both alike. Reports the median updates/s of each and their
+ratio (goal: on within 3 % of off), the median ratio of neighbouring windows (one off, one
+on, back to back: less moved by the machine's drift), and the gateway's CPU time per update.
+The log lines go to a file under var/bench; /metrics is scraped around every window and must
+count each "on" window's answered turns; nothing may be lost or doubled.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import httpx  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from benchmarks._common import MODEL_DIR, ROOT, median, print_table, write_json  # noqa: E402
-from benchmarks.telegram import _run  # noqa: E402
+from benchmarks.telegram import Window, _run  # noqa: E402
 from chatloop import telemetry  # noqa: E402
 from chatloop.telemetry import metrics  # noqa: E402
 from chatloop.telemetry.logs import configure_logging  # noqa: E402
@@ -65,64 +67,73 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = metrics.serve(host="127.0.0.1", port=port)
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    runs: list[dict[str, Any]] = []
     order = [bool((i + 1) // 2 % 2) for i in range(2 * rounds)]  # off on on off off on on ...
+    counted: list[float] = []
+
+    def window(on: bool) -> Window:
+        async def begin() -> None:
+            if counted:  # the window before ended: what /metrics counted in it
+                counted[-1] = await answered_turns(port) - counted[-1]
+            switch(on, log_file, spans)
+            counted.append(await answered_turns(port))
+        return begin
+
     try:
         with log_path.open("w") as log_file:
-            for on in order:
-                switch(on, log_file, spans)
-                before = await answered_turns(port)
-                result = await _run(mode, storage, users, per_user, tokenizer, deadline_s)
-                counted = await answered_turns(port) - before
-                if on and counted != result["answered"] + 3:  # + the warm-up's 3
-                    raise SystemExit(f"/metrics counted {counted} answered turns, the fake "
-                                     f"saw {result['answered']} + 3")
-                rates[on].append(result["updates/s"])
-                runs.append({"telemetry": "on" if on else "off", **{
-                    k: result[k] for k in ("updates/s", "p50 ms", "p99 ms", "lost", "doubled",
-                                           "gateway CPU ms /update")}})
-                print(f"telemetry {'on ' if on else 'off'}: {result['updates/s']:.1f} updates/s",
-                      flush=True)
+            result = await _run(mode, storage, users, per_user, tokenizer, deadline_s,
+                                windows=[window(on) for on in order])
+            counted[-1] = await answered_turns(port) - counted[-1]
     finally:
         switch(False, sys.stderr)
         if server is not None:
             server.shutdown()
-    off, on = median(rates[False]), median(rates[True])
+    runs = [{"telemetry": "on" if on else "off", **w}
+            for on, w in zip(order, result["windows"], strict=True)]
+    for on, n in zip(order, counted, strict=True):
+        if on and n != users * per_user:
+            raise SystemExit(f"/metrics counted {n} answered turns in a window of "
+                             f"{users * per_user}")
+    if result["lost"] or result["doubled"]:
+        raise SystemExit(f"lost {result['lost']}, doubled {result['doubled']}")
+    rates = {flag: [r["updates/s"] for r in runs if (r["telemetry"] == "on") == flag]
+             for flag in (False, True)}
     cpu = {flag: median([r["gateway CPU ms /update"] for r in runs
-                         if r["telemetry"] == ("on" if flag else "off")]) for flag in rates}
-    rows = [{"telemetry": name, "median updates/s": value,
-             "gateway CPU ms /update": cpu[flag],
-             "runs updates/s": " ".join(f"{r:.1f}" for r in rates[flag])}
-            for name, flag, value in (("off", False, off), ("on", True, on))]
-    # runs 2k and 2k+1 are neighbours (one off, one on): their ratio shares the machine's state
+                         if (r["telemetry"] == "on") == flag]) for flag in (False, True)}
+    off, on = median(rates[False]), median(rates[True])
+    # windows 2k and 2k+1 are neighbours (one off, one on): their ratio shares the machine's
+    # state of that moment
     seq = [r["updates/s"] for r in runs]
     pairs = [(seq[i + 1] / seq[i]) if order[i + 1] else (seq[i] / seq[i + 1])
              for i in range(0, len(seq) - 1, 2)]
+    rows = [{"telemetry": name, "median updates/s": value,
+             "gateway CPU ms /update": cpu[flag],
+             "windows updates/s": " ".join(f"{r:.1f}" for r in rates[flag])}
+            for name, flag, value in (("off", False, off), ("on", True, on))]
     rows.append({"telemetry": "on / off", "median updates/s": on / off,
-                 "gateway CPU ms /update": cpu[True] / cpu[False], "runs updates/s": ""})
+                 "gateway CPU ms /update": cpu[True] / cpu[False], "windows updates/s": ""})
     rows.append({"telemetry": "on / off, neighbours", "median updates/s": median(pairs),
                  "gateway CPU ms /update": "",
-                 "runs updates/s": " ".join(f"{p:.3f}" for p in pairs)})
-    print_table(f"telegram gateway ({mode}, {storage}): {users} users x {per_user} messages, "
-                f"telemetry off vs on{' (with spans)' if spans else ''}, {rounds} runs each",
-                rows)
+                 "windows updates/s": " ".join(f"{p:.3f}" for p in pairs)})
+    print_table(f"telegram gateway ({mode}, {storage}): {users} users x {per_user} messages "
+                f"per window, telemetry off vs on{' (with spans)' if spans else ''}, "
+                f"{rounds} windows each", rows)
     write_json("observability", {"users": users, "per_user": per_user, "mode": mode,
-                                 "spans": spans,
-                                 "storage": storage, "off updates/s": off,
+                                 "spans": spans, "storage": storage, "off updates/s": off,
                                  "on updates/s": on, "ratio": on / off,
-                                 "neighbour ratios": pairs, "median neighbour ratio": median(pairs),
-                                 "cpu ratio": cpu[True] / cpu[False], "runs": runs})
+                                 "neighbour ratios": pairs,
+                                 "median neighbour ratio": median(pairs),
+                                 "cpu ratio": cpu[True] / cpu[False], "windows": runs,
+                                 "lost": result["lost"], "doubled": result["doubled"]})
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4, help="runs with telemetry on, and off")
+    ap.add_argument("--rounds", type=int, default=4, help="windows with telemetry on, and off")
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--per-user", type=int, default=5)
     ap.add_argument("--storage", choices=["sqlite", "postgres"], default="postgres")
     ap.add_argument("--mode", choices=["polling", "webhook"], default="polling")
-    ap.add_argument("--deadline", type=float, default=120.0, help="seconds per run, at most")
+    ap.add_argument("--deadline", type=float, default=120.0, help="seconds per window, at most")
     ap.add_argument("--spans", action="store_true",
                     help="on: make the SDK's spans too (as with an OTLP endpoint)")
     a = ap.parse_args()

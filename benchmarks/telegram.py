@@ -23,7 +23,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,15 +62,23 @@ LIFTED_BUDGET = 1000.0
 LIGHT_USERS = 5
 
 
+Window = Callable[[], Awaitable[None]]
+
+
 async def _run(mode: str, storage: str, users: int, per_user: int, tokenizer: Any,
-               deadline_s: float, sends_per_s: float = LIFTED_BUDGET) -> dict[str, Any]:
+               deadline_s: float, sends_per_s: float = LIFTED_BUDGET,
+               windows: Sequence[Window] = ()) -> dict[str, Any]:
     async with fresh_database(storage, "chatloop_bench_tg") as url:
         return await _run_on(url, mode, storage, users, per_user, tokenizer, deadline_s,
-                             sends_per_s)
+                             sends_per_s, windows)
 
 
 async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: int,
-                  tokenizer: Any, deadline_s: float, sends_per_s: float) -> dict[str, Any]:
+                  tokenizer: Any, deadline_s: float, sends_per_s: float,
+                  windows: Sequence[Window] = ()) -> dict[str, Any]:
+    """One gateway measured over the load of `users` x `per_user`; with `windows`, that load
+    once per window on new chats, each window's coroutine awaited before its load starts
+    (benchmarks/observability.py switches telemetry there), rate and CPU kept per window."""
     api_port, gw_port = free_port(), free_port()
     fake = start_process([sys.executable, "-m", "tests.fakes.telegram_api", "--port",
                           str(api_port)], f"http://127.0.0.1:{api_port}/_fake/stats")
@@ -88,7 +96,10 @@ async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: in
     server = uvicorn.Server(uvicorn.Config(create_app(channels=[channel], ready=ready),
                                            host="127.0.0.1", port=gw_port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
-    total = users * per_user
+    windows = windows or [_nothing]
+    per_window = users * per_user
+    total = per_window * len(windows)
+    rates: list[dict[str, float]] = []
     try:
         while not server.started:  # noqa: ASYNC110 (uvicorn offers no event for this)
             await asyncio.sleep(0.05)
@@ -96,12 +107,19 @@ async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: in
             # warm-up (first DB connections, first prompt template render): one user, not counted
             await c.post("/_fake/load", json={"users": 1, "per_user": 3, "first_chat": 9_000})
             await _until(c, 3, deadline_s)
-            started, cpu = time.perf_counter(), time.process_time()
-            fake_cpu = process_cpu_s(fake.pid)
-            await c.post("/_fake/load", json={"users": users, "per_user": per_user})
-            await _until(c, 3 + total, deadline_s)
-            elapsed = time.perf_counter() - started
-            cpu, fake_cpu = time.process_time() - cpu, process_cpu_s(fake.pid) - fake_cpu
+            elapsed, cpu, fake_cpu = 0.0, 0.0, 0.0
+            for n, window in enumerate(windows):
+                await window()
+                began, cpu_began = time.perf_counter(), time.process_time()
+                fake_began = process_cpu_s(fake.pid)
+                await c.post("/_fake/load", json={"users": users, "per_user": per_user,
+                                                  "first_chat": 10_000 + n * users})
+                await _until(c, 3 + (n + 1) * per_window, deadline_s)
+                took, cpu_took = time.perf_counter() - began, time.process_time() - cpu_began
+                elapsed, cpu = elapsed + took, cpu + cpu_took
+                fake_cpu += process_cpu_s(fake.pid) - fake_began
+                rates.append({"updates/s": per_window / took,
+                              "gateway CPU ms /update": cpu_took * 1000 / per_window})
             await asyncio.sleep(0.5)  # anything doubled would arrive now
             stats = (await c.get("/_fake/stats")).json()
     finally:
@@ -130,8 +148,12 @@ async def _run_on(db_url: str, mode: str, storage: str, users: int, per_user: in
         "fake CPU ms /update": fake_cpu * 1000 / total,
         "sends+edits+drafts /answer": sum(methods.get(m, 0) for m in SENDS) / max(answered, 1),
         "all calls /answer": sum(methods.values()) / max(answered, 1),
-        "methods": methods,
+        "methods": methods, "windows": rates,
     }
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _core_only(storage: str, users: int, per_user: int, tokenizer: Any) -> dict[str, Any]:
