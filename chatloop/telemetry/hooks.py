@@ -50,8 +50,6 @@ def _outcome(result: Any) -> str:
     return str(getattr(result, "outcome", "unknown"))
 
 
-
-
 # -- bots.core.conversation.ConversationCore -------------------------------------------------
 
 
