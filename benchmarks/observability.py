@@ -1,6 +1,6 @@
 """The cost of metrics, JSON logs and spans: the Telegram benchmark with telemetry off and on.
 
-    .venv/bin/python benchmarks/observability.py [--rounds 4] [--users 200] [--per-user 5]
+    .venv/bin/python benchmarks/observability.py [--rounds 8] [--users 200] [--per-user 5]
                                                  [--storage postgres] [--mode polling]
 
 benchmarks/telegram.py's heavy load (200 users in private chats against the fake Bot API, an
@@ -128,7 +128,7 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4, help="windows with telemetry on, and off")
+    ap.add_argument("--rounds", type=int, default=8, help="windows with telemetry on, and off")
     ap.add_argument("--users", type=int, default=200)
     ap.add_argument("--per-user", type=int, default=5)
     ap.add_argument("--storage", choices=["sqlite", "postgres"], default="postgres")
