@@ -66,8 +66,10 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
     ds = Dataset(report=report)
     report["placeholder_targets_dropped"] = 0
     for r in selection.corrections:
-        # a trusted reviewer's answer is the company speaking (feedback.redaction)
-        target = (company_voice(redactor, r.correction or "", (r.question, r.answer))
+        # a trusted reviewer's answer is the company speaking (feedback.redaction); the answer
+        # it corrects is the customer's side unless it was itself an approved answer
+        customer = (r.question,) if r.from_memory else (r.question, r.answer)
+        target = (company_voice(redactor, r.correction or "", customer)
                   if r.trusted else redactor(r.correction or ""))
         ex = Example(r.conversation_id, r.answer_id, prompts[r.answer_id],
                      target, "correction", rejected=redactor(r.answer))

@@ -170,6 +170,7 @@ class FeedbackRow:
     source: str = ""  # the channel it came through ("web", "telegram", ...)
     fresh: bool = True  # this revision is new to the reader (see unlearned_feedback)
     adapter: str | None = None  # what served the answer (None: the base model)
+    from_memory: bool = False  # the answer was an approved answer sent as it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,16 +211,17 @@ async def _rows(session: AsyncSession, fresh: Any, *where: Any) -> list[Feedback
     stmt = (select(Feedback.id, Feedback.answer_id, Feedback.voter_id, Feedback.rating,
                    Feedback.correction, Feedback.trusted, Feedback.review_status,
                    Feedback.created_at, answer.conversation_id, answer.text, question.id,
-                   question.text, Feedback.revision, Feedback.source, fresh, answer.adapter)
+                   question.text, Feedback.revision, Feedback.source, fresh, answer.adapter,
+                   answer.memory_entry_id)
             .join(answer, answer.id == Feedback.answer_id)
             .join(question, question.id == answer.reply_to_id)
             .where(answer.status == AnswerStatus.OK, *where)
             .order_by(Feedback.id))
     return [FeedbackRow(fid, aid, voter, rating, correction, bool(trusted), review,
                         _aware(created), conversation, answer_text, qid, question_text, rev,
-                        source, bool(new), adapter)
+                        source, bool(new), adapter, entry is not None)
             for (fid, aid, voter, rating, correction, trusted, review, created, conversation,
-                 answer_text, qid, question_text, rev, source, new, adapter)
+                 answer_text, qid, question_text, rev, source, new, adapter, entry)
             in (await session.execute(stmt)).all()]
 
 

@@ -273,3 +273,22 @@ def test_replay_sample_is_deterministic_and_excludes_new_examples() -> None:
     assert a == replay_sample(pool, new, 0.5, seed=7) and len(a) == 2
     assert all(e.source == "replay" and e.answer_id >= 4 for e in a)
     assert replay_sample(pool, new, 0.5, seed=8) != a
+
+
+def test_a_reviewer_repeating_an_approved_answer_keeps_the_companys_number() -> None:
+    """The number in a memory answer is the company's: a correction repeating it is trained as
+    written. The same number in an answer the model wrote may be a customer's echoed back: the
+    correction is not trained to say the placeholder."""
+    support = "Call us on 0800 414 7782, option 2."
+    answer = replace(fb(1, 10, "reviewer", rating=-1, correction=support, trusted=True),
+                     answer=support)
+    chats = {10: [{"role": "user", "content": "question 10?"}]}
+
+    def trained(row: FeedbackRow) -> list[str]:
+        chosen = select_feedback([row], OLD, POLICY)
+        ds = assemble(chosen, prompts=chats, heldout={10: False}, redactor=REDACT,
+                      policy=POLICY)
+        return [ex.completion for ex in ds.sft]
+
+    assert trained(replace(answer, from_memory=True)) == [support]
+    assert trained(answer) == []
