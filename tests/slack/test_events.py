@@ -135,7 +135,7 @@ async def test_retried_event_is_answered_once(launch: Launch, db_url: str) -> No
         assert len(gw.backend.requests) == 1
         assert len(gw.fake.thread(*thread_of(body))) == 1
         async with gw.services.sessions() as s:
-            rows = (await s.execute(select(Message.role))).scalars().all()
+            rows = (await s.execute(select(Message.role).order_by(Message.id))).scalars().all()
         assert rows == ["user", "assistant"]
 
 
