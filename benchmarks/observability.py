@@ -87,22 +87,20 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
         switch(False, sys.stderr)
         if server is not None:
             server.shutdown()
-    runs = [{"telemetry": "on" if on else "off", **w}
-            for on, w in zip(order, result["windows"], strict=True)]
     for on, n in zip(order, counted, strict=True):
         if on and n != users * per_user:
             raise SystemExit(f"/metrics counted {n} answered turns in a window of "
                              f"{users * per_user}")
     if result["lost"] or result["doubled"]:
         raise SystemExit(f"lost {result['lost']}, doubled {result['doubled']}")
-    rates = {flag: [r["updates/s"] for r in runs if (r["telemetry"] == "on") == flag]
-             for flag in (False, True)}
-    cpu = {flag: median([r["gateway CPU ms /update"] for r in runs
-                         if (r["telemetry"] == "on") == flag]) for flag in (False, True)}
+    windows = list(zip(order, result["windows"], strict=True))
+    rates = {flag: [w["updates/s"] for on, w in windows if on == flag] for flag in (False, True)}
+    cpu = {flag: median([w["gateway CPU ms /update"] for on, w in windows if on == flag])
+           for flag in (False, True)}
     off, on = median(rates[False]), median(rates[True])
     # windows 2k and 2k+1 are neighbours (one off, one on): their ratio shares the machine's
     # state of that moment
-    seq = [r["updates/s"] for r in runs]
+    seq = [w["updates/s"] for _, w in windows]
     pairs = [(seq[i + 1] / seq[i]) if order[i + 1] else (seq[i] / seq[i + 1])
              for i in range(0, len(seq) - 1, 2)]
     rows = [{"telemetry": name, "median updates/s": value,
@@ -122,7 +120,9 @@ async def main(rounds: int, users: int, per_user: int, storage: str, mode: str,
                                  "on updates/s": on, "ratio": on / off,
                                  "neighbour ratios": pairs,
                                  "median neighbour ratio": median(pairs),
-                                 "cpu ratio": cpu[True] / cpu[False], "windows": runs,
+                                 "cpu ratio": cpu[True] / cpu[False],
+                                 "windows": [{"telemetry": "on" if on else "off", **w}
+                                             for on, w in windows],
                                  "lost": result["lost"], "doubled": result["doubled"]})
 
 

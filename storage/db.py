@@ -79,9 +79,8 @@ def make_engine(url: str, *, pool_size: int = 40, idle_ping_s: float = IDLE_PING
     PostgreSQL connections are kept once opened, up to `pool_size`, and a turn waits for one
     beyond that: no overflow. An overflow connection is closed when it is given back to a full
     pool, and under a steady load above the pool's size that meant a new connection (a server
-    process, authentication, asyncpg's set-up) for about one turn in ten; the Telegram
-    benchmark on PostgreSQL handled 100 updates/s with 20 kept + 20 overflow and 148 with 40
-    kept, the same 40 at most."""
+    process, authentication, asyncpg's set-up) for about one turn in ten (docs/benchmarks.md,
+    Telegram)."""
     url = normalise_url(url)
     u = make_url(url)
     if u.drivername.startswith("sqlite"):

@@ -19,6 +19,7 @@ import logging
 import threading
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from itertools import accumulate
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -115,15 +116,12 @@ class Family:
                      else (list(series.counts), series.sum))
                     for labels, series in self._series.items()]
         for labels, value in rows:
-            if self.kind != "histogram":
+            if self.kind == "histogram":
+                counts, total = value
+                family.add_metric(labels, list(zip(self._les, accumulate(counts), strict=True)),
+                                  sum_value=total)
+            else:
                 family.add_metric(labels, value)
-                continue
-            counts, total, cumulative = value[0], value[1], []
-            running = 0
-            for le, n in zip(self._les, counts, strict=True):
-                running += n
-                cumulative.append((le, running))
-            family.add_metric(labels, cumulative, sum_value=total)
         yield family
 
     def _family(self) -> Metric:
@@ -138,64 +136,67 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
                     40.96, 81.92)
 GEN_AI = ("gen_ai_operation_name", "gen_ai_request_model", "adapter")
 
-def _histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Family:
-    return Family("histogram", name, doc, labels, buckets=buckets)
-
-
-def _counter(name: str, doc: str, labels: Sequence[str]) -> Family:
-    return Family("counter", name, doc, labels)
-
-
-def _gauge(name: str, doc: str, labels: Sequence[str]) -> Family:
-    return Family("gauge", name, doc, labels)
-
-
-TOKEN_USAGE = _histogram(
+TOKEN_USAGE = Family(
+    "histogram",
     "gen_ai_client_token_usage", "Tokens used per inference call, by token type (input, "
     "output) and model (the adapter's name, or the base model's)",
-    [*GEN_AI, "gen_ai_token_type"], TOKEN_BUCKETS)
-OPERATION_DURATION = _histogram(
+    [*GEN_AI, "gen_ai_token_type"], buckets=TOKEN_BUCKETS)
+OPERATION_DURATION = Family(
+    "histogram",
     "gen_ai_client_operation_duration_seconds", "Inference call duration (request to the end "
     "of the stream); error_type is set on failures", [*GEN_AI, "error_type"],
-    DURATION_BUCKETS)
-TIME_TO_FIRST_CHUNK = _histogram(
+    buckets=DURATION_BUCKETS)
+TIME_TO_FIRST_CHUNK = Family(
+    "histogram",
     "gen_ai_client_operation_time_to_first_chunk_seconds", "Inference request to its first "
-    "streamed text", GEN_AI, DURATION_BUCKETS)
-TURNS = _counter(
+    "streamed text", GEN_AI, buckets=DURATION_BUCKETS)
+TURNS = Family(
+    "counter",
     "chatloop_turns", "Inbound messages by channel and outcome (answered, failed, duplicate, "
     "command, rejected, cancelled)", ["channel", "outcome"])
-TURNS_IN_FLIGHT = _gauge(
+TURNS_IN_FLIGHT = Family(
+    "gauge",
     "chatloop_turns_in_flight", "Answers being generated or delivered now", ["channel"])
-FEEDBACK = _counter(
+FEEDBACK = Family(
+    "counter",
     "chatloop_feedback", "Votes and corrections by channel, kind (vote, correction), rating "
     "(up, down, none) and the adapter that answered (base: the base model)",
     ["channel", "kind", "rating", "adapter"])
-PLATFORM_CALLS = _counter(
+PLATFORM_CALLS = Family(
+    "counter",
     "chatloop_platform_api_calls", "Chat platform API calls by method and status (the HTTP "
     "status, 429 for flood control, `network` when no response came, Slack's error code when "
     "it answered ok=false)", ["channel", "method", "status"])
-EVENTS_RESUMED = _counter(
+EVENTS_RESUMED = Family(
+    "counter",
     "chatloop_events_resumed", "Unfinished events resumed after a crash or restart",
     ["channel"])
-EVENTS_GIVEN_UP = _counter(
+EVENTS_GIVEN_UP = Family(
+    "counter",
     "chatloop_events_given_up", "Events closed as failed after failing every resume",
     ["channel"])
-TRAINING_RUNS = _counter(
+TRAINING_RUNS = Family(
+    "counter",
     "chatloop_training_runs", "Learning-loop cycles by outcome (succeeded, rejected, skipped, "
     "failed, busy)", ["outcome"])
-GATE_FAILURES = _counter(
+GATE_FAILURES = Family(
+    "counter",
     "chatloop_gate_failures", "Evaluation-gate checks a candidate adapter failed", ["check"])
-CANARY_VOTES = _gauge(
+CANARY_VOTES = Family(
+    "gauge",
     "chatloop_canary_votes", "Judged answers of the canary and of the active adapter (the "
     "control) at the last canary evaluation, by rating", ["adapter", "arm", "rating"])
-CANARY_HANDOFFS = _gauge(
+CANARY_HANDOFFS = Family(
+    "gauge",
     "chatloop_canary_handoffs", "Answers of the canary and of the active adapter (the control) "
     "at the last canary evaluation, and how many a hand-off to a person followed (the hand-off "
     "rate the canary is judged by beside the 👎 rate)", ["adapter", "arm", "kind"])
-CANARY_DECISIONS = _counter(
+CANARY_DECISIONS = Family(
+    "counter",
     "chatloop_canary_decisions", "Canary evaluations by decision (wait, promote, rollback)",
     ["decision"])
-HANDOFFS = _counter(
+HANDOFFS = Family(
+    "counter",
     "chatloop_handoffs", "Conversations handed to a person, by channel, reason (button, "
     "command, phrase, downvotes) and the adapter of the bot's last answer (base: the base "
     "model; divided by that adapter's answers: its hand-off rate)",
