@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import select  # noqa: E402
 
+from benchmarks.training import naive_tokens_per_s  # noqa: E402
 from bots.core import ConversationCore, CoreLimits, InboundMessage  # noqa: E402
 from chatloop.app import adapter_source  # noqa: E402
 from feedback import review  # noqa: E402
@@ -85,32 +86,6 @@ async def unseen_scores(backend: Any, intents: list[dict[str, Any]], adapter: st
     answers = [await answer(backend, it["questions"][-1], adapter, max_tokens) for it in intents]
     references = [it["answer"] for it in intents]
     return answer_scores(answers, references, references)
-
-
-def naive_tokens_per_s(rows: list[dict[str, Any]], *, steps: int) -> float:
-    """A plain peft loop (rank 16, loss on the whole sequence, padded batches of 8)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(MODEL)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                                      task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    texts = [tok.apply_chat_template([*r["prompt"], {"role": "assistant",
-                                                     "content": r["completion"]}], tokenize=False)
-             for r in rows]
-    tokens, started = 0, time.perf_counter()
-    for step in range(steps):
-        batch = [texts[(step * 8 + i) % len(texts)] for i in range(8)]
-        enc = tok(batch, return_tensors="pt", padding=True)
-        loss = model(**enc, labels=enc["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        tokens += int(enc["attention_mask"].sum())
-    return tokens / (time.perf_counter() - started)
 
 
 class Bench:

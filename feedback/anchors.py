@@ -48,6 +48,8 @@ def anchored(base: type) -> type:
                 return out
             batch = self._anchor_batches[self._anchor_step % len(self._anchor_batches)]
             self._anchor_step += 1
+            self.trained_tokens = getattr(self, "trained_tokens", 0) + int(
+                batch["attention_mask"].sum())
             ref = batch["ref"].float()
             with self.accelerator.autocast():  # the SFT forward's precision (bf16 or fp32)
                 cur = answer_logprobs(self.accelerator.unwrap_model(model), batch)
