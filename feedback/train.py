@@ -54,20 +54,21 @@ def _model(job: TrainJob) -> tuple[Any, Any]:
 
 @contextmanager
 def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
-    """The fastest way to run the training phases on this model, the same arithmetic:
+    """The training phases' fastest way to compute the same model and losses (measured
+    in docs/benchmarks.md#training-throughput):
 
-    - eager attention: on sequences of a few hundred tokens it is about a third faster a step
-      than SDPA on the CPU (whose flash kernel's backward dominates);
+    - eager attention on the CPU: on sequences of a few hundred tokens it is faster than
+      SDPA, whose flash kernel's backward took an eighth of a step; the same attention,
+      summed in another order;
     - with bf16 autocast, the frozen weights held in bf16: autocast caches the bf16 copies of
-      trained weights only, so every frozen linear layer was cast again on every forward pass
-      (about a third of a step on two cores). The cast is the same rounding once, so the
-      products are the same, and for the same reason peft does not cast each adapter's input
-      up to fp32 for autocast to cast it back down;
+      trained weights only, so every frozen linear layer was cast again on every forward
+      pass. The cast is the same rounding once, so the products are the same; for the same
+      reason peft does not cast each adapter's input up to fp32 for autocast to cast it back;
     - TRL's fused LM head scores only the positions that have a label, as it does on GPUs.
       On other devices it scores every position (static shapes for compilers such as
-      Neuron's), which on the CPU is the prompt and the padding too, with TRL's entropy and
-      top-1 statistics: most of the head's time in SFT, and in each of KTO's four forward
-      passes a step. The log-probabilities are the same.
+      Neuron's), on the CPU the prompt and the padding too, with its entropy and top-1
+      statistics, in SFT and in each of KTO's four forward passes a step. The
+      log-probabilities are the same.
 
     All of it is undone after (SDPA, the fp32 weights, peft's casts, TRL's own choice):
     evaluation, parity and the saved adapter see the model as loaded."""
@@ -82,7 +83,8 @@ def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
               and not m.weight.requires_grad and m.weight.dtype == torch.float32] if bf16 else []
     weights = [m.weight for m in frozen]
     scores_compact = trl_utils._use_triton  # TRL's test for "score the labelled positions only"
-    causal_lm.set_attn_implementation("eager")
+    if next(model.parameters()).device.type == "cpu":
+        causal_lm.set_attn_implementation("eager")
     try:
         for m, w in zip(frozen, weights, strict=True):
             m.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
