@@ -162,7 +162,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     return {"train_seconds": med("train_seconds"), "tokens_per_s": med("tokens_per_s"),
             "trained_tokens": med("trained_tokens"), "sft_tokens": med("sft_tokens"),
-            "gate_f1_after": med("f1_after", "gate"), "gate_accuracy": med("accuracy_after", "gate"),
+            "gate_f1_after": med("f1_after", "gate"),
+            "gate_accuracy": med("accuracy_after", "gate"),
             "golden_loss_change": med("golden_loss_change", "gate")}
 
 
