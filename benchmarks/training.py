@@ -66,16 +66,11 @@ def write_data(work: Path, intents: list[dict[str, Any]]) -> None:
 
 def warm_anchors(job: TrainJob) -> None:
     """Generate the KL anchors into the runs' shared cache, as an earlier run would have."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from feedback.anchors import anchor_examples
+    from feedback.train import _model
 
-    base = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=job.rank, target_modules=job.target_modules,
-                                            task_type="CAUSAL_LM"))
-    anchor_examples(model, AutoTokenizer.from_pretrained(job.model_dir), job)
+    model, tokenizer = _model(job)  # the worker's own model: a fresh LoRA on the base
+    anchor_examples(model, tokenizer, job)
 
 
 def run_worker(code: Path, job: TrainJob, run: Path) -> dict[str, Any]:

@@ -100,15 +100,15 @@ def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
 
 def counted(base: type) -> type:
     """The trainer, counting the tokens that go through a forward and a backward pass:
-    its training batches' real tokens (SFT's sequences, KTO's trained completions), and
-    what a subclass adds to `trained_tokens` (the KL anchors)."""
+    its training batches' real tokens (SFT's and KTO's sequences; with padding-free SFT, no
+    mask: every token), and what a subclass adds to `trained_tokens` (the KL anchors)."""
 
     class Counted(base):  # type: ignore[misc,valid-type]
         trained_tokens = 0
 
         def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             if model.training:
-                mask = inputs.get("attention_mask", inputs.get("completion_attention_mask"))
+                mask = inputs.get("attention_mask")
                 self.trained_tokens += int(mask.sum() if mask is not None
                                            else inputs["input_ids"].numel())
             return super().compute_loss(model, inputs, *args, **kwargs)
@@ -131,7 +131,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     from transformers import set_seed
     from trl import KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
-    precision = "bf16" if trains_in_bf16(job) else "fp32"  # an unknown one fails here, early
+    bf16 = trains_in_bf16(job)  # an unknown precision fails here, early
+    precision = "bf16" if bf16 else "fp32"
     set_seed(job.seed)
     work = Path(job.work_dir)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(work / "tensorboard"))
@@ -161,7 +162,7 @@ def train(job: TrainJob) -> dict[str, Any]:
         trainer = anchored(counted(SFTTrainer))(
             model=model, args=args, train_dataset=data, processing_class=tokenizer,
             anchor_batches=kl, anchor_weight=job.anchor_weight)
-        with training_kernels(model, trains_in_bf16(job)):
+        with training_kernels(model, bf16):
             stats["sft_loss"] = trainer.train().training_loss
         stats["sft_tokens"] = trainer.trained_tokens  # the anchors' included
         stats["sft_seconds"] = time.perf_counter() - started - stats["anchor_seconds"]
@@ -173,7 +174,7 @@ def train(job: TrainJob) -> dict[str, Any]:
                          num_train_epochs=job.kto_epochs)
         trainer = counted(KTOTrainer)(model=model, args=args, train_dataset=data,
                                       processing_class=tokenizer)
-        with training_kernels(model, trains_in_bf16(job)):
+        with training_kernels(model, bf16):
             stats["kto_loss"] = trainer.train().training_loss
         stats["kto_examples"] = len(kto)
         stats["kto_tokens"] = trainer.trained_tokens
