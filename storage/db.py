@@ -86,12 +86,13 @@ def make_engine(url: str, *, pool_size: int = 40, idle_ping_s: float = IDLE_PING
     if u.drivername.startswith("sqlite"):
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        from storage.sqlite_driver import DBAPI
+        from storage.sqlite_driver import DBAPI, inline_reads
 
-        engine = create_async_engine(  # one trip to aiosqlite's thread a statement
+        engine = create_async_engine(  # writes on the loop's thread, reads one trip to its own
             url, module=DBAPI, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "before_cursor_execute", inline_reads)
         return engine
     engine = create_async_engine(
         url, pool_size=pool_size, max_overflow=0, hide_parameters=True,

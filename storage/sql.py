@@ -21,10 +21,13 @@ def is_postgres(session: Executor | AsyncEngine) -> bool:
 def turn_engine(engine: AsyncEngine) -> AsyncEngine:
     """The engine for the turn path (`storage.conversations`): on PostgreSQL, where each of
     its writes is a single statement, an autocommit one, so BEGIN and COMMIT cost no round
-    trips; else `engine`."""
+    trips; on SQLite one whose reads (indexed lookups of a few rows) run on the event loop's
+    thread, as writes do (`storage.sqlite_driver`)."""
     if is_postgres(engine):
         return engine.execution_options(isolation_level="AUTOCOMMIT")
-    return engine
+    from storage.sqlite_driver import INLINE_READS
+
+    return engine.execution_options(**{INLINE_READS: True})
 
 
 def bound_values(table: Any, prefix: str, columns: Collection[str]) -> dict[str, Any]:
