@@ -1,4 +1,5 @@
-"""SQLite through aiosqlite with one trip to the connection's thread per statement.
+"""SQLite through aiosqlite: writes on the event loop's thread, one writer at a time; reads
+one trip to the connection's thread per statement.
 
 aiosqlite runs each connection on a thread of its own, and SQLAlchemy's adapter goes there
 three or four times a statement: to create a cursor, to execute, to fetch the rows, to close

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -56,5 +60,127 @@ async def test_a_rolled_back_transaction_leaves_nothing(tmp_path: Path) -> None:
             await c.rollback()
         async with engine.connect() as c:
             assert (await c.execute(text("SELECT count(*) FROM t"))).scalar() == 0
+    finally:
+        await engine.dispose()
+
+
+# -- one writer at a time, on the event loop's thread -----------------------------------------
+
+
+async def _table(engine: Any) -> None:
+    async with engine.begin() as c:
+        await c.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"))
+
+
+async def test_concurrent_write_transactions_in_one_process_all_land(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    try:
+        await _table(engine)
+
+        async def write(i: int) -> None:
+            async with engine.begin() as c:  # two statements with other turns between them
+                await c.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": f"a{i}"})
+                await asyncio.sleep(0)
+                await c.execute(text("INSERT INTO t (v) VALUES (:v)"), {"v": f"b{i}"})
+
+        await asyncio.wait_for(asyncio.gather(*(write(i) for i in range(60))), 60)
+        async with engine.connect() as c:
+            assert (await c.execute(text("SELECT count(*) FROM t"))).scalar() == 120
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failed_or_cancelled_writer_lets_the_next_one_write(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    try:
+        await _table(engine)
+        async with engine.connect() as c:
+            await c.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            with pytest.raises(IntegrityError):
+                await c.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            await c.rollback()
+        holding = asyncio.Event()
+
+        async def stuck() -> None:
+            async with engine.connect() as c:
+                await c.execute(text("INSERT INTO t (v) VALUES ('b')"))
+                holding.set()
+                await asyncio.Event().wait()
+
+        task = asyncio.create_task(stuck())
+        await asyncio.wait_for(holding.wait(), 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with engine.begin() as c:  # not "database is locked" ten seconds later
+            await asyncio.wait_for(c.execute(text("INSERT INTO t (v) VALUES ('c')")), 5)
+        async with engine.connect() as c:
+            rows = (await c.execute(text("SELECT v FROM t ORDER BY v"))).scalars().all()
+        assert rows == ["c"]  # 'a' and 'b' were rolled back
+    finally:
+        await engine.dispose()
+
+
+async def test_a_task_writing_on_two_connections_fails_as_sqlite_would(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("storage.db.SQLITE_BUSY_TIMEOUT_MS", 300)
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    try:
+        await _table(engine)
+        async with engine.connect() as first, engine.connect() as second:
+            await first.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            with pytest.raises(OperationalError, match="database is locked"):
+                await asyncio.wait_for(second.execute(text("INSERT INTO t (v) VALUES ('b')")),
+                                       10)
+            await second.rollback()
+            await first.commit()
+    finally:
+        await engine.dispose()
+
+
+HOLD_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO t (v) VALUES ('other process')")
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+async def test_a_write_waits_for_another_process_without_blocking_the_loop(
+        tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        await _table(engine)
+        other = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLD_LOCK, str(path), "1.5", stdout=asyncio.subprocess.PIPE)
+        assert other.stdout is not None
+        assert await asyncio.wait_for(other.stdout.readline(), 30) == b"holding\n"
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.02)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.create_task(ticker())
+        started = time.monotonic()
+        async with engine.begin() as c:
+            await c.execute(text("INSERT INTO t (v) VALUES ('this process')"))
+        waited = time.monotonic() - started
+        ticking.cancel()
+        await other.wait()
+        assert other.returncode == 0
+        assert waited > 0.5  # it did wait for the other process's transaction
+        assert max(gaps) < 0.5  # in SQLite's busy handler on the thread, not on the loop
+        async with engine.connect() as c:
+            rows = (await c.execute(text("SELECT v FROM t ORDER BY id"))).scalars().all()
+        assert rows == ["other process", "this process"]
     finally:
         await engine.dispose()
