@@ -6,7 +6,7 @@ from collections.abc import Collection
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import Interval, bindparam, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from storage.models import EventStatus, InboundEvent, utcnow
@@ -17,6 +17,14 @@ INSERT_EVENT = insert(events).returning(events.c.id)
 SET_EVENT_STATUS = (update(events).where(events.c.id == bindparam("event_row"))
                     .values(status=bindparam("new_status")))
 OPEN = (EventStatus.RECEIVED, EventStatus.ANSWERED)  # a turn still to answer or to deliver
+# renewing leases runs on every turn (`Leases.confirm`): built once, not per call
+_HELD = (events.c.id.in_(bindparam("lease_events", expanding=True)),
+         events.c.owner == bindparam("lease_owner"))
+_RENEW_UNTIL = (update(events).where(*_HELD).returning(events.c.id)
+                .values(lease_until=bindparam("new_lease_until",
+                                              type_=events.c.lease_until.type)))
+_RENEW_FOR_PG = (update(events).where(*_HELD).returning(events.c.id)  # the database's clock
+                 .values(lease_until=func.now() + bindparam("lease_for", type_=Interval())))
 
 
 async def record_event(
@@ -89,10 +97,14 @@ async def renew_leases(session: Executor, *, event_ids: Collection[int], owner: 
     leaves the renewal in the caller's transaction (the rows stay locked until it ends)."""
     if not event_ids:
         return set()
-    result = await session.execute(
-        update(events).where(events.c.id.in_(list(event_ids)), events.c.owner == owner)
-        .values(lease_until=None if lease_s is None else lease_end(session, lease_s))
-        .returning(events.c.id))
+    held = {"lease_events": list(event_ids), "lease_owner": owner}
+    if lease_s is None:
+        stmt, values = _RENEW_UNTIL, {"new_lease_until": None}
+    elif is_postgres(session):
+        stmt, values = _RENEW_FOR_PG, {"lease_for": timedelta(seconds=lease_s)}
+    else:
+        stmt, values = _RENEW_UNTIL, {"new_lease_until": utcnow() + timedelta(seconds=lease_s)}
+    result = await session.execute(stmt, held | values)
     renewed = {int(i) for i in result.scalars()}
     if commit:
         await session.commit()
