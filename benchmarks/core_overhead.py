@@ -4,7 +4,9 @@
 
 For SQLite and PostgreSQL: p50/p99 ms per turn through the core (dedupe, history, prompt
 fitting with the real tokenizer, streaming, storing) vs the same request sent straight to the
-stub in the same run, and turns/s for one process at 32 concurrent conversations.
+stub in the same run, and turns/s for one process at 32 concurrent conversations. Also the
+client alone: requests/s at 32 concurrent and this process's CPU ms per request, through
+`OpenAIBackend` and through the `openai` SDK's streaming (what the backend used before).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -47,6 +50,40 @@ async def _direct(backend: OpenAIBackend, n: int) -> list[float]:
     return times
 
 
+async def _clients(backend: OpenAIBackend, base_url: str, n: int) -> list[dict[str, Any]]:
+    """Requests/s at 32 concurrent and CPU ms per request: the backend, the SDK."""
+    from openai import AsyncOpenAI
+
+    sdk = AsyncOpenAI(base_url=base_url, api_key="EMPTY")
+
+    async def through_sdk() -> None:
+        chunks = await sdk.chat.completions.create(
+            model="stub", messages=[{"role": "user", "content": "question"}], max_tokens=32,
+            stream=True, stream_options={"include_usage": True})
+        async with chunks:
+            async for _ in chunks:
+                pass
+
+    async def through_backend() -> None:
+        await _direct(backend, 1)
+
+    rows = []
+    for name, one in (("OpenAIBackend (aiohttp)", through_backend), ("openai SDK", through_sdk)):
+        gate = asyncio.Semaphore(32)
+
+        async def gated(one: Any = one, gate: asyncio.Semaphore = gate) -> None:
+            async with gate:
+                await one()
+
+        await asyncio.gather(*(gated() for _ in range(20)))  # warm-up
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(gated() for _ in range(n)))
+        rows.append({"client": name, "requests/s @32": n / (time.perf_counter() - started),
+                     "client CPU ms / request": (time.process_time() - cpu) * 1000 / n})
+    await sdk.close()
+    return rows
+
+
 async def _core_turns(core: ConversationCore, n: int,
                       concurrency: int) -> tuple[list[float], float]:
     times: list[float] = []
@@ -77,6 +114,7 @@ async def main(turns: int) -> None:
         backend = OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1", model_name="stub")
         await _direct(backend, 20)  # warm-up
         direct = await _direct(backend, turns)
+        clients = await _clients(backend, f"http://127.0.0.1:{port}/v1", turns)
         for kind in ("sqlite", "postgres"):
             async with fresh_database(kind, "chatloop_bench_core") as url:
                 engine = make_engine(url)
@@ -102,7 +140,8 @@ async def main(turns: int) -> None:
     finally:
         stub.kill()
     print_table(f"conversation-core overhead per turn ({turns} turns, stub at 32 tokens)", rows)
-    write_json("core_overhead", {"turns": turns, "results": out})
+    print_table("the client alone, straight to the stub", clients)
+    write_json("core_overhead", {"turns": turns, "results": out, "clients": clients})
 
 
 if __name__ == "__main__":
