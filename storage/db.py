@@ -76,11 +76,12 @@ def make_engine(url: str, *, pool_size: int = 40, idle_ping_s: float = IDLE_PING
     plus a TCP user timeout notice a database host that stopped answering. SQL errors never
     carry the statement's parameters (users' text) into logs.
 
-    PostgreSQL connections are kept once opened, up to `pool_size`, and a turn waits for one
-    beyond that: no overflow. An overflow connection is closed when it is given back to a full
-    pool, and under a steady load above the pool's size that meant a new connection (a server
-    process, authentication, asyncpg's set-up) for about one turn in ten (docs/benchmarks.md,
-    Telegram)."""
+    Connections are kept once opened, up to `pool_size`, and a turn waits for one beyond
+    that: no overflow. An overflow connection is closed when it is given back to a full pool,
+    and under a steady load above the pool's size that meant a new connection for about one
+    turn in ten on PostgreSQL (a server process, authentication, asyncpg's set-up;
+    docs/benchmarks.md, Telegram) and one in four on SQLite (a thread, the file opened, four
+    PRAGMAs: SQLAlchemy keeps 5 and opens 10 more by default)."""
     url = normalise_url(url)
     u = make_url(url)
     if u.drivername.startswith("sqlite"):
@@ -90,7 +91,8 @@ def make_engine(url: str, *, pool_size: int = 40, idle_ping_s: float = IDLE_PING
 
         engine = create_async_engine(  # writes on the loop's thread, reads one trip to its own
             url, module=DBAPI, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-            hide_parameters=True)
+            hide_parameters=True, pool_size=pool_size, max_overflow=0,
+            pool_timeout=connect_timeout_s * 2)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "before_cursor_execute", inline_reads)
         return engine
