@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import sqlite3
 import weakref
 from dataclasses import dataclass
@@ -150,18 +151,22 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
     async def _one_trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
         adapted = self._adapt_connection
         conn = adapted._connection
-        if adapted._writing:  # in our write transaction: nobody else's lock to wait for
-            outcome = _run(conn._conn, operation, parameters, many)
-        elif self._inline and not _writes(operation):
-            outcome = _run(conn._conn, operation, parameters, many)
-        elif _writes(operation):
-            await adapted._start_writing()
-            outcome = _try_first_write(conn._conn, operation, parameters, many,
-                                       adapted._busy_ms)
-            if outcome is None:  # another process writes: wait for it on the thread
+        try:
+            if adapted._writing:  # in our write transaction: no one else's lock to wait for
+                outcome = _run(conn._conn, operation, parameters, many)
+            elif self._inline and not _writes(operation):
+                outcome = _run(conn._conn, operation, parameters, many)
+            elif _writes(operation):
+                await adapted._start_writing()
+                outcome = _try_first_write(conn._conn, operation, parameters, many,
+                                           adapted._busy_ms)
+                if outcome is None:  # another process writes: wait for it on the thread
+                    outcome = await adapted._on_thread(_run, operation, parameters, many)
+            else:
                 outcome = await adapted._on_thread(_run, operation, parameters, many)
-        else:
-            outcome = await adapted._on_thread(_run, operation, parameters, many)
+        except Exception:
+            adapted._failed()
+            raise
         finished, rows, in_transaction = outcome
         if not in_transaction:  # autocommit, or nothing written: no transaction to hold
             adapted._stop_writing()
@@ -202,14 +207,19 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
             return await conn._execute(run)
 
     async def _start_writing(self) -> None:
-        if self._writer.locked():
-            try:
-                await asyncio.wait_for(self._writer.acquire(), self._busy_ms / 1000)
-            except TimeoutError:
-                raise sqlite3.OperationalError("database is locked") from None
-        else:
-            await self._writer.acquire()  # free: returns at once
+        try:
+            async with asyncio.timeout(self._busy_ms / 1000):
+                await self._writer.acquire()
+        except TimeoutError:
+            raise sqlite3.OperationalError("database is locked") from None
         self._writing = True
+
+    def _failed(self) -> None:
+        """After a failed statement the write lock stays only with an open transaction,
+        which the caller's rollback ends."""
+        with contextlib.suppress(Exception):  # a closed connection: close() gave it back
+            if self._writing and not self._trips and not self._connection._conn.in_transaction:
+                self._stop_writing()
 
     def _stop_writing(self) -> None:
         if self._writing:

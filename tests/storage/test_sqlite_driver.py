@@ -184,3 +184,21 @@ async def test_a_write_waits_for_another_process_without_blocking_the_loop(
         assert rows == ["other process", "this process"]
     finally:
         await engine.dispose()
+
+
+async def test_a_failed_autocommit_write_does_not_keep_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("storage.db.SQLITE_BUSY_TIMEOUT_MS", 3000)
+    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
+    try:
+        await _table(engine)
+        async with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as first:
+            await first.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            with pytest.raises(IntegrityError):
+                await first.execute(text("INSERT INTO t (v) VALUES ('a')"))
+            started = time.monotonic()
+            async with engine.begin() as second:  # while `first` is still checked out
+                await second.execute(text("INSERT INTO t (v) VALUES ('b')"))
+            assert time.monotonic() - started < 2
+    finally:
+        await engine.dispose()
