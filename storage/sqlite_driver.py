@@ -184,13 +184,14 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     """aiosqlite's adapted connection; holds its file's write lock while it writes, and
     commits and rolls back on the event loop's thread (see the module docstring)."""
 
-    __slots__ = ("_writer", "_writing", "_busy_ms", "_trips")
+    __slots__ = ("_database", "_writer", "_writing", "_busy_ms", "_trips")
     _cursor_cls = OneTripCursor
 
-    def __init__(self, dbapi: Any, connection: Any, writer: asyncio.Lock,
-                 busy_ms: int) -> None:
+    def __init__(self, dbapi: Any, connection: Any, database: str, busy_ms: int) -> None:
         super().__init__(dbapi, connection)
-        self._writer, self._writing, self._busy_ms = writer, False, busy_ms
+        self._database, self._busy_ms = database, busy_ms
+        self._writer: asyncio.Lock | None = None  # the lock held while writing
+        self._writing = False
         self._trips = 0  # statements on the connection's thread not finished yet
 
     async def _on_thread(self, fn: Any, *args: Any) -> Outcome:
@@ -207,12 +208,13 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
             return await conn._execute(run)
 
     async def _start_writing(self) -> None:
+        writer = self.dbapi.writers.lock(self._database)  # the running loop's
         try:
             async with asyncio.timeout(self._busy_ms / 1000):
-                await self._writer.acquire()
+                await writer.acquire()
         except TimeoutError:
             raise sqlite3.OperationalError("database is locked") from None
-        self._writing = True
+        self._writer, self._writing = writer, True
 
     def _failed(self) -> None:
         """After a failed statement the write lock stays only with an open transaction,
@@ -222,7 +224,7 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
                 self._stop_writing()
 
     def _stop_writing(self) -> None:
-        if self._writing:
+        if self._writing and self._writer is not None:
             self._writing = False
             self._writer.release()
 
@@ -261,14 +263,14 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
 class _DBAPI(AsyncAdapt_aiosqlite_dbapi):
     def __init__(self, aiosqlite: Any, sqlite: Any) -> None:
         super().__init__(aiosqlite, sqlite)
-        self._writers = _Writers()
+        self.writers = _Writers()
 
     def connect(self, *arg: Any, **kw: Any) -> _Connection:
         database = str(arg[0] if arg else kw.get("database", ""))
         kw["check_same_thread"] = False  # writes run on the event loop's thread
         connection = self.aiosqlite.connect(*arg, **kw)
         connection._thread.daemon = True  # as SQLAlchemy's: never keeps the process alive
-        return _Connection(self, await_(connection), self._writers.lock(database),
+        return _Connection(self, await_(connection), database,
                            int(float(kw.get("timeout", 5.0)) * 1000))
 
 
