@@ -39,23 +39,10 @@ def map_error(exc: Exception, *, adapter: str | None = None) -> InferenceError:
     """Translate an `openai` / `httpx` exception into the inference error tree."""
     if isinstance(exc, InferenceError):
         return exc
-    if isinstance(exc, openai.RateLimitError):
-        retry = exc.response.headers.get("retry-after")
-        return RateLimited(str(exc), retry_after=float(retry) if retry else None)
-    if isinstance(exc, openai.NotFoundError):
-        if adapter is not None:
-            return AdapterNotFound(f"adapter {adapter!r} is not loaded on the server")
-        return BackendUnavailable(f"the served model is missing: {exc}")
-    if isinstance(exc, openai.BadRequestError):
-        body = exc.body if isinstance(exc.body, dict) else {}
-        message = str(body.get("message") or exc)
-        # vLLM reports an over-long prompt as a plain 400; its text is the only marker
-        if "context length" in message or "maximum input length" in message:
-            return ContextTooLong(message)
-        if adapter is not None and "does not exist" in message:
-            return AdapterNotFound(f"adapter {adapter!r} is not loaded on the server")
-        return InferenceError(message)
-    if isinstance(exc, (openai.APIConnectionError, openai.InternalServerError)):
+    if isinstance(exc, openai.APIStatusError):  # an error response: read as a stream's is
+        return status_error(exc.status_code, exc.response.content, adapter=adapter,
+                            retry_after=exc.response.headers.get("retry-after"))
+    if isinstance(exc, openai.APIConnectionError):
         return BackendUnavailable(f"inference server unavailable: {type(exc).__name__}")
     if isinstance(exc, (httpx.HTTPError, openai.APIError, asyncio.TimeoutError)):
         return BackendUnavailable(f"inference stream failed: {type(exc).__name__}: {exc}")
@@ -77,8 +64,8 @@ def _backoff_s(attempt: int, retry_after: str | None) -> float:
 def status_error(status: int, body: bytes, *, adapter: str | None,
                  retry_after: str | None = None) -> InferenceError:
     """Translate an error response (vLLM's body, `{"message": ...}` or OpenAI's
-    `{"error": {"message": ...}}`) into the inference error tree, as `map_error` does the
-    SDK's exceptions."""
+    `{"error": {"message": ...}}`) into the inference error tree; `map_error` uses it for the
+    SDK's status errors too."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -106,25 +93,21 @@ def status_error(status: int, body: bytes, *, adapter: str | None,
     return BackendUnavailable(f"inference stream failed: HTTP {status}: {message}")
 
 
-def _events(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _events(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The data of each server-sent event, as the lines arrive."""
-
-    async def events() -> AsyncIterator[bytes]:
-        data: list[bytes] = []
-        async for raw in lines:
-            line = raw.rstrip(b"\r\n")
-            if not line:
-                if data:
-                    yield b"\n".join(data)
-                    data = []
-                continue
-            field, _, value = line.partition(b":")
-            if field == b"data":
-                data.append(value[1:] if value.startswith(b" ") else value)
-        if data:
-            yield b"\n".join(data)
-
-    return events()
+    data: list[bytes] = []
+    async for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield b"\n".join(data)
+                data = []
+            continue
+        field, _, value = line.partition(b":")
+        if field == b"data":
+            data.append(value[1:] if value.startswith(b" ") else value)
+    if data:
+        yield b"\n".join(data)
 
 
 class OpenAIBackend:

@@ -103,7 +103,7 @@ async def renew_leases(session: Executor, *, event_ids: Collection[int], owner: 
     elif is_postgres(session):
         stmt, values = _RENEW_FOR_PG, {"lease_for": timedelta(seconds=lease_s)}
     else:
-        stmt, values = _RENEW_UNTIL, {"new_lease_until": utcnow() + timedelta(seconds=lease_s)}
+        stmt, values = _RENEW_UNTIL, {"new_lease_until": lease_end(session, lease_s)}
     result = await session.execute(stmt, held | values)
     renewed = {int(i) for i in result.scalars()}
     if commit:

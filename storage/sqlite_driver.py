@@ -151,12 +151,13 @@ class OneTripCursor(AsyncAdapt_aiosqlite_cursor):
     async def _one_trip(self, operation: Any, parameters: Any, *, many: bool) -> None:
         adapted = self._adapt_connection
         conn = adapted._connection
+        writes = _writes(operation)
         try:
-            if adapted._writing:  # in our write transaction: no one else's lock to wait for
+            # in our write transaction (no one else's lock to wait for), or a read marked
+            # INLINE_READS: here
+            if adapted._writer is not None or (self._inline and not writes):
                 outcome = _run(conn._conn, operation, parameters, many)
-            elif self._inline and not _writes(operation):
-                outcome = _run(conn._conn, operation, parameters, many)
-            elif _writes(operation):
+            elif writes:
                 await adapted._start_writing()
                 outcome = _try_first_write(conn._conn, operation, parameters, many,
                                            adapted._busy_ms)
@@ -184,14 +185,13 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
     """aiosqlite's adapted connection; holds its file's write lock while it writes, and
     commits and rolls back on the event loop's thread (see the module docstring)."""
 
-    __slots__ = ("_database", "_writer", "_writing", "_busy_ms", "_trips")
+    __slots__ = ("_database", "_writer", "_busy_ms", "_trips")
     _cursor_cls = OneTripCursor
 
     def __init__(self, dbapi: Any, connection: Any, database: str, busy_ms: int) -> None:
         super().__init__(dbapi, connection)
         self._database, self._busy_ms = database, busy_ms
-        self._writer: asyncio.Lock | None = None  # the lock held while writing
-        self._writing = False
+        self._writer: asyncio.Lock | None = None  # the file's lock, while this one writes
         self._trips = 0  # statements on the connection's thread not finished yet
 
     async def _on_thread(self, fn: Any, *args: Any) -> Outcome:
@@ -214,19 +214,19 @@ class _Connection(AsyncAdapt_aiosqlite_connection):
                 await writer.acquire()
         except TimeoutError:
             raise sqlite3.OperationalError("database is locked") from None
-        self._writer, self._writing = writer, True
+        self._writer = writer
 
     def _failed(self) -> None:
         """After a failed statement the write lock stays only with an open transaction,
         which the caller's rollback ends."""
         with contextlib.suppress(Exception):  # a closed connection: close() gave it back
-            if self._writing and not self._trips and not self._connection._conn.in_transaction:
+            if not self._trips and not self._connection._conn.in_transaction:
                 self._stop_writing()
 
     def _stop_writing(self) -> None:
-        if self._writing and self._writer is not None:
-            self._writing = False
-            self._writer.release()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.release()
 
     def _end(self, how: str) -> None:
         """Commit or roll back: here, unless a statement a cancelled task left on the

@@ -1,4 +1,5 @@
-"""A scripted inference backend: real InferenceBackend behaviour, answers chosen by the test."""
+"""A scripted inference backend: real InferenceBackend behaviour, answers chosen by the test;
+and `collect`, a backend's whole answer to one request."""
 
 from __future__ import annotations
 
@@ -6,8 +7,20 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from inference.base import Finished, GenerationRequest, StreamEvent, TextDelta
+from inference.base import Finished, GenerationRequest, InferenceBackend, StreamEvent, TextDelta
 from inference.errors import AdapterNotFound, InferenceError
+
+
+async def collect(backend: InferenceBackend, request: GenerationRequest) -> tuple[str, Finished]:
+    """The streamed text and the finish event of one request."""
+    text, done = "", None
+    async for ev in backend.stream(request):
+        if isinstance(ev, TextDelta):
+            text += ev.text
+        else:
+            done = ev
+    assert done is not None
+    return text, done
 
 
 @dataclass

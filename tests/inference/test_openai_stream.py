@@ -23,6 +23,7 @@ from inference.errors import (
     RateLimited,
 )
 from inference.openai_backend import OpenAIBackend
+from tests.fakes.inference import collect
 from tests.fakes.servers import serve_app
 
 Reply = Callable[[dict[str, Any]], Response]
@@ -88,17 +89,6 @@ async def scripted(**options: Any) -> AsyncIterator[tuple[Scripted, OpenAIBacken
             await backend.aclose()
 
 
-async def answer(backend: OpenAIBackend, request: GenerationRequest) -> tuple[str, Finished]:
-    text, done = "", None
-    async for event in backend.stream(request):
-        if isinstance(event, TextDelta):
-            text += event.text
-        else:
-            done = event
-    assert isinstance(done, Finished)
-    return text, done
-
-
 async def test_an_answer_streams_token_by_token_and_ends_with_its_usage() -> None:
     async with scripted(extra_body={"ignore_eos": True}) as (server, backend):
         server.script = [tokens("You have ", "45 days", ".")]
@@ -120,18 +110,18 @@ async def test_failures_before_the_first_byte_are_retried() -> None:
         server.script = [status(503, {"message": "loading"}, **{"retry-after": "0.01"}),
                          status(500, {"message": "oops"}, **{"retry-after": "0.01"}),
                          tokens("fine")]
-        assert (await answer(backend, GenerationRequest(QUESTION, 16)))[0] == "fine"
+        assert (await collect(backend, GenerationRequest(QUESTION, 16)))[0] == "fine"
         assert len(server.requests) == 3
 
         server.requests.clear()
         server.script = [status(429, {"message": "slow down"}, **{"retry-after": "0.02"})] * 3
         with pytest.raises(RateLimited) as limited:
-            await answer(backend, GenerationRequest(QUESTION, 16))
+            await collect(backend, GenerationRequest(QUESTION, 16))
         assert limited.value.retry_after == 0.02 and len(server.requests) == 3
 
         server.script = [status(503, {"message": "down"}, **{"retry-after": "0.01"})] * 3
         with pytest.raises(BackendUnavailable, match="503"):
-            await answer(backend, GenerationRequest(QUESTION, 16))
+            await collect(backend, GenerationRequest(QUESTION, 16))
 
 
 @pytest.mark.parametrize(("code", "body", "adapter", "error"), [
@@ -150,7 +140,7 @@ async def test_error_answers_are_typed_and_not_retried(
     async with scripted(max_retries=2) as (server, backend):
         server.script = [status(code, body)]
         with pytest.raises(error) as raised:
-            await answer(backend, GenerationRequest(QUESTION, 16, adapter=adapter))
+            await collect(backend, GenerationRequest(QUESTION, 16, adapter=adapter))
         assert type(raised.value) is error and len(server.requests) == 1
 
 
@@ -166,7 +156,7 @@ async def test_a_stream_broken_after_its_first_token_is_not_retried() -> None:
 
         server.script = [tokens("cut", usage=False)]  # [DONE] without the usage chunk
         with pytest.raises(BackendUnavailable, match="without usage"):
-            await answer(backend, GenerationRequest(QUESTION, 16))
+            await collect(backend, GenerationRequest(QUESTION, 16))
 
 
 async def test_a_stream_left_early_frees_its_connection() -> None:
@@ -177,7 +167,13 @@ async def test_a_stream_left_early_frees_its_connection() -> None:
                 async for event in s:
                     assert event == TextDelta("w0 ")
                     break
-        assert (await answer(backend, GenerationRequest(QUESTION, 16)))[0] == "again"
+        assert (await collect(backend, GenerationRequest(QUESTION, 16)))[0] == "again"
+
+
+async def test_an_error_answer_to_the_sdk_is_typed_as_a_stream_s() -> None:
+    async with scripted() as (_, backend):  # the scripted server has no /v1/models
+        with pytest.raises(BackendUnavailable, match="missing"):
+            await backend.list_adapters()
 
 
 async def test_an_unreachable_server_is_unavailable_after_the_retries() -> None:
@@ -185,6 +181,6 @@ async def test_an_unreachable_server_is_unavailable_after_the_retries() -> None:
                             max_retries=1, connect_timeout=1)
     try:
         with pytest.raises(BackendUnavailable, match="unavailable"):
-            await answer(backend, GenerationRequest(QUESTION, 16))
+            await collect(backend, GenerationRequest(QUESTION, 16))
     finally:
         await backend.aclose()

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from inference.base import ChatMessage, Finished, GenerationRequest, TextDelta
 from inference.errors import AdapterNotFound, AdapterRejected, BackendUnavailable
 from inference.openai_backend import OpenAIBackend
+from tests.fakes.inference import collect
 from tests.fakes.lora import make_lora_adapter
 from tests.fakes.vllm_server import SERVED_NAME, VLLMServer, vllm_server
 
@@ -27,17 +28,6 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 def client(server: VLLMServer, **kw: object) -> OpenAIBackend:
     return OpenAIBackend(base_url=server.base_url, model_name=SERVED_NAME, **kw)  # type: ignore[arg-type]
-
-
-async def collect(backend: OpenAIBackend, request: GenerationRequest) -> tuple[str, Finished]:
-    text, done = "", None
-    async for ev in backend.stream(request):
-        if isinstance(ev, TextDelta):
-            text += ev.text
-        else:
-            done = ev
-    assert done is not None
-    return text, done
 
 
 async def test_streams_text_and_usage(server: VLLMServer) -> None:

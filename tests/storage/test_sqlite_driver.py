@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage.db import make_engine
 from storage.sqlite_driver import OneTripCursor
@@ -67,15 +69,20 @@ async def test_a_rolled_back_transaction_leaves_nothing(tmp_path: Path) -> None:
 # -- one writer at a time, on the event loop's thread -----------------------------------------
 
 
-async def _table(engine: Any) -> None:
-    async with engine.begin() as c:
-        await c.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"))
+@contextlib.asynccontextmanager
+async def table_engine(path: Path) -> AsyncIterator[AsyncEngine]:
+    """An engine on a new SQLite file holding table t (id, unique v)."""
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        async with engine.begin() as c:
+            await c.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT UNIQUE)"))
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 async def test_concurrent_write_transactions_in_one_process_all_land(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    try:
-        await _table(engine)
+    async with table_engine(tmp_path / "t.db") as engine:
 
         async def write(i: int) -> None:
             async with engine.begin() as c:  # two statements with other turns between them
@@ -86,14 +93,10 @@ async def test_concurrent_write_transactions_in_one_process_all_land(tmp_path: P
         await asyncio.wait_for(asyncio.gather(*(write(i) for i in range(60))), 60)
         async with engine.connect() as c:
             assert (await c.execute(text("SELECT count(*) FROM t"))).scalar() == 120
-    finally:
-        await engine.dispose()
 
 
 async def test_a_failed_or_cancelled_writer_lets_the_next_one_write(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    try:
-        await _table(engine)
+    async with table_engine(tmp_path / "t.db") as engine:
         async with engine.connect() as c:
             await c.execute(text("INSERT INTO t (v) VALUES ('a')"))
             with pytest.raises(IntegrityError):
@@ -117,16 +120,12 @@ async def test_a_failed_or_cancelled_writer_lets_the_next_one_write(tmp_path: Pa
         async with engine.connect() as c:
             rows = (await c.execute(text("SELECT v FROM t ORDER BY v"))).scalars().all()
         assert rows == ["c"]  # 'a' and 'b' were rolled back
-    finally:
-        await engine.dispose()
 
 
 async def test_a_task_writing_on_two_connections_fails_as_sqlite_would(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("storage.db.SQLITE_BUSY_TIMEOUT_MS", 300)
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    try:
-        await _table(engine)
+    async with table_engine(tmp_path / "t.db") as engine:
         async with engine.connect() as first, engine.connect() as second:
             await first.execute(text("INSERT INTO t (v) VALUES ('a')"))
             with pytest.raises(OperationalError, match="database is locked"):
@@ -134,8 +133,6 @@ async def test_a_task_writing_on_two_connections_fails_as_sqlite_would(
                                        10)
             await second.rollback()
             await first.commit()
-    finally:
-        await engine.dispose()
 
 
 HOLD_LOCK = """
@@ -152,9 +149,7 @@ conn.execute("COMMIT")
 async def test_a_write_waits_for_another_process_without_blocking_the_loop(
         tmp_path: Path) -> None:
     path = tmp_path / "t.db"
-    engine = make_engine(f"sqlite:///{path}")
-    try:
-        await _table(engine)
+    async with table_engine(path) as engine:
         other = await asyncio.create_subprocess_exec(
             sys.executable, "-c", HOLD_LOCK, str(path), "1.5", stdout=asyncio.subprocess.PIPE)
         assert other.stdout is not None
@@ -182,16 +177,12 @@ async def test_a_write_waits_for_another_process_without_blocking_the_loop(
         async with engine.connect() as c:
             rows = (await c.execute(text("SELECT v FROM t ORDER BY id"))).scalars().all()
         assert rows == ["other process", "this process"]
-    finally:
-        await engine.dispose()
 
 
 async def test_a_failed_autocommit_write_does_not_keep_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("storage.db.SQLITE_BUSY_TIMEOUT_MS", 3000)
-    engine = make_engine(f"sqlite:///{tmp_path}/t.db")
-    try:
-        await _table(engine)
+    async with table_engine(tmp_path / "t.db") as engine:
         async with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as first:
             await first.execute(text("INSERT INTO t (v) VALUES ('a')"))
             with pytest.raises(IntegrityError):
@@ -200,5 +191,3 @@ async def test_a_failed_autocommit_write_does_not_keep_the_lock(
             async with engine.begin() as second:  # while `first` is still checked out
                 await second.execute(text("INSERT INTO t (v) VALUES ('b')"))
             assert time.monotonic() - started < 2
-    finally:
-        await engine.dispose()
