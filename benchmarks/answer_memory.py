@@ -61,6 +61,7 @@ SYSTEM = "You are the customer-service assistant of Bramblewood Outfitters. Answ
 REVIEWER = "telegram:900"
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULTS = Settings(_env_file=None).memory
+ANSWER_AT, REFER_AT = DEFAULTS.thresholds()
 GATE_KEYS = ("heldout_f1", "heldout_accuracy", "heldout_f1_memory", "heldout_accuracy_memory",
              "heldout_memory_verbatim")
 
@@ -94,8 +95,8 @@ def core(sessions: Any, backend: Any, fitter: PromptFitter, memory: AnswerMemory
 
 
 def memory_for(sessions: Any, embedder: Any) -> AnswerMemory:
-    return AnswerMemory(sessions, HybridIndex(embedder), answer_at=DEFAULTS.answer_threshold,
-                        refer_at=DEFAULTS.reference_threshold, refresh_s=DEFAULTS.refresh_s)
+    return AnswerMemory(sessions, HybridIndex(embedder), answer_at=ANSWER_AT,
+                        refer_at=REFER_AT, refresh_s=DEFAULTS.refresh_s)
 
 
 async def ask(c: ConversationCore, text: str, channel: str = "telegram",
@@ -161,7 +162,7 @@ def calibration_all(embedder: Any) -> list[dict[str, Any]]:
 
 def _thresholds(tops: list[tuple[float, bool]], general: list[float]) -> list[dict[str, Any]]:
     out = []
-    for th in (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9):
+    for th in (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9):
         above = [ok for s, ok in tops if s >= th]
         out.append({"threshold": th, "coverage": round(len(above) / len(tops), 3),
                     "precision": round(sum(above) / len(above), 3) if above else None,
@@ -259,8 +260,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     embedder = load_embedder(DEFAULTS.embedder)
     if a.timing_only:
         return await timings(a, embedder, {
-            "intents": 0, "embedder": embedder.name, "answer_threshold": DEFAULTS.answer_threshold,
-            "reference_threshold": DEFAULTS.reference_threshold})
+            "intents": 0, "embedder": embedder.name, "answer_threshold": ANSWER_AT,
+            "reference_threshold": REFER_AT})
     tmp = Path(tempfile.mkdtemp(prefix="answer-memory-"))
     url = f"sqlite+aiosqlite:///{tmp / 'bench.db'}"
     await upgrade_async(url)
@@ -270,8 +271,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
     fitter = PromptFitter(backend.tokenizer, context_tokens=2048, max_tokens=48)
     memory = memory_for(sessions, embedder)
     out: dict[str, Any] = {"intents": len(intents), "embedder": embedder.name,
-                           "answer_threshold": DEFAULTS.answer_threshold,
-                           "reference_threshold": DEFAULTS.reference_threshold}
+                           "answer_threshold": ANSWER_AT,
+                           "reference_threshold": REFER_AT}
     plain, with_memory = core(sessions, backend, fitter, None), core(sessions, backend,
                                                                       fitter, memory)
     out["base"] = await f1_on_unseen(plain, intents)

@@ -166,8 +166,9 @@ async def answer_memory(settings: Settings, sessions: async_sessionmaker[AsyncSe
         return None
     from inference.memory import HybridIndex, load_embedder
 
+    answer_at, refer_at = m.thresholds()
     memory = AnswerMemory(sessions, HybridIndex(load_embedder(m.embedder)),
-                          answer_at=m.answer_threshold, refer_at=m.reference_threshold,
+                          answer_at=answer_at, refer_at=refer_at,
                           max_references=m.max_references, refresh_s=m.refresh_s)
     await memory.refresh()
     return memory
@@ -292,7 +293,10 @@ def loop_config(settings: Settings) -> Any:
                        learning_rate=learn.learning_rate, batch_size=learn.batch_size,
                        max_length=learn.max_length, kto_min_examples=learn.kto_min_examples,
                        neftune_alpha=learn.neftune_alpha or None, augment=learn.augment,
-                       precision=learn.precision, dpo_min_pairs=learn.dpo_min_pairs),
+                       precision=learn.precision, dpo_min_pairs=learn.dpo_min_pairs,
+                       memory_embedder=settings.memory.embedder if settings.memory.enabled
+                       else "", memory_answer_at=settings.memory.answer_threshold,
+                       memory_refer_at=settings.memory.reference_threshold),
         min_new_feedback=learn.min_feedback,
         min_interval=timedelta(seconds=learn.min_interval_s),
         incremental=learn.incremental,

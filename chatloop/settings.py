@@ -219,14 +219,30 @@ class MemorySettings(Section):
     model_config = SettingsConfigDict(env_prefix="CHATLOOP_MEMORY_")
 
     enabled: bool = True
-    # wordllama (offline, in its wheel), wordllama:CONFIG:DIM, or hf:PATH (a local model)
-    embedder: str = "wordllama"
+    # minilm (all-MiniLM-L6-v2, written to var/models by `chatloop model prepare`),
+    # minilm:DIR, wordllama (offline, in its wheel), wordllama:CONFIG:DIM, or hf:PATH
+    embedder: str = "minilm"
     # similarity above which an approved answer is sent as it is, and from which the best
-    # entries are quoted in the prompt (calibrated: docs/benchmarks.md, answer memory)
-    answer_threshold: float = Field(default=0.6, gt=0)  # = inference.memory.ANSWER_AT
-    reference_threshold: float = Field(default=0.45, gt=0)  # = inference.memory.REFER_AT
+    # entries are quoted in the prompt; unset: the embedder's calibrated values
+    # (inference.memory.CALIBRATED, docs/benchmarks.md#answer-memory)
+    answer_threshold: float | None = Field(default=None, gt=0)
+    reference_threshold: float | None = Field(default=None, gt=0)
     max_references: int = Field(default=3, ge=1, le=10)
     refresh_s: float = Field(default=1.0, gt=0)  # how stale a replica's index may get
+
+    def thresholds(self) -> tuple[float, float]:
+        """(answer, reference): as set, else calibrated for the embedder."""
+        from inference.memory import thresholds
+
+        calibrated = thresholds(self.embedder)
+        answer = self.answer_threshold or (calibrated and calibrated[0])
+        reference = self.reference_threshold or (calibrated and calibrated[1])
+        if not answer or not reference:
+            raise ValueError(
+                f"CHATLOOP_MEMORY_EMBEDDER={self.embedder} has no calibrated thresholds: set "
+                "CHATLOOP_MEMORY_ANSWER_THRESHOLD and CHATLOOP_MEMORY_REFERENCE_THRESHOLD "
+                "(benchmarks/answer_memory.py prints a calibration table)")
+        return answer, reference
 
 
 class HandoffSettings(Section):

@@ -73,7 +73,7 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
     # held-out votes (held-out hand-off pairs, the agent's reply over the bot's: _metrics)
     votes = read_examples(Path(job.work_dir) / "heldout_votes.jsonl")[: job.eval_max_examples]
     liked = [bool(e.label) for e in votes]
-    memory = _memory(Path(job.work_dir), heldout)
+    memory = _memory(job, heldout)
 
     def metrics() -> dict[str, Any]:
         logps = answer_logps(model, tokenizer, [(e.prompt, e.completion) for e in votes])
@@ -124,14 +124,19 @@ def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
 
 
 
-def _memory(work: Path, heldout: list[Example]) -> Any:
+def _memory(job: TrainJob, heldout: list[Example]) -> Any:
     """The answer memory as it stood for this run, without the held-out corrections (they are
     what it must answer): `memory.jsonl` in the run's directory (question, answer) if the
-    loop wrote one, else the trained corrections. None if there is none or no embedder."""
+    loop wrote one, else the trained corrections; searched with the gateway's embedder and
+    thresholds (`job.memory_*`). None if there is none or no embedder: its `recall`."""
     import json
+    from functools import partial
 
-    from inference.memory import Doc, HybridIndex, load_embedder
+    from inference.memory import Doc, HybridIndex, load_embedder, thresholds
 
+    if not job.memory_embedder:
+        return None
+    work = Path(job.work_dir)
     path = work / "memory.jsonl"
     if path.exists():
         pairs = [(r["question"], r["answer"]) for r in
@@ -144,12 +149,16 @@ def _memory(work: Path, heldout: list[Example]) -> Any:
     if not docs or not heldout:
         return None
     try:
-        index = HybridIndex(load_embedder())
+        index = HybridIndex(load_embedder(job.memory_embedder))
         index.upsert(docs)
+        answer_at, refer_at = thresholds(job.memory_embedder) or (None, None)
+        answer_at, refer_at = job.memory_answer_at or answer_at, job.memory_refer_at or refer_at
+        if answer_at is None or refer_at is None:
+            raise ValueError(f"no thresholds for the embedder {job.memory_embedder!r}")
     except Exception as exc:  # a report without the memory figures, never a failed run
         print(f"no answer-memory figures: {exc}", flush=True)
         return None
-    return index
+    return partial(index.recall, answer_at=answer_at, refer_at=refer_at)
 
 
 def _question(prompt: list[dict[str, str]]) -> str:
@@ -164,7 +173,7 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
         return {}
     from inference.prompt import with_references
 
-    picks = [memory.recall(_question(e.prompt)) for e in heldout]
+    picks = [memory(_question(e.prompt)) for e in heldout]
     answers = [r.verbatim.answer if r.verbatim else "" for r in picks]
     todo = [i for i, r in enumerate(picks) if r.verbatim is None]
     chats = []

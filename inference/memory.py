@@ -29,10 +29,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EMBEDDER = "wordllama"
-# the similarity from which an approved answer is sent as it is, and from which entries are
-# quoted in the prompt (calibrated on the synthetic company set: docs/benchmarks.md)
-ANSWER_AT, REFER_AT = 0.6, 0.45
+DEFAULT_EMBEDDER = "minilm"
+MINILM_DIR = Path("var/models/all-MiniLM-L6-v2")  # `chatloop model prepare` writes it
+# Per embedder kind, the similarity from which an approved answer is sent as it is, and from
+# which entries are quoted in the prompt (calibrated on the synthetic company set:
+# docs/benchmarks.md#answer-memory). An embedder of another kind (hf:PATH) has no calibration
+# of its own: set CHATLOOP_MEMORY_ANSWER_THRESHOLD and _REFERENCE_THRESHOLD for it.
+CALIBRATED = {"minilm": (0.6, 0.45), "wordllama": (0.6, 0.45)}
+ANSWER_AT, REFER_AT = CALIBRATED[DEFAULT_EMBEDDER]
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -41,13 +45,53 @@ class Embedder(Protocol):
 
     name: str
     dim: int
+    inline: bool  # cheap enough to run on the event loop
 
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class OnnxEmbedder:
+    """A sentence-embedding model exported to ONNX by `chatloop model prepare` (model.onnx:
+    token ids and mask in, mean-pooled unit vectors out; tokenizer.json beside it), run by
+    onnxruntime on one thread that never spins waiting for work (the process has a model to
+    run too): all-MiniLM-L6-v2, about 3 ms a question (two threads that spin: 2 ms)."""
+
+    inline = False  # a forward pass: off the event loop (onnxruntime releases the GIL)
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        if not (path / "model.onnx").exists():
+            raise FileNotFoundError(f"no sentence-embedding model at {path}: run `chatloop "
+                                    "model prepare` (it prepares the memory's embedder too)")
+        self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self._tokenizer.enable_truncation(256)
+        self._tokenizer.enable_padding()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._session = onnxruntime.InferenceSession(str(path / "model.onnx"), options,
+                                                     providers=["CPUExecutionProvider"])
+        self.dim = int(self._session.get_outputs()[0].shape[-1])
+        self.name = f"onnx/{path.name}"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), 64):  # padded batches of similar cost
+            encoded = self._tokenizer.encode_batch(list(texts[start:start + 64]))
+            ids = np.asarray([e.ids for e in encoded], np.int64)
+            mask = np.asarray([e.attention_mask for e in encoded], np.int64)
+            out[start:start + len(encoded)] = self._session.run(None, {"ids": ids,
+                                                                       "mask": mask})[0]
+        return out
 
 
 class WordLlamaEmbedder:
     """wordllama's static token embeddings (the weights and tokenizer ship in its wheel:
     nothing is downloaded), average-pooled; about 20 µs a question on one core."""
+
+    inline = True  # cheaper than a trip to a worker thread
 
     def __init__(self, config: str = "l2_supercat", dim: int = 256) -> None:
         root = logging.getLogger()
@@ -81,6 +125,8 @@ class HiddenStateEmbedder:
     """A transformers model's mean-pooled last hidden state (e.g. the served model's own, or
     any sentence-embedding model directory): the swap-in for a better embedder."""
 
+    inline = False
+
     def __init__(self, path: str) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -106,15 +152,32 @@ class HiddenStateEmbedder:
 
 
 def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
-    """`wordllama` (default: l2_supercat, 256 dimensions), `wordllama:CONFIG:DIM`, or
-    `hf:PATH` (a local transformers model directory: mean-pooled hidden states)."""
+    """`minilm` (default: all-MiniLM-L6-v2 as `chatloop model prepare` writes it to
+    var/models), `minilm:DIR` (prepared elsewhere), `wordllama` (l2_supercat, 256 dimensions,
+    in its wheel), `wordllama:CONFIG:DIM`, or `hf:PATH` (a local transformers model
+    directory: mean-pooled hidden states)."""
     kind, _, rest = spec.partition(":")
+    if kind == "minilm":
+        return OnnxEmbedder(Path(rest) if rest else MINILM_DIR)
     if kind == "wordllama":
         config, _, dim = rest.partition(":")
         return WordLlamaEmbedder(config or "l2_supercat", int(dim or 256))
     if kind == "hf" and rest:
         return HiddenStateEmbedder(rest)
-    raise ValueError(f"unknown embedder {spec!r}: use wordllama[:CONFIG:DIM] or hf:PATH")
+    raise ValueError(f"unknown embedder {spec!r}: use minilm[:DIR], wordllama[:CONFIG:DIM] "
+                     "or hf:PATH")
+
+
+def embedder_dir(spec: str) -> Path | None:
+    """Where `chatloop model prepare` writes the model an embedder spec names (None: the
+    spec needs nothing prepared)."""
+    kind, _, rest = spec.partition(":")
+    return (Path(rest) if rest else MINILM_DIR) if kind == "minilm" else None
+
+
+def thresholds(spec: str) -> tuple[float, float] | None:
+    """The calibrated (answer, reference) thresholds of an embedder spec's kind, if any."""
+    return CALIBRATED.get(spec.partition(":")[0])
 
 
 @cache
@@ -224,9 +287,9 @@ class HybridIndex:
 
     def vectors(self, docs: Sequence[Doc]) -> np.ndarray:
         """The dense vectors of these entries (what `upsert` stores when given none)."""
-        q = self.embedder.embed([d.question for d in docs])
-        a = self.embedder.embed([d.answer for d in docs])
-        v = q + a
+        texts = list(dict.fromkeys(t for d in docs for t in (d.question, d.answer)))
+        made = dict(zip(texts, self.embedder.embed(texts), strict=True))  # answers repeat
+        v = np.asarray([made[d.question] + made[d.answer] for d in docs], np.float32)
         return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)).astype(
             np.float32)
 

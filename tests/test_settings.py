@@ -246,7 +246,9 @@ def test_empty_variables_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.gateway.port == 8000 and settings.slack.signing_secret is None
 
 
-def test_the_learning_loop_trains_with_the_training_jobs_defaults() -> None:
+def test_the_learning_loop_trains_with_the_training_jobs_defaults(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_environment(monkeypatch)
     job = loop_config(Settings(_env_file=None)).train
     default = TrainJob(model_dir=job.model_dir, out_dir="", work_dir="")
     assert dataclasses.asdict(job) == dataclasses.asdict(default)
@@ -346,3 +348,20 @@ def test_the_dpo_step_and_the_votes_split_reach_the_loop(monkeypatch: pytest.Mon
     monkeypatch.setenv("CHATLOOP_LEARN_HELDOUT_VOTES_PERCENT", "30")
     cfg = loop_config(Settings(_env_file=None))
     assert cfg.train.dpo_min_pairs == 3 and cfg.dataset.heldout_votes_percent == 30
+
+
+def test_memory_thresholds_are_the_embedders_calibrated_ones_unless_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference.memory import CALIBRATED
+
+    clear_environment(monkeypatch)
+    assert Settings(_env_file=None).memory.thresholds() == CALIBRATED["minilm"]
+    monkeypatch.setenv("CHATLOOP_MEMORY_EMBEDDER", "wordllama")
+    assert Settings(_env_file=None).memory.thresholds() == CALIBRATED["wordllama"]
+    monkeypatch.setenv("CHATLOOP_MEMORY_ANSWER_THRESHOLD", "0.9")
+    assert Settings(_env_file=None).memory.thresholds() == (0.9, CALIBRATED["wordllama"][1])
+    monkeypatch.setenv("CHATLOOP_MEMORY_EMBEDDER", "hf:/models/e5")  # no calibration of its own
+    with pytest.raises(ValueError, match="CHATLOOP_MEMORY_REFERENCE_THRESHOLD"):
+        Settings(_env_file=None).memory.thresholds()
+    monkeypatch.setenv("CHATLOOP_MEMORY_REFERENCE_THRESHOLD", "0.7")
+    assert Settings(_env_file=None).memory.thresholds() == (0.9, 0.7)

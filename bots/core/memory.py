@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -64,8 +65,11 @@ class AnswerMemory:
         question, tried with it when the question alone matches nothing well: a follow-up)."""
         try:
             await self.refresh_if_stale()
-            return self.index.recall(question, answer_at=self.answer_at, refer_at=self.refer_at,
-                                     k=self.max_references, previous=previous)
+            recall = partial(self.index.recall, question, answer_at=self.answer_at,
+                             refer_at=self.refer_at, k=self.max_references, previous=previous)
+            if getattr(self.index.embedder, "inline", True):
+                return recall()
+            return await asyncio.to_thread(recall)  # a model's forward pass: not on the loop
         except Exception:  # the model answers alone: memory is an aid, never a failure
             log.exception("answer memory unavailable for this turn")
             return Recall()

@@ -60,18 +60,33 @@ def model_prepare(
         help="'bundled' (default), a local HF model directory, or an HF model id")] = None,
     target: Annotated[Path | None, typer.Option(help="output directory (CHATLOOP_MODEL)")] = None,
 ) -> None:
-    """Write the safetensors model directory that the embedded engine and vLLM load."""
+    """Write the safetensors model directory that the embedded engine and vLLM load, and
+    the answer memory's embedding model (CHATLOOP_MEMORY_EMBEDDER) where it needs one."""
     from inference.prepare import PrepareError, prepare_model
 
     setup_logging()
-    inference = load_settings().inference
+    settings = load_settings()
+    inference = settings.inference
     started = time.perf_counter()
     try:
         out = prepare_model(source or inference.model_source, target or Path(inference.model),
                             cache_dir=inference.model_cache)
+        embedder = _prepare_embedder(settings)
     except PrepareError as exc:
         die(str(exc))
     typer.echo(f"model ready at {out} ({time.perf_counter() - started:.1f}s)")
+    if embedder is not None:
+        typer.echo(f"answer-memory embedding model ready at {embedder}")
+
+
+def _prepare_embedder(settings: Settings) -> Path | None:
+    from inference.memory import embedder_dir
+    from inference.prepare import prepare_embedder
+
+    target = embedder_dir(settings.memory.embedder) if settings.memory.enabled else None
+    if target is None:
+        return None
+    return prepare_embedder(target, cache_dir=settings.inference.model_cache)
 
 
 @app.command()
@@ -101,6 +116,7 @@ def demo() -> None:
     if not inference.url:
         prepare_model(inference.model_source, Path(inference.model),
                       cache_dir=inference.model_cache)
+    _prepare_embedder(settings)
     settings.webchat.token = None
     if settings.webchat.secret is None:
         settings.webchat.secret = SecretStr(_kept_secret(DEMO_SECRET))

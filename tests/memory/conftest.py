@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -16,7 +18,7 @@ REVIEWER = "telegram:900"
 
 @pytest.fixture(scope="session")
 def embedder():  # type: ignore[no-untyped-def]
-    return load_embedder("wordllama")
+    return load_embedder(os.environ["CHATLOOP_MEMORY_EMBEDDER"])  # the default: minilm
 
 
 @pytest.fixture(scope="module")

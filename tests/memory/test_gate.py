@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from feedback import candidate
 from feedback.examples import Example
+from feedback.job import TrainJob
 
 COMPANY = json.loads((Path(__file__).parents[2] / "feedback/data/company.json").read_text())
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -29,8 +31,10 @@ def test_heldout_answers_are_scored_with_and_without_the_memory(model_dir, tmp_p
     heldout = [example(10 + i, it["questions"][0] + " Please tell me.", it["answer"])
                for i, it in enumerate(intents)]
     heldout.append(example(99, intents[0]["questions"][0], intents[0]["answer"]))
-    memory = candidate._memory(tmp_path, heldout)
-    assert memory is not None and len(memory) == 3  # the held-out question's own is left out
+    job = TrainJob(model_dir=str(model_dir), out_dir="", work_dir=str(tmp_path),
+                   memory_embedder=os.environ["CHATLOOP_MEMORY_EMBEDDER"])
+    memory = candidate._memory(job, heldout)  # the index's recall, at the calibrated thresholds
+    assert memory is not None and len(memory.func.__self__) == 3  # the held-out one's is out
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     known = [e.completion for e in trained]

