@@ -317,7 +317,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         path = version.path if version else tmp / "runs" / f"run-{result.run_id}" / \
             "rejected-adapter"  # measured all the same (the table says it was rejected)
         if result.adapter and await asyncio.to_thread(os.path.exists, path):
-            await backend.load_adapter(result.adapter, str(path))
+            if result.adapter not in await backend.list_adapters():  # promoted: loaded already
+                await backend.load_adapter(result.adapter, str(path))
             out["adapter_only"] = await f1_on_unseen(
                 core(sessions, backend, fitter, None, result.adapter), intents)
             save(out, a.out)

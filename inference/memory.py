@@ -151,14 +151,15 @@ class HiddenStateEmbedder:
         return pooled.numpy().astype(np.float32)
 
 
+@cache  # one per process and spec: stateless, and safe to share between threads
 def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
     """`minilm` (default: all-MiniLM-L6-v2 as `chatloop model prepare` writes it to
     var/models), `minilm:DIR` (prepared elsewhere), `wordllama` (l2_supercat, 256 dimensions,
     in its wheel), `wordllama:CONFIG:DIM`, or `hf:PATH` (a local transformers model
     directory: mean-pooled hidden states)."""
     kind, _, rest = spec.partition(":")
-    if kind == "minilm":
-        return OnnxEmbedder(Path(rest) if rest else MINILM_DIR)
+    if (prepared := embedder_dir(spec)) is not None:
+        return OnnxEmbedder(prepared)
     if kind == "wordllama":
         config, _, dim = rest.partition(":")
         return WordLlamaEmbedder(config or "l2_supercat", int(dim or 256))

