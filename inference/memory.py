@@ -35,7 +35,7 @@ MINILM_DIR = Path("var/models/all-MiniLM-L6-v2")  # `chatloop model prepare` wri
 # which entries are quoted in the prompt (calibrated on the synthetic company set:
 # docs/benchmarks.md#answer-memory). An embedder of another kind (hf:PATH) has no calibration
 # of its own: set CHATLOOP_MEMORY_ANSWER_THRESHOLD and _REFERENCE_THRESHOLD for it.
-CALIBRATED = {"minilm": (0.55, 0.45), "wordllama": (0.6, 0.45)}
+CALIBRATED = {"minilm": (0.6, 0.45), "wordllama": (0.6, 0.45)}
 ANSWER_AT, REFER_AT = CALIBRATED[DEFAULT_EMBEDDER]
 _WORD = re.compile(r"\w+", re.UNICODE)
 
