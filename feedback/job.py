@@ -73,12 +73,12 @@ class TrainJob:
     anchor_batch_size: int | None = 4
     anchor_max_tokens: int = 64
     parity_prompts: list[str] = field(default_factory=list)
+    parity_max_tokens: int = 24
     # the answer memory the gate measures with (the gateway's CHATLOOP_MEMORY_EMBEDDER; "": no
     # memory figures) and its thresholds (None: the embedder's calibrated ones)
     memory_embedder: str = "minilm"
     memory_answer_at: float | None = None
     memory_refer_at: float | None = None
-    parity_max_tokens: int = 24
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self), indent=1))
