@@ -234,15 +234,7 @@ class MemorySettings(Section):
         """(answer, reference): as set, else calibrated for the embedder."""
         from inference.memory import thresholds
 
-        calibrated = thresholds(self.embedder)
-        answer = self.answer_threshold or (calibrated and calibrated[0])
-        reference = self.reference_threshold or (calibrated and calibrated[1])
-        if not answer or not reference:
-            raise ValueError(
-                f"CHATLOOP_MEMORY_EMBEDDER={self.embedder} has no calibrated thresholds: set "
-                "CHATLOOP_MEMORY_ANSWER_THRESHOLD and CHATLOOP_MEMORY_REFERENCE_THRESHOLD "
-                "(benchmarks/answer_memory.py prints a calibration table)")
-        return answer, reference
+        return thresholds(self.embedder, self.answer_threshold, self.reference_threshold)
 
 
 class HandoffSettings(Section):

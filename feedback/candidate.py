@@ -151,10 +151,8 @@ def _memory(job: TrainJob, heldout: list[Example]) -> Any:
     try:
         index = HybridIndex(load_embedder(job.memory_embedder))
         index.upsert(docs)
-        answer_at, refer_at = thresholds(job.memory_embedder) or (None, None)
-        answer_at, refer_at = job.memory_answer_at or answer_at, job.memory_refer_at or refer_at
-        if answer_at is None or refer_at is None:
-            raise ValueError(f"no thresholds for the embedder {job.memory_embedder!r}")
+        answer_at, refer_at = thresholds(job.memory_embedder, job.memory_answer_at,
+                                         job.memory_refer_at)
     except Exception as exc:  # a report without the memory figures, never a failed run
         print(f"no answer-memory figures: {exc}", flush=True)
         return None

