@@ -1,7 +1,7 @@
 """The embedded engine's throughput under concurrent streams vs `model.generate`, same run.
 
     .venv/bin/python benchmarks/embedded.py [--concurrency 1,8,32] [--tokens 64] [--runs 3]
-                                            [--precisions bf16,fp32]
+                                            [--precisions bf16,fp32] [--decode-threads 1]
 
 For each precision (default: bf16 and fp32 where the machine computes bf16 natively, else fp32)
 and each concurrency n, one run measures, back to back and in alternating order:
@@ -131,6 +131,7 @@ async def bench_precision(precision: str, args: argparse.Namespace,
     from transformers import AutoModelForCausalLM
 
     backend = EmbeddedBackend(str(MODEL_DIR), precision=precision, max_batch=max(args.levels),
+                              decode_threads=args.decode_threads or None,
                               max_kv_tokens=max(args.levels) * (args.tokens + 64))
     backend.engine.eos_ids = set()  # every request makes exactly --tokens tokens
     for name, path in zip(ADAPTERS[1:], adapter_dirs, strict=True):
@@ -174,6 +175,8 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--precisions", default="bf16,fp32" if native_bf16() else "fp32")
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="the engine's decoding threads (0: torch's count, as prefill)")
     parser.add_argument("--out", type=Path, default=RESULTS / "embedded.json")
     args = parser.parse_args()
     args.levels = [int(x) for x in args.concurrency.split(",")]
@@ -185,10 +188,12 @@ async def main() -> None:
         for precision in args.precisions.split(","):
             rows += await bench_precision(precision, args, adapter_dirs)
     load = [round(x, 1) for x in (*load_before, *os.getloadavg())]
-    print_table(f"embedded engine vs model.generate, {args.tokens} new tokens per request, "
+    print_table(f"embedded engine (decode threads {args.decode_threads or 'torch'}) vs "
+                f"model.generate, {args.tokens} new tokens per request, "
                 f"medians of {args.runs} runs (load average before {load[:3]}, after {load[3:]})",
                 [{k: v for k, v in r.items() if k != "runs"} for r in rows])
     data = {"tokens": args.tokens, "runs": args.runs, "native_bf16": native_bf16(),
+            "decode_threads": args.decode_threads,
             "load_average_before": load[:3], "load_average_after": load[3:], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out == RESULTS / "embedded.json":

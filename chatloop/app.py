@@ -75,7 +75,8 @@ def make_backend(settings: Settings) -> InferenceBackend:
     _require_model(s)
     return EmbeddedBackend(s.model, model_name=Path(s.model).name, max_lora_rank=s.max_lora_rank,
                            precision=s.embedded_precision, max_batch=s.embedded_max_batch,
-                           max_kv_tokens=s.embedded_max_kv_tokens)
+                           max_kv_tokens=s.embedded_max_kv_tokens,
+                           decode_threads=s.embedded_decode_threads or None)
 
 
 def _require_model(inference: InferenceSettings) -> None:

@@ -1,6 +1,7 @@
 """Continuous batching for the embedded engine: one decoding loop shared by every request.
 
-A request is prefilled alone (its prompt in one forward pass) the moment it is admitted, then
+A request is prefilled the moment it is admitted (its prompt in one forward pass; in bf16,
+together with the other prompts admitted at once on the same adapter, see PACK_ROWS), then
 joins the running batch: each decoding step is one forward pass with one row per request, every
 row with its own LoRA adapter (`Routing`: per-row adapters, as peft's `adapter_names` gives; the
 base model is `"__base__"`). A request leaves the batch when it stops, runs out of tokens or is
@@ -47,6 +48,13 @@ BASE = "__base__"  # peft's adapter name for rows that use the base model
 # one-token row alike at 1 to 13 rows (not 14 and more), yet whole greedy decodes batched 8 at
 # a time differ from the solo ones for 2 requests of 8 (2026-12-01).
 ROW_BLOCK = 4
+# In bf16, prompts admitted together are prefilled in packs (one forward pass, the prompts one
+# after another): a pack's rows get the logits and caches they get alone, bitwise (measured on
+# x86-64 with AVX512-BF16, packs of 2 to 8 prompts of 1 to 150 tokens), as long as the LM head,
+# which scores one token per prompt, keeps to at most PACK_ROWS rows (alike at 1 to 13 rows, see
+# ROW_BLOCK); PACK_TOKENS bounds the activations. In fp32 the matrix kernels round a prompt's
+# tokens differently in a longer sequence (logits 4e-5 apart): each prompt is prefilled alone.
+PACK_ROWS, PACK_TOKENS = 8, 4096
 SPAN = 16  # decoding attention runs over a multiple of this many positions (see KvPool)
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -135,25 +143,30 @@ class KvPool:
 
 def _rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                     dropout: float = 0.0, scaling: float | None = None,
-                    kv_pool: KvPool | None = None, kv_row: Row | None = None,
+                    kv_pool: KvPool | None = None, kv_rows: list[Row] | None = None,
                     **_: Any) -> tuple[Any, None]:
-    """Attention over the engine's caches. Prefilling (`kv_row`: one row, its whole prompt):
-    causal over the row's own cache. Decoding (`kv_pool`: one new token a row): every row's new
-    keys and values written into its pool slot, then one masked attention over the pool for all
-    rows, computed the same way whatever the batch (see KvPool and SPAN)."""
+    """Attention over the engine's caches. Prefilling (`kv_rows`: the rows' whole prompts packed
+    one after another in a single sequence): each prompt causal over its own cache, computed as
+    it is alone. Decoding (`kv_pool`: one new token a row): every row's new keys and values
+    written into its pool slot, then one masked attention over the pool for all rows, computed
+    the same way whatever the batch (see KvPool and SPAN)."""
     import torch
     from torch.nn.functional import scaled_dot_product_attention
 
     layer = module.layer_idx
-    if kv_row is not None:  # prefill: alone, into the row's own cache
-        end = query.shape[2]
-        kv_row.keys[layer, :, :end] = key[0]
-        kv_row.values[layer, :, :end] = value[0]
-        out = scaled_dot_product_attention(
-            query.float(), kv_row.keys[layer, :, :end].unsqueeze(0),
-            kv_row.values[layer, :, :end].unsqueeze(0), is_causal=end > 1, scale=scaling,
-            enable_gqa=True)
-        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    if kv_rows is not None:  # prefill: each prompt into its row's own cache
+        outs, start = [], 0
+        for row in kv_rows:
+            end = len(row.prompt)
+            row.keys[layer, :, :end] = key[0, :, start:start + end]
+            row.values[layer, :, :end] = value[0, :, start:start + end]
+            out = scaled_dot_product_attention(
+                query[:, :, start:start + end].float(), row.keys[layer, :, :end].unsqueeze(0),
+                row.values[layer, :, :end].unsqueeze(0), is_causal=end > 1, scale=scaling,
+                enable_gqa=True)
+            outs.append(out.to(query.dtype).transpose(1, 2))
+            start += end
+        return torch.cat(outs, dim=1).contiguous(), None
     if kv_pool is None:
         raise RuntimeError(f"the {ATTENTION!r} attention needs the engine's caches")
     rows, span = len(kv_pool.rows), kv_pool.span
@@ -181,8 +194,85 @@ class Routing:
     loaded). `names` None: peft's own forward (the active adapter for every row)."""
 
     def __init__(self) -> None:
-        self.names: list[str] | None = None
+        self._names: list[str] | None = None
         self.base_only = False  # every row on the base model: the base layers alone
+        self._masks: dict[Any, Any] = {}  # this pass's row masks, by the layers' adapter stacks
+        self.generation = 0  # bumped when adapters are loaded or unloaded: stacks are rebuilt
+        self._cast: tuple[Any, Any] = (None, None)  # the last layer input and its adapters' copy
+
+    @property
+    def names(self) -> list[str] | None:
+        return self._names
+
+    @names.setter
+    def names(self, names: list[str] | None) -> None:
+        self._names, self._masks, self._cast = names, {}, (None, None)
+        self.base_only = names is not None and all(n == BASE for n in names)
+
+    def cast(self, x: Any, dtype: Any) -> Any:
+        """`x` in the adapters' precision; the q, k and v (gate and up) projections share an
+        input: cast once."""
+        if self._cast[0] is not x:
+            self._cast = (x, x.to(dtype))
+        return self._cast[1]
+
+    def mask(self, stack: _Stack) -> Any:
+        """[rows, stacked ranks]: each row's adapter's LoRA scaling at that adapter's ranks, 0
+        elsewhere (None: no row uses an adapter of this stack). Once per pass and stack."""
+        import torch
+
+        names = self._names or []
+        layout = tuple(stack.ranks.items())  # alike in every layer an adapter set targets
+        if layout not in self._masks:
+            mask = None
+            if any(n in stack.ranks for n in names):
+                mask = torch.zeros(len(names), stack.width, dtype=stack.a.dtype)
+                for i, name in enumerate(names):
+                    if name in stack.ranks:
+                        lo, hi, scale = stack.ranks[name]
+                        mask[i, lo:hi] = scale
+            self._masks[layout] = mask
+        return self._masks[layout]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stack:
+    """A LoRA layer's adapters side by side, in their own precision (fp32 as peft loads them:
+    on the CPU, products this small are several times slower in bf16): `a` [ranks, in], `b`
+    [out, ranks], each adapter's rank range and scaling in `ranks`; built for one
+    `Routing.generation`."""
+
+    generation: int
+    a: Any
+    b: Any
+    ranks: dict[str, tuple[int, int, float]]
+    variants: frozenset[str]  # adapters peft computes its own way (DoRA and co)
+
+    @property
+    def width(self) -> int:
+        return int(self.a.shape[0])
+
+
+def _stack(layer: Any, generation: int) -> _Stack | None:
+    """The layer's adapters stacked (None: it has none)."""
+    import torch
+
+    stack = layer.__dict__.get("_chatloop_stack")
+    if stack is not None and stack.generation == generation:
+        return stack
+    names = list(layer.lora_A)
+    if not names:
+        return None
+    ranks, lo = {}, 0
+    for name in names:
+        hi = lo + layer.lora_A[name].weight.shape[0]
+        ranks[name] = (lo, hi, float(layer.scaling[name]))
+        lo = hi
+    stack = _Stack(generation, torch.cat([layer.lora_A[n].weight for n in names]),
+                   torch.cat([layer.lora_B[n].weight for n in names], dim=1), ranks,
+                   frozenset(n for n in names if n in layer.lora_variant))
+    layer.__dict__["_chatloop_stack"] = stack
+    return stack
 
 
 def _routed_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -196,22 +286,24 @@ def _routed_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _lora_rows(self: Any, x: Any, *args: Any, adapter_names: list[str], **kwargs: Any) -> Any:
-    """peft's per-row adapters with each adapter applied to the whole batch and kept on its own
-    rows (peft picks the rows first): the product then has the batch's row count, whatever the
-    mix, so a row's result does not depend on its neighbours' adapters (see ROW_BLOCK)."""
-    if any(name in self.lora_variant for name in adapter_names):  # DoRA and co: peft's own
+    """peft's per-row adapters in two products for all of them: the input times every
+    adapter's A side by side, each row's own adapter's ranks kept (scaled) and the others
+    zeroed, times every B side by side. The products have the batch's row count whatever the
+    mix, and the zeroed ranks add exact zeros, so a row's result does not depend on its
+    neighbours' adapters (see ROW_BLOCK). Serving only: no LoRA dropout (eval mode)."""
+    routing = self._chatloop_routing
+    stack = _stack(self, routing.generation)
+    if stack is not None and stack.variants.intersection(adapter_names):  # peft's own way
         return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names,
                                                **kwargs)
     kwargs.pop("alora_offsets", None)
     result = self.base_layer(x, *args, **kwargs)
-    for name in dict.fromkeys(adapter_names):
-        if name == BASE or name not in self.lora_A:
-            continue
-        rows = [i for i, n in enumerate(adapter_names) if n == name]
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        delta = lora_b(lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype))))
-        result[rows] += (delta[rows] * self.scaling[name]).to(result.dtype)
-    return result
+    mask = None if stack is None else routing.mask(stack)
+    if mask is None:
+        return result
+    ranks = routing.cast(x, stack.a.dtype) @ stack.a.T  # [rows, tokens, stacked ranks]
+    # summed in fp32 and rounded once, as peft does
+    return result.add_(ranks.mul_(mask[:, None, :]) @ stack.b.T)
 
 
 def batch_invariant_lora(model: Any) -> Routing:
@@ -222,6 +314,7 @@ def batch_invariant_lora(model: Any) -> Routing:
     from peft.tuners.lora import Linear
 
     routing = model.__dict__.get("_chatloop_routing") or Routing()
+    routing.generation += 1  # the adapters changed: every layer stacks its own again
     model.__dict__["_chatloop_routing"] = routing
     for module in model.modules():
         if isinstance(module, Linear):
@@ -242,11 +335,17 @@ class BatchEngine:
     function on the loop's thread between two steps (loading and unloading adapters)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, eos_ids: set[int], max_batch: int,
-                 max_kv_tokens: int) -> None:
+                 max_kv_tokens: int, decode_threads: int | None = 1) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens
+        # intra-op threads of a decoding step (None: torch's, as prefill has). A step is ~200
+        # small products; each one split over threads waits to wake them (futexes once the
+        # process has more OpenMP threads than cores, as with the gateway's own torch use):
+        # on 2 cores one thread decodes faster at 1 to 32 rows (docs/benchmarks.md)
+        self.decode_threads = decode_threads
+        self._threads: tuple[int, int] = (0, 0)  # torch's count on this thread; the current
         self.eos_ids = eos_ids  # tokens that end a row (empty: run to max_tokens)
         self._adapters: set[str] = set()  # names peft serves; rows for others fail
         self._cond = threading.Condition()
@@ -255,7 +354,8 @@ class BatchEngine:
         self._active: list[Row] = []
         self._reserved = 0  # KV tokens reserved by the active rows
         self._stopping = False
-        self.steps = 0  # decoding steps run; the peaks since start (tests and benchmarks)
+        self.steps = 0  # decoding steps and prefill passes run; the peaks since start (tests
+        self.prefills = 0  # and benchmarks)
         self.peak_rows = 0
         self.peak_kv_tokens = 0
         self._pool: KvPool | None = None  # the decoding rows' caches (None: no row decoding)
@@ -306,6 +406,7 @@ class BatchEngine:
     def _run(self) -> None:
         import torch
 
+        self._threads = (torch.get_num_threads(),) * 2  # per thread: omp_set_num_threads
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -319,8 +420,7 @@ class BatchEngine:
                     self._run_call(fn, future)
                 try:
                     self._drop_cancelled()
-                    for seq in self._admit():
-                        self._prefill(seq)
+                    self._prefill(self._admit())
                     if self._active:
                         self._decode()
                 except Exception as exc:  # a bug must not stop the loop: fail the rows
@@ -380,20 +480,33 @@ class BatchEngine:
         for seq in waiting:
             seq.sink(exc)
 
-    def _forward(self, rows: list[Row], ids: Any, positions: Any, **caches: Any) -> Any:
-        """One forward pass; `ids` may hold padding rows after `rows` (base model, dropped)."""
+    def _forward(self, rows: list[Row], ids: Any, positions: Any, keep: Any = None,
+                 **caches: Any) -> Any:
+        """One forward pass, the logits of each row's last token. Decoding: a row of `ids` per
+        row (padding rows after them: base model, dropped). Prefilling: one packed row of the
+        rows' prompts (one adapter), `keep` the position of each prompt's last token."""
         routing = self.model.__dict__.get("_chatloop_routing")  # set once adapters are loaded
         if self._adapters:
-            names = [s.adapter or BASE for s in rows]
-            names += [BASE] * (ids.shape[0] - len(rows))
-            routing.names, routing.base_only = names, all(n == BASE for n in names)
+            names = [s.adapter or BASE for s in rows][:ids.shape[0]]
+            routing.names = names + [BASE] * (ids.shape[0] - len(names))
         try:
             out = self.model(input_ids=ids, position_ids=positions, use_cache=False,
-                             logits_to_keep=1, **caches)
+                             logits_to_keep=1 if keep is None else keep, **caches)
         finally:
             if routing is not None:
                 routing.names = None
+        if keep is not None:
+            return out.logits[0].float()
         return out.logits[:len(rows), -1, :].float()
+
+    def _use_threads(self, count: int | None) -> None:
+        import torch
+
+        default, current = self._threads
+        count = count or default
+        if count != current:
+            torch.set_num_threads(count)  # this thread's OpenMP and MKL count only
+            self._threads = (default, count)
 
     def _pooled(self, rows: list[Row]) -> KvPool:
         """The pool holding exactly `rows`, in order: the current one, compacted in place when
@@ -423,33 +536,46 @@ class BatchEngine:
         self._pool = pool
         return pool
 
-    def _prefill(self, seq: Row) -> None:
+    def _prefill(self, admitted: list[Row]) -> None:
+        """Prefill the admitted rows: those on the same adapter packed into one forward pass
+        (`_packs`), each prompt attending to itself alone (`_rows_attention`), then each row's
+        first token. A pack's failure fails its own rows."""
         import torch
 
-        if seq.adapter is not None and seq.adapter not in self._adapters:
-            self._reserved -= seq.capacity
-            seq.sink(AdapterNotFound(f"adapter {seq.adapter!r} is not loaded"))
-            return
         cfg = self.model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, seq.capacity, head_dim)
-        seq.keys, seq.values = torch.empty(shape), torch.empty(shape)  # fp32, see _rows_attention
-        if seq.temperature > 0:
-            seq.generator = torch.Generator()
-            if seq.seed is not None:
-                seq.generator.manual_seed(seq.seed)
-            else:
-                seq.generator.seed()
-        self._active.append(seq)
-        ids = torch.tensor([seq.prompt])
-        positions = torch.arange(len(seq.prompt)).unsqueeze(0)
-        try:
-            logits = self._forward([seq], ids, positions, kv_row=seq)
-        except Exception as exc:  # torch / transformers failures become typed errors
-            self._leave(seq, InferenceError(f"generation failed: {type(exc).__name__}: {exc}"))
-            return
-        seq.length = len(seq.prompt)
-        self._advance([seq], logits)
+        ready = []
+        for seq in admitted:
+            if seq.adapter is not None and seq.adapter not in self._adapters:
+                self._reserved -= seq.capacity
+                seq.sink(AdapterNotFound(f"adapter {seq.adapter!r} is not loaded"))
+                continue
+            shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, seq.capacity, head_dim)
+            seq.keys, seq.values = torch.empty(shape), torch.empty(shape)  # fp32: _rows_attention
+            if seq.temperature > 0:
+                seq.generator = torch.Generator()
+                if seq.seed is not None:
+                    seq.generator.manual_seed(seq.seed)
+                else:
+                    seq.generator.seed()
+            self._active.append(seq)
+            ready.append(seq)
+        self._use_threads(None)
+        for pack in _packs(ready, self.model.dtype == torch.bfloat16):
+            ids = torch.tensor([[t for s in pack for t in s.prompt]])
+            positions = torch.cat([torch.arange(len(s.prompt)) for s in pack]).unsqueeze(0)
+            last = torch.tensor([len(s.prompt) for s in pack]).cumsum(0) - 1
+            try:
+                logits = self._forward(pack, ids, positions, keep=last, kv_rows=pack)
+            except Exception as exc:  # torch / transformers failures become typed errors
+                error = InferenceError(f"generation failed: {type(exc).__name__}: {exc}")
+                for seq in pack:
+                    self._leave(seq, error)
+                continue
+            self.prefills += 1
+            for seq in pack:
+                seq.length = len(seq.prompt)
+            self._advance(pack, logits)
 
     def _decode(self) -> None:
         import torch
@@ -459,6 +585,7 @@ class BatchEngine:
         padding = [rows[0]] * (-len(rows) % ROW_BLOCK)
         ids = torch.tensor([[s.tokens[-1]] for s in rows + padding])
         positions = torch.tensor([[s.length] for s in rows + padding])
+        self._use_threads(self.decode_threads)
         try:
             pool = self._pooled(rows)
             pool.begin()
@@ -511,6 +638,21 @@ class BatchEngine:
             self._waiting = deque(s for s in self._waiting if s.adapter != name)
         for seq in gone:
             seq.sink(error)
+
+
+def _packs(rows: list[Row], pack: bool) -> list[list[Row]]:
+    """The rows to prefill, in packs of one adapter each (`pack` False: each alone): at most
+    `PACK_ROWS` prompts and `PACK_TOKENS` tokens (a longer prompt alone)."""
+    packs: list[list[Row]] = []
+    open_: dict[str | None, list[Row]] = {}
+    for seq in rows:
+        current = open_.get(seq.adapter) if pack else None
+        if (current is None or len(current) >= PACK_ROWS
+                or sum(len(s.prompt) for s in current) + len(seq.prompt) > PACK_TOKENS):
+            open_[seq.adapter] = current = []
+            packs.append(current)
+        current.append(seq)
+    return packs
 
 
 def _spans(tokens: int) -> int:

@@ -34,12 +34,14 @@ class EmbeddedBackend:
     learning loop's parity check compares against fp32 peft outputs (bf16 serving does not
     reproduce them). `max_batch` rows decode together and their KV caches hold at most
     `max_kv_tokens` tokens (each request reserves its prompt plus `max_tokens`); requests beyond
-    wait their turn.
+    wait their turn. Decoding steps run on `decode_threads` intra-op threads (None: torch's
+    count, which prefill uses).
     """
 
     def __init__(
         self, model_dir: str, *, model_name: str | None = None, max_lora_rank: int = 64,
         precision: str = "fp32", max_batch: int = 32, max_kv_tokens: int = 16384,
+        decode_threads: int | None = 1,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +57,8 @@ class EmbeddedBackend:
         self._adapters: dict[str, str] = {}
         eos = {self.tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)}
         self.engine = BatchEngine(model, self.tokenizer, eos_ids={e for e in eos if e is not None},
-                                  max_batch=max_batch, max_kv_tokens=max_kv_tokens)
+                                  max_batch=max_batch, max_kv_tokens=max_kv_tokens,
+                                  decode_threads=decode_threads)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         if request.adapter is not None and request.adapter not in self._adapters:
@@ -136,6 +139,7 @@ class EmbeddedBackend:
             if model.active_adapter == name:
                 model.set_adapter(next(iter(self._adapters)))
             model.delete_adapter(name)
+            batch_invariant_lora(model)  # the layers' adapter stacks without it
         else:
             self.engine.model = model.unload()  # back to the plain base model
 

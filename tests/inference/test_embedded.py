@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,6 +217,39 @@ async def test_bf16_rows_decode_alike_alone_and_batched(model_dir: Path) -> None
         solo = [(await collect(bf16, r))[0] for r in requests]
         together = await asyncio.gather(*[collect(bf16, r) for r in requests])
         assert bf16.engine.peak_rows > 1  # rows really shared forward passes
+        assert [t[0] for t in together] == solo
+    finally:
+        await bf16.aclose()
+
+
+async def test_bf16_prompts_admitted_together_are_prefilled_together_as_alone(
+        model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
+    """In bf16 the prompts admitted at once share prefill passes (one per adapter), and each
+    row still gets its solo greedy text."""
+    bf16 = EmbeddedBackend(str(model_dir), precision="bf16", max_batch=8)
+    try:
+        await bf16.load_adapter("pack-a", str(adapter_dir))
+        await bf16.load_adapter("pack-b", str(make_lora_adapter(model_dir, tmp_path, rank=4,
+                                                                seed=3)))
+        requests = [ask(i, [None, "pack-a", "pack-b"][i % 3], max_tokens=10 + i)
+                    for i in range(7)]
+        solo = [(await collect(bf16, r))[0] for r in requests]
+        assert len(set(solo[:3])) == 3  # base and both adapters really differ
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # the engine's thread waits: every request is queued meanwhile
+            held.set()
+            release.wait(60)
+
+        blocker = bf16.engine.call(hold)
+        await until(held.is_set)
+        tasks = [asyncio.create_task(collect(bf16, r)) for r in requests]
+        await until(lambda: len(bf16.engine._waiting) == len(requests))
+        prefills = bf16.engine.prefills
+        release.set()
+        together = await asyncio.gather(*tasks)
+        blocker.result(timeout=60)
+        assert bf16.engine.prefills - prefills == 3  # one pass per adapter (and the base)
         assert [t[0] for t in together] == solo
     finally:
         await bf16.aclose()
