@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,13 +69,19 @@ def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
       On other devices it scores every position (static shapes for compilers such as
       Neuron's), on the CPU the prompt and the padding too, with its entropy and top-1
       statistics, in SFT and in each of KTO's four forward passes a step. The
-      log-probabilities are the same.
+      log-probabilities are the same;
+    - a plain LoRA layer scales its adapter's rank-wide product instead of
+      the layer's whole output (`_lora_scaled_low`): the scaling pass over every adapted
+      layer's output and its backward were a tenth of an SFT step. Bitwise peft's step at
+      the default alpha (`tests/feedback/test_training_kernels.py`). (One `addmm` for the
+      sum as well was measured and not kept: oneDNN's bf16 sum rounds differently.)
 
-    All of it is undone after (SDPA, the fp32 weights, peft's casts, TRL's own choice):
-    evaluation, parity and the saved adapter see the model as loaded."""
+    All of it is undone after (SDPA, the fp32 weights, peft's casts and forward, TRL's own
+    choice): evaluation, parity and the saved adapter see the model as loaded."""
     import torch
     import trl.trainer.utils as trl_utils
     from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.lora import Linear as LoraLinear
 
     causal_lm = model.get_base_model()
     attention = causal_lm.config._attn_implementation
@@ -83,19 +90,40 @@ def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
               and not m.weight.requires_grad and m.weight.dtype == torch.float32] if bf16 else []
     weights = [m.weight for m in frozen]
     scores_compact = trl_utils._use_triton  # TRL's test for "score the labelled positions only"
+    plain = [m for m in model.modules() if type(m) is LoraLinear and not m.lora_variant
+             and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())
+             ]
     if next(model.parameters()).device.type == "cpu":
         causal_lm.set_attn_implementation("eager")
     try:
         for m, w in zip(frozen, weights, strict=True):
             m.weight = torch.nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+        for m in plain:
+            m.forward = types.MethodType(_lora_scaled_low, m)
         trl_utils._use_triton = lambda device: device.type == "cpu" or scores_compact(device)
         with disable_input_dtype_casting(model, active=bf16):
             yield
     finally:
         trl_utils._use_triton = scores_compact
+        for m in plain:
+            del m.forward  # peft's own again
         for m, w in zip(frozen, weights, strict=True):
             m.weight = w  # the tied LM head gets its embedding's parameter back
         causal_lm.set_attn_implementation(attention)
+
+
+def _lora_scaled_low(layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """A plain LoRA layer's forward, base(x) + B(A(x) * scaling): peft's sum with the scaling
+    on the rank-wide side instead of the layer's whole output. Bitwise peft's when the scaling
+    is a power of two (the default alpha 2r); anything else peft's forward handles (per-row
+    `adapter_names`, disabled or merged adapters) goes to peft's."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x)
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            result = result + layer.lora_B[name](layer.lora_A[name](x) * layer.scaling[name])
+    return result
 
 
 def counted(base: type) -> type:
@@ -249,7 +277,30 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+def keep_freed_memory() -> bool:
+    """glibc only: keep freed memory in the process instead of handing it back to the system
+    (heap trimming) or serving tensors from fresh mappings. A training step allocates and
+    frees thousands of activations of a few megabytes; by default each was a new mapping
+    whose pages fault in again on first touch (the elementwise passes over a layer's output
+    took twice as long). The worker's peak is what it keeps; it is its own process and
+    exits when the run ends. False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (AttributeError, ValueError, OSError):  # not POSIX, or not glibc
+        return False
+    if not libc_version.startswith("glibc"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    trim_threshold, top_pad, mmap_threshold = -1, -2, -3  # mallopt's M_* parameters
+    return bool(libc.mallopt(mmap_threshold, 32 << 20)  # glibc's largest: 32 MiB
+                and libc.mallopt(trim_threshold, 1 << 30) and libc.mallopt(top_pad, 64 << 20))
+
+
 def main(argv: list[str]) -> int:
+    keep_freed_memory()
     job = TrainJob.load(Path(argv[1]))
     report = train(job)
     print(json.dumps({"done": job.out_dir, "train": report["train"]}), flush=True)

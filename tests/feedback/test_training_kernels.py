@@ -1,7 +1,7 @@
 """The training phases' kernels (feedback.train.training_kernels) on the bundled model: the
 frozen weights held in bf16 and the adapters' inputs left in bf16 give the step autocast
 would give, TRL's fused head gives the same log-probabilities scoring the labelled positions
-only, and everything is put back."""
+only, LoRA layers scaled on the rank side answer as peft's, and everything is put back."""
 
 from __future__ import annotations
 
@@ -51,6 +51,26 @@ def test_frozen_weights_in_bf16_give_the_step_autocast_gives(model, tokenizer) -
     assert loss_bf16 == loss
     assert grads_bf16.keys() == grads.keys() and len(grads) == 2 * len(MODULES) * 30
     assert all(torch.equal(grads_bf16[n], grads[n]) for n in grads)
+
+
+def test_lora_scaled_on_the_rank_side_answers_like_peft(model, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    model.eval()  # per-row adapter_names are for inference
+    model.get_base_model().set_attn_implementation("eager")  # as training_kernels on the CPU
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    enc = tokenizer(["Where is my parcel?"], return_tensors="pt")
+    with torch.no_grad():
+        alone = model(**enc).logits
+        with model.disable_adapter():
+            base = model(**enc).logits
+        with training_kernels(model, bf16=False):
+            assert "forward" in vars(layer)  # the rank-side scaling is in place
+            assert torch.allclose(model(**enc).logits, alone, atol=1e-4)
+            with model.disable_adapter():  # peft's forward answers what it does not
+                assert torch.equal(model(**enc).logits, base)
+            per_row = model(**enc, adapter_names=["__base__"]).logits
+    assert "forward" not in vars(layer)  # peft's again
+    assert not torch.allclose(base, alone, atol=1e-2)  # the adapter does change the output
+    assert torch.equal(per_row, base)
 
 
 def test_everything_is_put_back(model) -> None:  # type: ignore[no-untyped-def]
