@@ -70,11 +70,11 @@ def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
       Neuron's), on the CPU the prompt and the padding too, with its entropy and top-1
       statistics, in SFT and in each of KTO's four forward passes a step. The
       log-probabilities are the same;
-    - a plain LoRA layer scales its adapter's rank-wide product instead of
-      the layer's whole output (`_lora_scaled_low`): the scaling pass over every adapted
-      layer's output and its backward were a tenth of an SFT step. Bitwise peft's step at
-      the default alpha (`tests/feedback/test_training_kernels.py`). (One `addmm` for the
-      sum as well was measured and not kept: oneDNN's bf16 sum rounds differently.)
+    - a plain LoRA layer scales its adapter's rank-wide product instead of the layer's whole
+      output (`_lora_scaled_low`): the scaling passes over the adapted layers' outputs were
+      7 % of an SFT step's operator time. Bitwise peft's step at the default alpha
+      (`tests/feedback/test_training_kernels.py`). One `addmm` for the sum as well was
+      measured and not kept: oneDNN's bf16 sum rounds differently.
 
     All of it is undone after (SDPA, the fp32 weights, peft's casts and forward, TRL's own
     choice): evaluation, parity and the saved adapter see the model as loaded."""
@@ -91,8 +91,7 @@ def training_kernels(model: Any, bf16: bool) -> Iterator[None]:
     weights = [m.weight for m in frozen]
     scores_compact = trl_utils._use_triton  # TRL's test for "score the labelled positions only"
     plain = [m for m in model.modules() if type(m) is LoraLinear and not m.lora_variant
-             and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())
-             ]
+             and all(isinstance(d, torch.nn.Identity) for d in m.lora_dropout.values())]
     if next(model.parameters()).device.type == "cpu":
         causal_lm.set_attn_implementation("eager")
     try:
@@ -282,7 +281,7 @@ def keep_freed_memory() -> bool:
     (heap trimming) or serving tensors from fresh mappings. A training step allocates and
     frees thousands of activations of a few megabytes; by default each was a new mapping
     whose pages fault in again on first touch (the elementwise passes over a layer's output
-    took twice as long). The worker's peak is what it keeps; it is its own process and
+    took up to twice as long). The worker's peak is what it keeps; it is its own process and
     exits when the run ends. False where the C library is not glibc."""
     import ctypes
     import ctypes.util
