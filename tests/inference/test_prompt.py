@@ -96,3 +96,19 @@ def test_no_bytes_bound_without_a_byte_level_tokenizer(tokenizer) -> None:  # ty
 def test_max_tokens_must_leave_room(tokenizer) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="below context"):
         PromptFitter(tokenizer, context_tokens=128, max_tokens=128)
+
+
+def test_count_is_what_the_chat_template_tokenizes_to(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The count tokenizes the rendered text itself: the same length as transformers'
+    `apply_chat_template(tokenize=True)`, special-token look-alikes and all."""
+    fitter = PromptFitter(tokenizer, context_tokens=2048, max_tokens=128)
+    assert fitter._encoder is not None  # the fast path is the one tested
+    rng = random.Random(7)
+    for exchanges in range(6):
+        messages = [ChatMessage("system", "Be brief."), *_conversation(rng, exchanges),
+                    ChatMessage("user", rng.choice(SAMPLES))]
+        ids = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=True,
+            add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert fitter.count(messages) == len(ids)
