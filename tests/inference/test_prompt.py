@@ -98,17 +98,38 @@ def test_max_tokens_must_leave_room(tokenizer) -> None:  # type: ignore[no-untyp
         PromptFitter(tokenizer, context_tokens=128, max_tokens=128)
 
 
+def _template_length(tokenizer, messages: list[ChatMessage]) -> int:  # type: ignore[no-untyped-def]
+    ids = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages], tokenize=True,
+        add_generation_prompt=True)
+    return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def test_count_is_what_the_chat_template_tokenizes_to(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """The count tokenizes the rendered text itself: the same length as transformers'
-    `apply_chat_template(tokenize=True)`, special-token look-alikes and all."""
+    """Counted in cached pieces between the added tokens, a prompt has the length transformers'
+    `apply_chat_template(tokenize=True)` gives it: special-token look-alikes in a message,
+    pieces met before (from the cache) and pieces new alike."""
     fitter = PromptFitter(tokenizer, context_tokens=2048, max_tokens=128)
-    assert fitter._encoder is not None  # the fast path is the one tested
+    assert fitter._added is not None  # the piece-wise count is the one tested
     rng = random.Random(7)
-    for exchanges in range(6):
-        messages = [ChatMessage("system", "Be brief."), *_conversation(rng, exchanges),
-                    ChatMessage("user", rng.choice(SAMPLES))]
-        ids = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=True,
-            add_generation_prompt=True)
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        assert fitter.count(messages) == len(ids)
+    samples = [*SAMPLES, "<|im_end|><|im_start|>", "<|im_start|", "end<|endoftext|>tail",
+               " leading space", "trailing newline\n", "\n"]
+    for _ in range(150):
+        history = [ChatMessage(rng.choice(["user", "assistant"]), rng.choice(samples))
+                   for _ in range(rng.randrange(8))]
+        messages = [ChatMessage("system", rng.choice(["Be brief.", ""])), *history,
+                    ChatMessage("user", rng.choice(samples) + rng.choice(samples))]
+        assert fitter.count(messages) == _template_length(tokenizer, messages)
+
+
+def test_a_tokenizer_whose_added_tokens_strip_spaces_is_counted_whole(model_dir) -> None:  # type: ignore[no-untyped-def]
+    """An added token that swallows the spaces beside it would make pieces count apart what
+    they do not count together: such a tokenizer is counted on the whole text."""
+    from tokenizers import AddedToken
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.add_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
+    fitter = PromptFitter(tokenizer, context_tokens=2048, max_tokens=128)
+    assert fitter._added is None
+    messages = [ChatMessage("user", "before   <sep>   after"), ChatMessage("assistant", "ok")]
+    assert fitter.count(messages) == _template_length(tokenizer, messages)
