@@ -114,10 +114,12 @@ def _bytes_bound_tokens(tokenizer: Any) -> bool:
 
 def _added_tokens(backend: Any) -> re.Pattern[str] | None:
     """A pattern splitting text where `backend` splits it first, at its added tokens (longest
-    first, as it matches them), capturing them; None where pieces would not count alike
-    alone and in the whole: a normalizer, or added tokens that strip neighbouring spaces or
-    match whole words only."""
-    if backend is None or backend.normalizer is not None:
+    first, as it matches them), capturing them; None where pieces might not count alike
+    alone and in the whole: a normalizer, a pre-tokenizer other than byte-level BPE's (a
+    SentencePiece-style one marks only the text's first piece), or added tokens that strip
+    neighbouring spaces or match whole words only."""
+    if (backend is None or backend.normalizer is not None
+            or type(backend.pre_tokenizer).__name__ != "ByteLevel"):
         return None
     added = list(backend.get_added_tokens_decoder().values())
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):

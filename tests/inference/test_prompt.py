@@ -133,3 +133,17 @@ def test_a_tokenizer_whose_added_tokens_strip_spaces_is_counted_whole(model_dir)
     assert fitter._added is None
     messages = [ChatMessage("user", "before   <sep>   after"), ChatMessage("assistant", "ok")]
     assert fitter.count(messages) == _template_length(tokenizer, messages)
+
+
+def test_a_sentencepiece_style_tokenizer_is_counted_whole(model_dir) -> None:  # type: ignore[no-untyped-def]
+    """A Metaspace pre-tokenizer (Llama 2, Mistral) may mark only the text's first piece with
+    its space symbol: pieces alone could count otherwise, so the whole text is counted."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    fitter = PromptFitter(tokenizer, context_tokens=2048, max_tokens=128)
+    assert fitter._added is None and not fitter.bytes_bound_tokens
+    messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi there"),
+                ChatMessage("assistant", "ok then"), ChatMessage("user", "and?")]
+    assert fitter.count(messages) == _template_length(tokenizer, messages)
