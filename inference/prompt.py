@@ -49,23 +49,28 @@ class PromptFitter:
 
     def count(self, messages: Sequence[ChatMessage]) -> int:
         """The prompt's exact length in tokens."""
-        return self._tokens(self.render(messages))
+        return self._tokens(messages, self.render(messages))
 
     def fits(self, messages: Sequence[ChatMessage]) -> bool:
         text = self.render(messages)
         if self.bytes_bound_tokens and len(text.encode()) <= self.budget:
             return True
-        return self._tokens(text) <= self.budget
+        return self._tokens(messages, text) <= self.budget
 
-    def _tokens(self, rendered: str) -> int:
-        """A rendered prompt's length in tokens, as `apply_chat_template(tokenize=True)`
-        counts it (the text tokenized without added special tokens)."""
+    def _tokens(self, messages: Sequence[ChatMessage], rendered: str) -> int:
+        """The length in tokens of `messages` rendered as `rendered`, as
+        `apply_chat_template(tokenize=True)` counts it (the rendered text tokenized without
+        added special tokens), which counts it for tokenizers without a fast backend."""
         if self._added is not None:
             pieces = self._added.split(rendered)  # text, added token, text, ...
             return len(pieces) // 2 + sum(self._piece_tokens(p) for p in pieces[::2] if p)
         if self._encoder is not None:
             return self._encoded_length(rendered)
-        return len(self._tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        ids = self._tokenizer.apply_chat_template(
+            _dicts(messages), tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return len(ids)
 
     def _encoded_length(self, text: str) -> int:
         return len(self._encoder.encode(text, add_special_tokens=False))

@@ -147,3 +147,19 @@ def test_a_sentencepiece_style_tokenizer_is_counted_whole(model_dir) -> None:  #
     messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "hi there"),
                 ChatMessage("assistant", "ok then"), ChatMessage("user", "and?")]
     assert fitter.count(messages) == _template_length(tokenizer, messages)
+
+
+def test_a_tokenizer_with_only_a_chat_template_is_counted_by_it() -> None:
+    """Any object with `apply_chat_template` serves (a served model's own tokenizer may not be
+    a fast one): it counts the prompt itself."""
+
+    class Templated:
+        def apply_chat_template(self, messages, tokenize=False, **_):  # type: ignore[no-untyped-def]
+            text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+            return list(range(len(text))) if tokenize else text
+
+    fitter = PromptFitter(Templated(), context_tokens=60, max_tokens=10)  # 50 to fill
+    history = [ChatMessage("user", "q" * 8), ChatMessage("assistant", "a" * 8)]
+    assert fitter.count(history) == len("[user]qqqqqqqq[assistant]aaaaaaaa")
+    assert fitter.fit("", history, "now?") == history + [ChatMessage("user", "now?")]
+    assert fitter.fit("", history * 2, "now?") == history + [ChatMessage("user", "now?")]
