@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import MODEL_DIR, median, pct, print_table, write_json  # noqa: E402
 from inference.base import ChatMessage  # noqa: E402
-from inference.prompt import PromptFitter, _dicts  # noqa: E402
+from inference.prompt import PromptFitter  # noqa: E402
 
 ANSWER = ("You can change the delivery address in your account under Orders > Details as long "
           "as the parcel has not left our warehouse; after that, ask the carrier to redirect it "
@@ -46,9 +46,7 @@ class Before(PromptFitter):
     `apply_chat_template(tokenize=True)` (a second rendering, the whole text tokenized)."""
 
     def count(self, messages: Sequence[ChatMessage]) -> int:
-        ids = self._tokenizer.apply_chat_template(_dicts(messages), tokenize=True,
-                                                  add_generation_prompt=True)
-        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return self._template_tokens(messages)
 
     def fits(self, messages: Sequence[ChatMessage]) -> bool:
         if self.bytes_bound_tokens and len(self.render(messages).encode()) <= self.budget:

@@ -40,7 +40,8 @@ class PromptFitter:
         # call (which sets them per call) counts exactly
         self._encoder = (backend if backend is not None and backend.truncation is None
                          and backend.padding is None else None)
-        self._added = _added_tokens(self._encoder)
+        # pieces count alike apart and together under byte-level BPE without a normalizer
+        self._added = _added_tokens(self._encoder) if self.bytes_bound_tokens else None
         self._piece_tokens = functools.lru_cache(maxsize=PIECES_CACHED)(self._encoded_length)
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
@@ -66,6 +67,10 @@ class PromptFitter:
             return len(pieces) // 2 + sum(self._piece_tokens(p) for p in pieces[::2] if p)
         if self._encoder is not None:
             return self._encoded_length(rendered)
+        return self._template_tokens(messages)
+
+    def _template_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """The count by the tokenizer's own `apply_chat_template(tokenize=True)`."""
         ids = self._tokenizer.apply_chat_template(
             _dicts(messages), tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -118,13 +123,12 @@ def _bytes_bound_tokens(tokenizer: Any) -> bool:
 
 
 def _added_tokens(backend: Any) -> re.Pattern[str] | None:
-    """A pattern splitting text where `backend` splits it first, at its added tokens (longest
-    first, as it matches them), capturing them; None where pieces might not count alike
-    alone and in the whole: a normalizer, a pre-tokenizer other than byte-level BPE's (a
-    SentencePiece-style one marks only the text's first piece), or added tokens that strip
-    neighbouring spaces or match whole words only."""
-    if (backend is None or backend.normalizer is not None
-            or type(backend.pre_tokenizer).__name__ != "ByteLevel"):
+    """A pattern splitting text where `backend` (byte-level BPE without a normalizer: see
+    `_bytes_bound_tokens`; a SentencePiece-style pre-tokenizer marks only the text's first
+    piece) splits it first, at its added tokens (longest first, as it matches them),
+    capturing them; None where pieces might not count alike alone and in the whole: added
+    tokens that strip neighbouring spaces or match whole words only."""
+    if backend is None:
         return None
     added = list(backend.get_added_tokens_decoder().values())
     if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
