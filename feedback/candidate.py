@@ -169,7 +169,7 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
     is above the answer threshold, else the model with the entries it quotes in the prompt."""
     if memory is None:
         return {}
-    from inference.prompt import with_references
+    from inference.prompt import reference_exchanges, with_references
 
     picks = [memory(_question(e.prompt)) for e in heldout]
     answers = [r.verbatim.answer if r.verbatim else "" for r in picks]
@@ -179,8 +179,10 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
         prompt, refs = heldout[i].prompt, [(r.question, r.answer) for r in picks[i].references]
         system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
         rest = prompt[1:] if system else prompt
-        chats.append([{"role": "system", "content": with_references(system, refs)}, *rest]
-                     if system or refs else rest)
+        head = [{"role": "system", "content": with_references(system, refs)}] \
+            if system or refs else []
+        chats.append([*head, *({"role": m.role, "content": m.content}
+                               for m in reference_exchanges(refs)), *rest])
     for i, a in zip(todo, greedy_batch(model, tokenizer, chats, max_tokens), strict=True):
         answers[i] = a["text"]
     scores = answer_scores(answers, [e.completion for e in heldout], known)

@@ -18,7 +18,7 @@ from chatloop.telemetry import hooks
 from inference.base import ChatMessage, Finished, GenerationRequest, InferenceBackend
 from inference.errors import AdapterNotFound, InferenceError
 from inference.memory import Recall, Reference
-from inference.prompt import PromptFitter, with_references
+from inference.prompt import PromptFitter, reference_exchanges, with_references
 from storage import conversations
 from storage.conversations import AnswerMeta, TurnStart
 from storage.models import AnswerStatus, Role
@@ -86,13 +86,12 @@ class Turns:
         progress = _Progress(started=started, adapter=adapter,
                              conversation_id=turn.conversation_id,
                              memory_refs=[r.id for r in recall.references] or None)
-        system = with_references(self._system_prompt,
-                                 [(r.question, r.answer) for r in recall.references])
+        refs = [(r.question, r.answer) for r in recall.references]
         try:
             messages = self._fitter.fit(
-                system,
+                with_references(self._system_prompt, refs),
                 [ChatMessage("user" if m.role == Role.USER else "assistant", m.text) for m in past],
-                question,
+                question, examples=reference_exchanges(refs),
             )
             async with self._generations:
                 done = await self._generate(messages, sink, progress)

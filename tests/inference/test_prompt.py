@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from inference.base import ChatMessage
 from inference.errors import ContextTooLong
-from inference.prompt import PromptFitter
+from inference.prompt import PromptFitter, reference_exchanges
 
 SAMPLES = ["How do I reset my password?", "Zürich → Genève: 3½ h?", "日本語のテキストです。",
            "emoji 👍🏽👎 and ZWJ 👩‍👩‍👧",
@@ -72,6 +72,29 @@ def test_fit_drops_whole_exchanges_oldest_first(tokenizer) -> None:  # type: ign
     assert middle[0].role == "user"
     assert fitter.count(kept) <= fitter.budget
     assert fitter.count(kept[:1] + history[-len(middle) - 2:] + kept[-1:]) > fitter.budget
+
+
+def test_reference_exchanges_stay_until_the_whole_history_is_gone(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    refs = [("Best question?", "Best answer."), ("Second question?", "Second answer.")]
+    examples = reference_exchanges(refs)
+    assert [(m.role, m.content) for m in examples] == [
+        ("user", "Second question?"), ("assistant", "Second answer."),
+        ("user", "Best question?"), ("assistant", "Best answer.")]  # the best last
+    history = _conversation(random.Random(7), 6)
+    roomy = PromptFitter(tokenizer, context_tokens=4096, max_tokens=16)
+    kept = roomy.fit("Be brief.", history, "q?", examples=examples)
+    assert kept == [ChatMessage("system", "Be brief."), *examples, *history,
+                    ChatMessage("user", "q?")]
+    alone = [ChatMessage("system", "Be brief."), ChatMessage("user", "q?")]
+    with_examples = PromptFitter(tokenizer, context_tokens=10_000, max_tokens=16).count(
+        [alone[0], *examples, alone[1]])
+    # room for the examples and the question, not for any history: all of it goes first
+    tight = PromptFitter(tokenizer, context_tokens=with_examples + 16, max_tokens=16)
+    assert tight.fit("Be brief.", history, "q?", examples=examples) == [
+        alone[0], *examples, alone[1]]
+    # room for the question alone: the examples go too, rather than refusing it
+    tighter = PromptFitter(tokenizer, context_tokens=with_examples + 15, max_tokens=16)
+    assert tighter.fit("Be brief.", history, "q?", examples=examples) == alone
 
 
 def test_a_question_too_long_for_the_context_is_refused(tokenizer) -> None:  # type: ignore[no-untyped-def]

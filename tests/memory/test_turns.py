@@ -99,8 +99,11 @@ async def test_between_the_thresholds_the_entries_go_into_the_prompt(sessions, t
     await asyncio.sleep(0.25)  # past refresh_s
     result = await core.handle(message("slack", "T0/U3", PARAPHRASE, "s-ref"), RecordingSink())
     assert result.memory_entry_id is None
-    system = backend.requests[-1].messages[0].content
-    assert "Approved answers to similar questions" in system and ANSWER in system
+    sent = backend.requests[-1].messages
+    assert "Approved answers to similar questions" in sent[0].content and ANSWER in sent[0].content
+    # and shown as an earlier exchange, which a small model follows more closely
+    assert [(m.role, m.content) for m in sent[1:]] == [
+        ("user", QUESTION), ("assistant", ANSWER), ("user", PARAPHRASE)]
     async with sessions() as s:
         assert (await s.get(Message, result.answer_id)).memory_refs == [entry]
 
