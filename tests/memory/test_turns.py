@@ -169,6 +169,28 @@ async def test_a_reviewer_restating_a_memory_answer_keeps_its_entry(  # type: ig
     assert (turned.status, turned.disabled_by) == (MemoryStatus.DISABLED, store.VOTES)
 
 
+async def test_a_correction_naming_another_approved_answer_keeps_the_entry(  # type: ignore[no-untyped-def]
+        sessions, tokenizer, embedder) -> None:
+    """The memory picked the wrong entry; the reviewer's correction is another entry's answer
+    word for word (a saved reply): a word against the pick, not against the entry."""
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
+    entry = await corrected(core, sessions)
+    exchange = "Size exchanges are free: start one from your order page."
+    async with sessions() as s:
+        await store.add_entries(s, [store.NewEntry("Can I swap a jacket for a bigger size?",
+                                                   exchange)], actor="cli:op")
+    result, _ = await ask_until(core, PARAPHRASE, channel="telegram", user="333")
+    assert result.memory_entry_id == entry
+    await core.vote(answer_id=result.answer_id, voter_id=REVIEWER, rating=-1, source="telegram")
+    async with sessions() as s:
+        assert {e.id: e for e in await store.entries(s)}[entry].status == MemoryStatus.DISABLED
+    await core.correct(answer_id=result.answer_id, voter_id=REVIEWER, text=exchange,
+                       source="telegram")
+    async with sessions() as s:
+        stats = {e.id: e for e in await store.entries(s)}[entry]
+    assert (stats.status, stats.disabled_by, stats.down) == (MemoryStatus.ACTIVE, None, 0)
+
+
 async def test_a_correction_approved_in_review_becomes_an_entry(sessions, tokenizer,  # type: ignore[no-untyped-def]
                                                                 embedder) -> None:
     core = make_core(sessions, tokenizer, make_memory(sessions, embedder))
