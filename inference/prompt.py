@@ -114,9 +114,9 @@ def with_references(system: str, references: Sequence[tuple[str, str]]) -> str:
 
 def reference_exchanges(references: Sequence[tuple[str, str]]) -> list[ChatMessage]:
     """The same (question, answer) pairs as earlier exchanges of the conversation, the best
-    last. Quoted in the system prompt alone, a small model seldom keeps to them (the bundled
-    135M model's answers to the benchmark's mid-band questions: token-F1 0.17-0.25); quoted
-    there and shown as exchanges, it follows the closest one (0.43-0.45)."""
+    last. Quoted in the system prompt alone, a small model seldom keeps to them; quoted there
+    and shown as exchanges, the bundled 135M model follows the closest one (its answers
+    between the answer memory's two thresholds: docs/benchmarks.md#answer-memory)."""
     return [ChatMessage(role, text) for q, a in reversed(references)
             for role, text in (("user", q), ("assistant", a))]
 
