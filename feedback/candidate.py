@@ -169,6 +169,7 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
     is above the answer threshold, else the model with the entries it quotes in the prompt."""
     if memory is None:
         return {}
+    from inference.base import chat_dicts
     from inference.prompt import reference_exchanges, with_references
 
     picks = [memory(_question(e.prompt)) for e in heldout]
@@ -181,8 +182,7 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
         rest = prompt[1:] if system else prompt
         head = [{"role": "system", "content": with_references(system, refs)}] \
             if system or refs else []
-        chats.append([*head, *({"role": m.role, "content": m.content}
-                               for m in reference_exchanges(refs)), *rest])
+        chats.append([*head, *chat_dicts(reference_exchanges(refs)), *rest])
     for i, a in zip(todo, greedy_batch(model, tokenizer, chats, max_tokens), strict=True):
         answers[i] = a["text"]
     scores = answer_scores(answers, [e.completion for e in heldout], known)

@@ -15,6 +15,11 @@ class ChatMessage:
     content: str
 
 
+def chat_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates and the OpenAI API take them."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """A chat completion request; `adapter` None means the base model. `conversation_id`, if

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.adapters import validate_adapter
-from inference.base import Finished, GenerationRequest, StreamEvent, TextDelta
+from inference.base import Finished, GenerationRequest, StreamEvent, TextDelta, chat_dicts
 from inference.batching import (
     ATTENTION,
     BatchEngine,
@@ -89,8 +89,7 @@ class EmbeddedBackend:
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         ids = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in request.messages],
-            add_generation_prompt=True,
+            chat_dicts(request.messages), add_generation_prompt=True,
             return_dict=True,
         )["input_ids"]
         if len(ids) + request.max_tokens > self._context:

@@ -24,7 +24,7 @@ import httpx
 import openai
 
 from inference.adapters import validate_adapter
-from inference.base import Finished, GenerationRequest, StreamEvent, TextDelta
+from inference.base import Finished, GenerationRequest, StreamEvent, TextDelta, chat_dicts
 from inference.errors import (
     AdapterNotFound,
     AdapterRejected,
@@ -149,7 +149,7 @@ class OpenAIBackend:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         body: dict[str, Any] = {
             "model": request.adapter or self.model_name,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": chat_dicts(request.messages),
             "max_tokens": request.max_tokens, "temperature": request.temperature,
             "stream": True, "stream_options": {"include_usage": True},
         }

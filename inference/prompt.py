@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from inference.base import ChatMessage
+from inference.base import ChatMessage, chat_dicts
 from inference.errors import ContextTooLong
 
 PIECES_CACHED = 8192  # pieces of rendered prompts whose token counts are kept (LRU)
@@ -46,7 +46,7 @@ class PromptFitter:
 
     def render(self, messages: Sequence[ChatMessage]) -> str:
         return self._tokenizer.apply_chat_template(
-            _dicts(messages), tokenize=False, add_generation_prompt=True)
+            chat_dicts(messages), tokenize=False, add_generation_prompt=True)
 
     def count(self, messages: Sequence[ChatMessage]) -> int:
         """The prompt's exact length in tokens."""
@@ -72,7 +72,7 @@ class PromptFitter:
     def _template_tokens(self, messages: Sequence[ChatMessage]) -> int:
         """The count by the tokenizer's own `apply_chat_template(tokenize=True)`."""
         ids = self._tokenizer.apply_chat_template(
-            _dicts(messages), tokenize=True, add_generation_prompt=True)
+            chat_dicts(messages), tokenize=True, add_generation_prompt=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return len(ids)
@@ -119,10 +119,6 @@ def reference_exchanges(references: Sequence[tuple[str, str]]) -> list[ChatMessa
     between the answer memory's two thresholds: docs/benchmarks.md#answer-memory)."""
     return [ChatMessage(role, text) for q, a in reversed(references)
             for role, text in (("user", q), ("assistant", a))]
-
-
-def _dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 def _bytes_bound_tokens(tokenizer: Any) -> bool:

@@ -243,28 +243,25 @@ async def entries(session: AsyncSession, *, status: str | None = None) -> list[E
 
 async def _votes(session: AsyncSession, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
     """Per entry: distinct trusted voters whose latest word on its answers is 👍, and 👎. A
-    👎 whose correction is an approved answer is no word against the entry: the voter wrote
-    either what the entry said (a reviewer who marks every answer, then gives the right one)
-    or what another entry approved before it says (the memory picked the wrong entry for the
-    question, and the correction names the right one word for word, as a support team's
-    saved replies do). A 👎 corrected in other words counts: the entry's answer may be what
-    is wrong."""
+    👎 whose correction is, word for word, the answer of an entry approved before it (this
+    one included) is no word against the entry: the voter wrote what the entry said (a
+    reviewer who marks every answer, then gives the right one) or what another entry says
+    (the memory picked the wrong entry for the question and the correction names the right
+    one, as a support team's saved replies do). A 👎 corrected in other words counts: the
+    entry's answer may be what is wrong."""
     out: dict[int, tuple[int, int]] = {}
-    other = aliased(MemoryEntry)
+    approved = aliased(MemoryEntry)
     for part in chunks(set(ids)):
-        given = func.trim(Feedback.correction)
-        restated = given == func.trim(MemoryEntry.answer)
-        answered_elsewhere = select(other.id).where(
-            other.id != MemoryEntry.id, other.created_at <= Feedback.updated_at,
-            or_(other.feedback_id.is_(None), other.feedback_id != Feedback.id),  # not its own
-            func.trim(other.answer) == given).exists()
+        approved_answer = select(approved.id).where(
+            func.trim(approved.answer) == func.trim(Feedback.correction),
+            approved.created_at <= Feedback.updated_at,
+            or_(approved.feedback_id.is_(None),  # not the entry this correction made
+                approved.feedback_id != Feedback.id)).exists()
         per_voter = (select(Message.memory_entry_id.label("entry"), Feedback.voter_id,
                             func.sum(Feedback.rating).label("net"))
                      .join(Message, Message.id == Feedback.answer_id)
-                     .join(MemoryEntry, MemoryEntry.id == Message.memory_entry_id)
                      .where(Message.memory_entry_id.in_(part), Feedback.trusted.is_(True),
-                            Feedback.rating.is_not(None),
-                            ~func.coalesce(restated, False), ~answered_elsewhere)
+                            Feedback.rating.is_not(None), ~approved_answer)
                      .group_by(Message.memory_entry_id, Feedback.voter_id).subquery())
         stmt = select(per_voter.c.entry,
                       func.sum(case((per_voter.c.net > 0, 1), else_=0)),
