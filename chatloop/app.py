@@ -294,6 +294,7 @@ def loop_config(settings: Settings) -> Any:
                        learning_rate=learn.learning_rate, batch_size=learn.batch_size,
                        max_length=learn.max_length, kto_min_examples=learn.kto_min_examples,
                        neftune_alpha=learn.neftune_alpha or None, augment=learn.augment,
+                       reference_copies=learn.reference_copies,
                        precision=learn.precision, dpo_min_pairs=learn.dpo_min_pairs,
                        memory_embedder=settings.memory.embedder if settings.memory.enabled
                        else "", memory_answer_at=settings.memory.answer_threshold,

@@ -295,6 +295,8 @@ class LearnSettings(Section):
     kto_min_examples: int = Field(default=16, ge=1)
     neftune_alpha: float = Field(default=0.0, ge=0)  # NEFTune noise in SFT; 0: off
     augment: int = Field(default=2, ge=0)  # noisy copies of each trained question
+    # each correction once more with the answer memory's quotes in its prompt (RAFT)
+    reference_copies: bool = True
     # bf16 autocast while training where the hardware has native bf16 ("auto"), or forced
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # The training worker's command line (the job file is appended); empty: this Python's

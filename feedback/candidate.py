@@ -21,7 +21,7 @@ from feedback.evaluate import (
     share,
     vote_margin,
 )
-from feedback.examples import Example, read_examples
+from feedback.examples import Example, read_examples, referenced
 from feedback.job import TrainJob
 
 
@@ -126,11 +126,24 @@ def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
 
 def _memory(job: TrainJob, heldout: list[Example]) -> Any:
     """The answer memory as it stood for this run, without the held-out corrections (they are
-    what it must answer): `memory.jsonl` in the run's directory (question, answer) if the
-    loop wrote one, else the trained corrections; searched with the gateway's embedder and
-    thresholds (`job.memory_*`). None if there is none or no embedder: its `recall`."""
-    import json
+    what it must answer), searched with the gateway's thresholds: its `recall`, or None
+    (`memory_index`)."""
     from functools import partial
+
+    found = memory_index(job, leave_out={_question(e.prompt) for e in heldout}) \
+        if heldout else None
+    if found is None:
+        return None
+    index, answer_at, refer_at = found
+    return partial(index.recall, answer_at=answer_at, refer_at=refer_at)
+
+
+def memory_index(job: TrainJob, *, leave_out: set[str]) -> tuple[Any, float, float] | None:
+    """The answer memory of this run (`memory.jsonl` in the run's directory, question and
+    answer, if the loop wrote one, else the trained corrections) less the entries whose
+    question is in `leave_out`, indexed with the gateway's embedder (`job.memory_embedder`),
+    with its (answer, reference) thresholds. None if there is none or no embedder."""
+    import json
 
     from inference.memory import Doc, HybridIndex, load_embedder, thresholds
 
@@ -144,9 +157,8 @@ def _memory(job: TrainJob, heldout: list[Example]) -> Any:
     else:
         pairs = [(_question(e.prompt), e.completion)
                  for e in read_examples(work / "sft.jsonl") if e.source == "correction"]
-    held = {_question(e.prompt) for e in heldout}
-    docs = [Doc(i, q, a) for i, (q, a) in enumerate(pairs) if q and a and q not in held]
-    if not docs or not heldout:
+    docs = [Doc(i, q, a) for i, (q, a) in enumerate(pairs) if q and a and q not in leave_out]
+    if not docs:
         return None
     try:
         index = HybridIndex(load_embedder(job.memory_embedder))
@@ -156,7 +168,7 @@ def _memory(job: TrainJob, heldout: list[Example]) -> Any:
     except Exception as exc:  # a report without the memory figures, never a failed run
         print(f"no answer-memory figures: {exc}", flush=True)
         return None
-    return partial(index.recall, answer_at=answer_at, refer_at=refer_at)
+    return index, answer_at, refer_at
 
 
 def _question(prompt: list[dict[str, str]]) -> str:
@@ -169,20 +181,11 @@ def _memory_metrics(model: Any, tokenizer: Any, heldout: list[Example], known: l
     is above the answer threshold, else the model with the entries it quotes in the prompt."""
     if memory is None:
         return {}
-    from inference.base import chat_dicts
-    from inference.prompt import reference_exchanges, with_references
-
     picks = [memory(_question(e.prompt)) for e in heldout]
     answers = [r.verbatim.answer if r.verbatim else "" for r in picks]
     todo = [i for i, r in enumerate(picks) if r.verbatim is None]
-    chats = []
-    for i in todo:
-        prompt, refs = heldout[i].prompt, [(r.question, r.answer) for r in picks[i].references]
-        system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
-        rest = prompt[1:] if system else prompt
-        head = [{"role": "system", "content": with_references(system, refs)}] \
-            if system or refs else []
-        chats.append([*head, *chat_dicts(reference_exchanges(refs)), *rest])
+    chats = [referenced(heldout[i].prompt, [(r.question, r.answer) for r in picks[i].references])
+             for i in todo]
     for i, a in zip(todo, greedy_batch(model, tokenizer, chats, max_tokens), strict=True):
         answers[i] = a["text"]
     scores = answer_scores(answers, [e.completion for e in heldout], known)

@@ -12,7 +12,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +121,44 @@ def augment_questions(examples: Sequence[Example], copies: int, drop: float, *,
             question = {**e.prompt[-1], "content": " ".join(noisy)}
             out.append(Example(e.conversation_id, e.answer_id, [*e.prompt[:-1], question],
                                e.completion, source))
+    return out
+
+
+def referenced(prompt: list[dict[str, str]],
+               refs: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """The prompt as the turn path builds it when the answer memory quotes entries `refs`
+    ((question, answer), best first): quoted in the system prompt and shown as earlier
+    exchanges, best last (inference.prompt), before the conversation."""
+    from inference.base import chat_dicts
+    from inference.prompt import reference_exchanges, with_references
+
+    system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else ""
+    rest = prompt[1:] if system else prompt
+    head = [{"role": "system", "content": with_references(system, refs)}] \
+        if system or refs else []
+    return [*head, *chat_dicts(reference_exchanges(refs)), *rest]
+
+
+def reference_copies(examples: Sequence[Example],
+                     refs_for: Callable[[str], Sequence[tuple[str, str]]],
+                     fits: Callable[[Example], bool] = lambda e: True, *,
+                     source: str = "referenced") -> list[Example]:
+    """Each correction once more, with the entries the answer memory quotes for its question
+    in the prompt (`refs_for`: (question, answer) pairs, best first, its own entry left
+    out), the answer unchanged: retrieval-augmented fine-tuning (RAFT, Zhang et al. 2024).
+    The adapter then follows an approved answer the turn path quotes when it is the right
+    one, and still answers from what it learned when the quoted ones are another question's.
+    A copy that does not `fits` (the training length) quotes fewer entries, or is left out."""
+    out = []
+    for e in examples:
+        refs = list(refs_for(e.prompt[-1]["content"])) if e.source == "correction" else []
+        while refs:
+            copy = Example(e.conversation_id, e.answer_id, referenced(e.prompt, refs),
+                           e.completion, source)
+            if fits(copy):
+                out.append(copy)
+                break
+            refs.pop()
     return out
 
 

@@ -46,6 +46,10 @@ class TrainJob:
     # phrasings the reviewer never wrote (token-F1 on the benchmark's unseen paraphrases).
     augment: int = 2
     augment_drop: float = 0.2
+    # Each correction once more with the answer memory's quotes for its question in the prompt
+    # (`reference_copies`: RAFT), so the adapter uses the approved answers the turn path
+    # quotes instead of writing over them; needs `memory_embedder`.
+    reference_copies: bool = True
     seed: int = 0
     kto_min_examples: int = 16  # fewer binary labels than this: SFT only
     kto_learning_rate: float = 5e-5

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from feedback.anchors import anchor_examples, anchored
-from feedback.candidate import evaluate
+from feedback.candidate import evaluate, memory_index
 from feedback.evaluate import completion_batches
-from feedback.examples import augment_questions, read_examples
+from feedback.examples import augment_questions, read_examples, reference_copies
 from feedback.job import TrainJob, cuda, trains_in_bf16
 
 __all__ = ["augment_questions", "train"]
@@ -175,6 +175,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     if sft:
         hard = anchors if job.anchor_loss == "sft" else []
         noisy = augment_questions(sft, job.augment, job.augment_drop, seed=job.seed)
+        noisy += _referenced(job, sft, tokenizer)
         stats["augmented_examples"] = len(noisy)
         data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + noisy + hard])
         common = _common_args(job, "sft")
@@ -222,6 +223,33 @@ def train(job: TrainJob) -> dict[str, Any]:
     report = {"train": stats, **evaluate(model, tokenizer, job)}
     _write_atomically(model, report, Path(job.out_dir))
     return report
+
+
+def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any) -> list[Any]:
+    """The corrections with the memory's quotes for their questions (`reference_copies`):
+    the run's memory without the held-out questions, as the gate searches it, each
+    correction's own entry (the same question) left out; the entries the turn path would
+    quote (from the reference threshold, the best three), as many as fit in `max_length`
+    tokens (training truncates what is longer, the answer first)."""
+    if not job.reference_copies:
+        return []
+    heldout = read_examples(Path(job.work_dir) / "heldout.jsonl")
+    found = memory_index(job, leave_out={e.prompt[-1]["content"] for e in heldout})
+    if found is None:
+        return []
+    index, _, refer_at = found
+
+    def refs(question: str) -> list[tuple[str, str]]:
+        hits = [h for h in index.search(question, k=8) if h.score >= refer_at]
+        docs = [index.docs[h.id] for h in hits if h.id in index.docs]
+        return [(d.question, d.answer) for d in docs if d.question != question][:3]
+
+    def fits(e: Any) -> bool:
+        text = tokenizer.apply_chat_template(
+            [*e.prompt, {"role": "assistant", "content": e.completion}], tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= job.max_length
+
+    return reference_copies(sft, refs, fits)
 
 
 def _dpo(model: Any, tokenizer: Any, job: TrainJob, pairs: list[Any]) -> dict[str, Any]:

@@ -95,6 +95,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_LEARN_KTO_MIN_EXAMPLES", "6", "learn.kto_min_examples", 6),
     ("CHATLOOP_LEARN_NEFTUNE_ALPHA", "5", "learn.neftune_alpha", 5.0),
     ("CHATLOOP_LEARN_AUGMENT", "0", "learn.augment", 0),
+    ("CHATLOOP_LEARN_REFERENCE_COPIES", "false", "learn.reference_copies", False),
     ("CHATLOOP_LEARN_PRECISION", "fp32", "learn.precision", "fp32"),
     ("CHATLOOP_LEARN_TRAIN_COMMAND", TRAIN_COMMAND, "learn.train_command", TRAIN_COMMAND),
     ("CHATLOOP_LEARN_GOLDEN_MARGIN", "0.1", "learn.golden_margin", 0.1),

@@ -42,3 +42,61 @@ def test_heldout_answers_are_scored_with_and_without_the_memory(model_dir, tmp_p
     assert set(m) == {"heldout_f1_memory", "heldout_accuracy_memory", "heldout_memory_verbatim"}
     assert m["heldout_memory_verbatim"] >= 3 and m["heldout_f1_memory"] > 0.6
     assert candidate._memory_metrics(model, tok, heldout, known, 24, None) == {}
+
+
+def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from feedback.train import _referenced
+
+    intents = COMPANY["intents"][:6]
+    memory = [{"question": q, "answer": it["answer"]}
+              for it in intents for q in it["questions"][:2]]
+    (tmp_path / "memory.jsonl").write_text("\n".join(json.dumps(r) for r in memory))
+    heldout = example(50, intents[1]["questions"][1], intents[1]["answer"])
+    (tmp_path / "heldout.jsonl").write_text(json.dumps(asdict(heldout)))
+    sft = [example(i, it["questions"][0], it["answer"]) for i, it in enumerate(intents)]
+    sft.append(Example(90, 90, sft[0].prompt, "a liked answer", "liked"))
+    job = TrainJob(model_dir="", out_dir="", work_dir=str(tmp_path),
+                   memory_embedder=os.environ["CHATLOOP_MEMORY_EMBEDDER"])
+
+    copies = {e.conversation_id: e for e in _referenced(job, sft, tokenizer)}
+    assert 90 not in copies  # corrections only
+    # a question nothing in the memory is near enough to quote gets no copy
+    assert {0, 2, 4} <= set(copies) <= set(range(len(intents)))
+    for i, e in copies.items():
+        own = sft[i]
+        assert e.source == "referenced" and e.completion == own.completion
+        assert e.prompt[-1] == own.prompt[-1]  # the question itself, last
+        quoted = e.prompt[1:-1]  # earlier exchanges between the system prompt and it
+        asked = [m["content"] for m in quoted if m["role"] == "user"]
+        assert e.prompt[0]["content"].startswith(SYSTEM["content"] + "\n\nApproved answers")
+        assert 1 <= len(asked) <= 3 and own.prompt[-1]["content"] not in asked
+        assert heldout.prompt[-1]["content"] not in asked  # the gate's questions stay unseen
+        assert [m["role"] for m in quoted] == ["user", "assistant"] * len(asked)
+    # an intent's other phrasing is quoted with its answer (the one to follow)
+    for i in (0, 2, 4):
+        quoted = [m["content"] for m in copies[i].prompt[1:-1]]
+        at = quoted.index(intents[i]["questions"][1])
+        assert quoted[at + 1] == intents[i]["answer"]
+    # intent 1's other phrasing is held out: what is quoted is another intent's
+    assert intents[1]["answer"] not in [m["content"] for m in copies[1].prompt[1:-1]] \
+        if 1 in copies else True
+
+    # a copy longer than training's max_length quotes fewer entries, or none is made
+    def length(e: Example) -> int:
+        return len(tokenizer(tokenizer.apply_chat_template(
+            [*e.prompt, {"role": "assistant", "content": e.completion}], tokenize=False),
+            add_special_tokens=False)["input_ids"])
+
+    longest = max(copies.values(), key=length)
+    job.max_length = length(longest) - 1
+    shorter = {e.conversation_id: e for e in _referenced(job, sft, tokenizer)}
+    assert all(length(e) <= job.max_length for e in shorter.values())
+    cut = shorter.get(longest.conversation_id)
+    assert cut is None or len(cut.prompt) < len(longest.prompt)
+    job.max_length = 16
+    assert _referenced(job, sft, tokenizer) == []
+
+    job.max_length, job.reference_copies = 384, False
+    assert _referenced(job, sft, tokenizer) == []
+    job.reference_copies, job.memory_embedder = True, ""
+    assert _referenced(job, sft, tokenizer) == []
