@@ -56,8 +56,10 @@ def greedy_batch(model: Any, tokenizer: Any, chats: list[list[dict[str, str]]],
     return out
 
 
-def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
-    """Candidate (the trained adapter) vs parent (the serving adapter, or the base model)."""
+def evaluate(model: Any, tokenizer: Any, job: TrainJob,
+             memory: tuple[Any, float, float] | None = None) -> dict[str, Any]:
+    """Candidate (the trained adapter) vs parent (the serving adapter, or the base model);
+    `memory`: the run's `memory_index` if the caller has it."""
     model.eval()
     heldout = read_examples(Path(job.work_dir) / "heldout.jsonl")[: job.eval_max_examples]
     system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
@@ -73,12 +75,12 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob) -> dict[str, Any]:
     # held-out votes (held-out hand-off pairs, the agent's reply over the bot's: _metrics)
     votes = read_examples(Path(job.work_dir) / "heldout_votes.jsonl")[: job.eval_max_examples]
     liked = [bool(e.label) for e in votes]
-    memory = _memory(job, heldout)
+    recall = _memory(job, heldout, memory)
 
     def metrics() -> dict[str, Any]:
         logps = answer_logps(model, tokenizer, [(e.prompt, e.completion) for e in votes])
         return {**_metrics(model, tokenizer, heldout, golden, known, max_tokens),
-                **_memory_metrics(model, tokenizer, heldout, known, max_tokens, memory),
+                **_memory_metrics(model, tokenizer, heldout, known, max_tokens, recall),
                 "vote_logps": logps, "vote_margin": vote_margin(logps, liked)}
 
     report: dict[str, Any] = {"heldout_examples": len(heldout), "candidate": metrics(),
@@ -124,14 +126,16 @@ def _metrics(model: Any, tokenizer: Any, heldout: list[Example],
 
 
 
-def _memory(job: TrainJob, heldout: list[Example]) -> Any:
+def _memory(job: TrainJob, heldout: list[Example],
+            found: tuple[Any, float, float] | None = None) -> Any:
     """The answer memory as it stood for this run, without the held-out corrections (they are
     what it must answer), searched with the gateway's thresholds: its `recall`, or None
-    (`memory_index`)."""
+    (`memory_index`; `found`: one already built without them)."""
     from functools import partial
 
-    found = memory_index(job, leave_out={_question(e.prompt) for e in heldout}) \
-        if heldout else None
+    if not heldout:
+        return None
+    found = found or memory_index(job, leave_out={_question(e.prompt) for e in heldout})
     if found is None:
         return None
     index, answer_at, refer_at = found

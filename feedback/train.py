@@ -168,6 +168,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     model, tokenizer = _model(job)
     stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0,
                              "precision": precision}
+    memory = run_memory(job)  # the copies' quotes and the gate's with-memory figures
     started = time.perf_counter()
     anchors = anchor_examples(model, tokenizer, job) if sft else []
     stats["anchor_examples"] = len(anchors)
@@ -175,7 +176,9 @@ def train(job: TrainJob) -> dict[str, Any]:
     if sft:
         hard = anchors if job.anchor_loss == "sft" else []
         noisy = augment_questions(sft, job.augment, job.augment_drop, seed=job.seed)
-        noisy += _referenced(job, sft, tokenizer)
+        copies = _referenced(job, sft, tokenizer, memory)
+        stats["referenced_examples"] = len(copies)
+        noisy += copies
         stats["augmented_examples"] = len(noisy)
         data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + noisy + hard])
         common = _common_args(job, "sft")
@@ -220,24 +223,28 @@ def train(job: TrainJob) -> dict[str, Any]:
     examples = (len(sft) + stats.get("augmented_examples", 0)
                 + (len(anchors) if job.anchor_loss == "sft" else 0))
     stats["examples_per_s"] = examples * job.epochs / max(stats["train_seconds"], 1e-9)
-    report = {"train": stats, **evaluate(model, tokenizer, job)}
+    report = {"train": stats, **evaluate(model, tokenizer, job, memory)}
     _write_atomically(model, report, Path(job.out_dir))
     return report
 
 
-def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any) -> list[Any]:
-    """The corrections with the memory's quotes for their questions (`reference_copies`):
-    the run's memory without the held-out questions, as the gate searches it, each
-    correction's own entry (the same question) left out; the entries the turn path would
-    quote (from the reference threshold, the best three), as many as fit in `max_length`
-    tokens (training truncates what is longer, the answer first)."""
-    if not job.reference_copies:
-        return []
+def run_memory(job: TrainJob) -> tuple[Any, float, float] | None:
+    """The run's answer memory without its held-out questions (candidate.memory_index)."""
     heldout = read_examples(Path(job.work_dir) / "heldout.jsonl")
-    found = memory_index(job, leave_out={e.prompt[-1]["content"] for e in heldout})
-    if found is None:
+    return memory_index(job, leave_out={e.prompt[-1]["content"] for e in heldout})
+
+
+def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any,
+                memory: tuple[Any, float, float] | None) -> list[Any]:
+    """The corrections with the memory's quotes for their questions (`reference_copies`):
+    `memory` is the run's without the held-out questions (candidate.memory_index), as the
+    gate searches it; each correction's own entry (the same question) is left out. The
+    entries the turn path would quote (from the reference threshold, the best three), as
+    many as fit in `max_length` tokens (training truncates what is longer, the answer
+    first)."""
+    if not job.reference_copies or memory is None:
         return []
-    index, _, refer_at = found
+    index, _, refer_at = memory
 
     def refs(question: str) -> list[tuple[str, str]]:
         hits = [h for h in index.search(question, k=8) if h.score >= refer_at]

@@ -45,7 +45,7 @@ def test_heldout_answers_are_scored_with_and_without_the_memory(model_dir, tmp_p
 
 
 def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from feedback.train import _referenced
+    from feedback.train import _referenced, run_memory
 
     intents = COMPANY["intents"][:6]
     memory = [{"question": q, "answer": it["answer"]}
@@ -58,7 +58,7 @@ def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, token
     job = TrainJob(model_dir="", out_dir="", work_dir=str(tmp_path),
                    memory_embedder=os.environ["CHATLOOP_MEMORY_EMBEDDER"])
 
-    copies = {e.conversation_id: e for e in _referenced(job, sft, tokenizer)}
+    copies = {e.conversation_id: e for e in _referenced(job, sft, tokenizer, run_memory(job))}
     assert 90 not in copies  # corrections only
     # a question nothing in the memory is near enough to quote gets no copy
     assert {0, 2, 4} <= set(copies) <= set(range(len(intents)))
@@ -89,14 +89,14 @@ def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, token
 
     longest = max(copies.values(), key=length)
     job.max_length = length(longest) - 1
-    shorter = {e.conversation_id: e for e in _referenced(job, sft, tokenizer)}
+    shorter = {e.conversation_id: e for e in _referenced(job, sft, tokenizer, run_memory(job))}
     assert all(length(e) <= job.max_length for e in shorter.values())
     cut = shorter.get(longest.conversation_id)
     assert cut is None or len(cut.prompt) < len(longest.prompt)
     job.max_length = 16
-    assert _referenced(job, sft, tokenizer) == []
+    assert _referenced(job, sft, tokenizer, run_memory(job)) == []
 
     job.max_length, job.reference_copies = 384, False
-    assert _referenced(job, sft, tokenizer) == []
+    assert _referenced(job, sft, tokenizer, run_memory(job)) == []
     job.reference_copies, job.memory_embedder = True, ""
-    assert _referenced(job, sft, tokenizer) == []
+    assert _referenced(job, sft, tokenizer, run_memory(job)) == []
