@@ -1,6 +1,7 @@
 """The training worker: `python -m feedback.train JOB.json`, always in its own process.
 
-SFT (TRL, completion-only loss) on corrections and liked answers, kept close to
+SFT (TRL, completion-only loss) on corrections and liked answers (each correction
+also with the answer memory's quotes for its question in the prompt), kept close to
 the base model by a KL term on its own answers to shipped general prompts
 (self-distillation anchors against forgetting), then KTO on binary labels when
 there are enough, then DPO on the hand-offs' preference pairs when there are
