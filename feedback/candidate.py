@@ -142,6 +142,16 @@ def _memory(job: TrainJob, heldout: list[Example],
     return partial(index.recall, answer_at=answer_at, refer_at=refer_at)
 
 
+def run_memory(job: TrainJob, *, copies: bool) -> tuple[Any, float, float] | None:
+    """The run's answer memory without its held-out questions (`memory_index`), for the
+    gate's with-memory figures and, with `copies`, the training copies' quotes; None when
+    neither needs it (no held-out corrections, no copies): nothing is embedded then."""
+    heldout = read_examples(Path(job.work_dir) / "heldout.jsonl")
+    if not heldout and not copies:
+        return None
+    return memory_index(job, leave_out={_question(e.prompt) for e in heldout})
+
+
 def memory_index(job: TrainJob, *, leave_out: set[str]) -> tuple[Any, float, float] | None:
     """The answer memory of this run (`memory.jsonl` in the run's directory, question and
     answer, if the loop wrote one, else the trained corrections) less the entries whose

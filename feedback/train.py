@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.anchors import anchor_examples, anchored
-from feedback.candidate import evaluate, memory_index
+from feedback.candidate import evaluate, run_memory
 from feedback.evaluate import completion_batches
 from feedback.examples import augment_questions, read_examples, reference_copies
 from feedback.job import TrainJob, cuda, trains_in_bf16
@@ -169,7 +169,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     model, tokenizer = _model(job)
     stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0,
                              "precision": precision}
-    memory = run_memory(job)  # the copies' quotes and the gate's with-memory figures
+    memory = run_memory(job, copies=bool(sft) and job.reference_copies)
     started = time.perf_counter()
     anchors = anchor_examples(model, tokenizer, job) if sft else []
     stats["anchor_examples"] = len(anchors)
@@ -229,16 +229,10 @@ def train(job: TrainJob) -> dict[str, Any]:
     return report
 
 
-def run_memory(job: TrainJob) -> tuple[Any, float, float] | None:
-    """The run's answer memory without its held-out questions (candidate.memory_index)."""
-    heldout = read_examples(Path(job.work_dir) / "heldout.jsonl")
-    return memory_index(job, leave_out={e.prompt[-1]["content"] for e in heldout})
-
-
 def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any,
                 memory: tuple[Any, float, float] | None) -> list[Any]:
     """The corrections with the memory's quotes for their questions (`reference_copies`):
-    `memory` is the run's without the held-out questions (candidate.memory_index), as the
+    `memory` is the run's without the held-out questions (candidate.run_memory), as the
     gate searches it; each correction's own entry (the same question) is left out. The
     entries the turn path would quote (from the reference threshold, the best three), as
     many as fit in `max_length` tokens (training truncates what is longer, the answer

@@ -45,7 +45,8 @@ def test_heldout_answers_are_scored_with_and_without_the_memory(model_dir, tmp_p
 
 
 def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from feedback.train import _referenced, run_memory
+    from feedback.candidate import run_memory
+    from feedback.train import _referenced
 
     intents = COMPANY["intents"][:6]
     memory = [{"question": q, "answer": it["answer"]}
@@ -58,7 +59,10 @@ def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, token
     job = TrainJob(model_dir="", out_dir="", work_dir=str(tmp_path),
                    memory_embedder=os.environ["CHATLOOP_MEMORY_EMBEDDER"])
 
-    copies = {e.conversation_id: e for e in _referenced(job, sft, tokenizer, run_memory(job))}
+    def copies_of(job: TrainJob) -> list[Example]:
+        return _referenced(job, sft, tokenizer, run_memory(job, copies=True))
+
+    copies = {e.conversation_id: e for e in copies_of(job)}
     assert 90 not in copies  # corrections only
     # a question nothing in the memory is near enough to quote gets no copy
     assert {0, 2, 4} <= set(copies) <= set(range(len(intents)))
@@ -89,14 +93,17 @@ def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, token
 
     longest = max(copies.values(), key=length)
     job.max_length = length(longest) - 1
-    shorter = {e.conversation_id: e for e in _referenced(job, sft, tokenizer, run_memory(job))}
+    shorter = {e.conversation_id: e for e in copies_of(job)}
     assert all(length(e) <= job.max_length for e in shorter.values())
     cut = shorter.get(longest.conversation_id)
     assert cut is None or len(cut.prompt) < len(longest.prompt)
     job.max_length = 16
-    assert _referenced(job, sft, tokenizer, run_memory(job)) == []
+    assert copies_of(job) == []
 
     job.max_length, job.reference_copies = 384, False
-    assert _referenced(job, sft, tokenizer, run_memory(job)) == []
+    assert copies_of(job) == []
+    # nothing held out and no copies wanted: the memory is not even indexed
+    (tmp_path / "heldout.jsonl").unlink()
+    assert run_memory(job, copies=False) is None and run_memory(job, copies=True) is not None
     job.reference_copies, job.memory_embedder = True, ""
-    assert _referenced(job, sft, tokenizer, run_memory(job)) == []
+    assert copies_of(job) == []
