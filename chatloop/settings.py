@@ -221,8 +221,9 @@ class MemorySettings(Section):
     model_config = SettingsConfigDict(env_prefix="CHATLOOP_MEMORY_")
 
     enabled: bool = True
-    # minilm (all-MiniLM-L6-v2, written to var/models by `chatloop model prepare`),
-    # minilm:DIR, wordllama (offline, in its wheel), wordllama:CONFIG:DIM, or hf:PATH
+    # minilm (all-MiniLM-L6-v2, written to var/models by `chatloop model prepare`; its int8
+    # copy where the CPU has int8 dot products), minilm-int8 or minilm-fp32 (either, each
+    # also :DIR), minilm:DIR, wordllama (offline, in its wheel), wordllama:CONFIG:DIM, hf:PATH
     embedder: str = "minilm"
     # similarity above which an approved answer is sent as it is, and from which the best
     # entries are quoted in the prompt; unset: the embedder's calibrated values

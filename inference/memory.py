@@ -27,10 +27,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from inference.prepare import INT8_ONNX
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EMBEDDER = "minilm"
 MINILM_DIR = Path("var/models/all-MiniLM-L6-v2")  # `chatloop model prepare` writes it
+MINILM_KINDS = {"minilm": "auto", "minilm-int8": "int8", "minilm-fp32": "fp32"}  # precision
+ONNX_PRECISIONS = ("auto", "int8", "fp32")
 # Per embedder kind, the similarity from which an approved answer is sent as it is, and from
 # which entries are quoted in the prompt (calibrated on the synthetic company set:
 # docs/benchmarks.md#answer-memory). An embedder of another kind (hf:PATH) has no calibration
@@ -54,32 +58,52 @@ class OnnxEmbedder:
     """A sentence-embedding model exported to ONNX by `chatloop model prepare` (model.onnx:
     token ids and mask in, mean-pooled unit vectors out; tokenizer.json beside it), run by
     onnxruntime on one thread that never spins waiting for work (the process has a model to
-    run too): all-MiniLM-L6-v2, about 3 ms a question (two threads that spin: 2 ms)."""
+    run too). all-MiniLM-L6-v2 reads 42 MB of matrices per question in fp32 (3-8 ms,
+    bound by memory bandwidth); `precision` "auto" runs its int8 copy (model.int8.onnx, a
+    quarter of the bytes: 2-2.5 ms) where the CPU has int8 dot-product instructions, on
+    which onnxruntime's int8 kernels are fast and exact; elsewhere they are no faster and
+    may saturate, so fp32 runs there."""
 
     inline = False  # a forward pass: off the event loop (onnxruntime releases the GIL)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, precision: str = "auto") -> None:
         import onnxruntime
         from tokenizers import Tokenizer
 
+        if precision not in ONNX_PRECISIONS:
+            raise ValueError(f"embedder precision must be one of {', '.join(ONNX_PRECISIONS)}"
+                             f", not {precision!r}")
         if not (path / "model.onnx").exists():
             raise FileNotFoundError(f"no sentence-embedding model at {path}: run `chatloop "
                                     "model prepare` (it prepares the memory's embedder too)")
+        int8 = precision == "int8" or (precision == "auto" and int8_dot_product())
+        if int8 and not (path / INT8_ONNX).exists():
+            if precision == "int8":
+                raise FileNotFoundError(f"no {INT8_ONNX} at {path}: run `chatloop model "
+                                        "prepare` (it adds the int8 copy)")
+            log.warning("no %s at %s (run `chatloop model prepare` to add it): the memory's "
+                        "embedder runs in fp32", INT8_ONNX, path)
+            int8 = False
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self._tokenizer.enable_truncation(256)
         self._tokenizer.enable_padding()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = onnxruntime.InferenceSession(str(path / "model.onnx"), options,
+        model = path / (INT8_ONNX if int8 else "model.onnx")
+        self._session = onnxruntime.InferenceSession(str(model), options,
                                                      providers=["CPUExecutionProvider"])
         self.dim = int(self._session.get_outputs()[0].shape[-1])
-        self.name = f"onnx/{path.name}"
+        # int8 activations are quantised with one scale per call: a text's vector would
+        # depend on what it is batched (and padded) with, so the int8 copy takes one at a time
+        self._batch = 1 if int8 else 64
+        # vectors are cached in the database under this name: the copies' differ a little
+        self.name = f"onnx/{path.name}" + ("/int8" if int8 else "")
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)
-        for start in range(0, len(texts), 64):  # padded batches of similar cost
-            encoded = self._tokenizer.encode_batch(list(texts[start:start + 64]))
+        for start in range(0, len(texts), self._batch):  # padded batches of similar cost
+            encoded = self._tokenizer.encode_batch(list(texts[start:start + self._batch]))
             ids = np.asarray([e.ids for e in encoded], np.int64)
             mask = np.asarray([e.attention_mask for e in encoded], np.int64)
             out[start:start + len(encoded)] = self._session.run(None, {"ids": ids,
@@ -151,36 +175,51 @@ class HiddenStateEmbedder:
         return pooled.numpy().astype(np.float32)
 
 
+@cache
+def int8_dot_product() -> bool:
+    """Whether the CPU has int8 dot-product instructions (x86 VNNI or AMX, Arm's dotprod):
+    where the memory's embedder runs its int8 copy (precision "auto")."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = re.search(r"^(?:flags|Features)\s*:(.*)$", info, re.MULTILINE)
+    return bool(line and {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"} & set(
+        line.group(1).split()))
+
+
 @cache  # one per process and spec: stateless, and safe to share between threads
 def load_embedder(spec: str = DEFAULT_EMBEDDER) -> Embedder:
     """`minilm` (default: all-MiniLM-L6-v2 as `chatloop model prepare` writes it to
-    var/models), `minilm:DIR` (prepared elsewhere), `wordllama` (l2_supercat, 256 dimensions,
-    in its wheel), `wordllama:CONFIG:DIM`, or `hf:PATH` (a local transformers model
-    directory: mean-pooled hidden states)."""
+    var/models; int8 where the CPU has int8 dot products, else fp32), `minilm-int8` or
+    `minilm-fp32` (one of the two wherever it runs), each with `:DIR` (prepared elsewhere),
+    `wordllama` (l2_supercat, 256 dimensions, in its wheel), `wordllama:CONFIG:DIM`, or
+    `hf:PATH` (a local transformers model directory: mean-pooled hidden states)."""
     kind, _, rest = spec.partition(":")
     if (prepared := embedder_dir(spec)) is not None:
-        return OnnxEmbedder(prepared)
+        return OnnxEmbedder(prepared, MINILM_KINDS[kind])
     if kind == "wordllama":
         config, _, dim = rest.partition(":")
         return WordLlamaEmbedder(config or "l2_supercat", int(dim or 256))
     if kind == "hf" and rest:
         return HiddenStateEmbedder(rest)
-    raise ValueError(f"unknown embedder {spec!r}: use minilm[:DIR], wordllama[:CONFIG:DIM] "
-                     "or hf:PATH")
+    raise ValueError(f"unknown embedder {spec!r}: use minilm[:DIR] (or minilm-int8, "
+                     "minilm-fp32), wordllama[:CONFIG:DIM] or hf:PATH")
 
 
 def embedder_dir(spec: str) -> Path | None:
     """Where `chatloop model prepare` writes the model an embedder spec names (None: the
     spec needs nothing prepared)."""
     kind, _, rest = spec.partition(":")
-    return (Path(rest) if rest else MINILM_DIR) if kind == "minilm" else None
+    return (Path(rest) if rest else MINILM_DIR) if kind in MINILM_KINDS else None
 
 
 def thresholds(spec: str, answer: float | None = None,
                reference: float | None = None) -> tuple[float, float]:
     """(answer, reference): those given, else the ones calibrated for the embedder spec's
     kind; ValueError if a kind without calibration (hf:PATH) lacks one."""
-    calibrated = CALIBRATED.get(spec.partition(":")[0])
+    kind = spec.partition(":")[0]
+    calibrated = CALIBRATED.get("minilm" if kind in MINILM_KINDS else kind)
     answer = answer or (calibrated and calibrated[0])
     reference = reference or (calibrated and calibrated[1])
     if not answer or not reference:
