@@ -61,8 +61,8 @@ class OnnxEmbedder:
     run too). all-MiniLM-L6-v2 reads 42 MB of matrices per question in fp32 (3-8 ms,
     bound by memory bandwidth); `precision` "auto" runs its int8 copy (model.int8.onnx, a
     quarter of the bytes: 2-2.5 ms) where the CPU has int8 dot-product instructions, on
-    which onnxruntime's int8 kernels are fast and exact; elsewhere they are no faster and
-    may saturate, so fp32 runs there."""
+    which onnxruntime's int8 kernels are fast and do not saturate; elsewhere they are no
+    faster and may saturate, so fp32 runs there."""
 
     inline = False  # a forward pass: off the event loop (onnxruntime releases the GIL)
 
