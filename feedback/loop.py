@@ -32,6 +32,7 @@ from feedback.job import TrainJob
 from feedback.redaction import Redactor
 from inference.adapters import adapter_rank, check_prefix, inside
 from inference.base import ChatMessage, GenerationRequest, InferenceBackend, TextDelta
+from inference.batching import training_env
 from inference.errors import InferenceError
 from storage import adapters, privacy, runs
 from storage import memory as answer_memory
@@ -290,7 +291,8 @@ async def _train(cfg: LoopConfig, job: TrainJob, log_path: Path) -> dict[str, An
     with log_path.open("ab") as logf:
         proc = await asyncio.create_subprocess_exec(
             *cfg.train_command, str(Path(job.work_dir) / "job.json"),
-            stdout=logf, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            stdout=logf, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            env=training_env())
         try:
             code = await proc.wait()
         except BaseException:

@@ -29,6 +29,7 @@ beyond wait in FIFO order.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -55,8 +56,32 @@ ROW_BLOCK = 4
 # ROW_BLOCK); PACK_TOKENS bounds the activations. In fp32 the matrix kernels round a prompt's
 # tokens differently in a longer sequence (logits 4e-5 apart): each prompt is prefilled alone.
 PACK_ROWS, PACK_TOKENS = 8, 4096
+# Those guarantees hold for oneDNN's AVX512-BF16 kernels. Its AMX kernels (x86 CPUs with AMX)
+# round a bf16 row differently by how many rows share the product (greedy decodes of 8
+# requests batched differed from their solo ones, 2026-12-03), so a serving process keeps
+# oneDNN to AVX512-BF16 (`cap_onednn_isa`; oneDNN reads the variable once, at its first use).
+# The training worker is not capped: `training_env`.
+ONEDNN_ISA = ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+_capped = False
 SPAN = 16  # decoding attention runs over a multiple of this many positions (see KvPool)
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def cap_onednn_isa() -> None:
+    """Keep this process's oneDNN off AMX (see ONEDNN_ISA) unless the operator chose an ISA;
+    in effect only before oneDNN's first use in the process."""
+    global _capped
+    if ONEDNN_ISA[0] not in os.environ:
+        os.environ[ONEDNN_ISA[0]] = ONEDNN_ISA[1]
+        _capped = True
+
+
+def training_env() -> dict[str, str]:
+    """The environment for the training worker: this process's, without the serving cap."""
+    env = dict(os.environ)
+    if _capped:
+        env.pop(ONEDNN_ISA[0], None)
+    return env
 
 
 def native_bf16() -> bool:

@@ -21,10 +21,13 @@ from inference.batching import (
     BatchEngine,
     Row,
     batch_invariant_lora,
+    cap_onednn_isa,
     register_attention,
     serving_dtype,
 )
 from inference.errors import AdapterNotFound, AdapterRejected, ContextTooLong
+
+cap_onednn_isa()  # on import: before this process's first bf16 product (batching.ONEDNN_ISA)
 
 
 class EmbeddedBackend:

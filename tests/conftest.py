@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from inference.batching import cap_onednn_isa
 from storage.db import make_engine, session_factory
 from storage.migrate import upgrade_async
 
@@ -21,6 +22,9 @@ MODEL_DIR = Path(os.environ.get("CHATLOOP_MODEL", ROOT / "var/models/SmolLM2-135
 # the answer memory's default embedder, prepared beside the model (tests run from other
 # directories too)
 os.environ.setdefault("CHATLOOP_MEMORY_EMBEDDER", f"minilm:{ROOT / 'var/models/all-MiniLM-L6-v2'}")
+# as a serving process does on importing inference.embedded, but before any test's first bf16
+# product, whichever test runs first (inference.batching.ONEDNN_ISA)
+cap_onednn_isa()
 
 
 async def _fresh_pg_database() -> tuple[str, str]:

@@ -253,3 +253,17 @@ async def test_bf16_prompts_admitted_together_are_prefilled_together_as_alone(
         assert [t[0] for t in together] == solo
     finally:
         await bf16.aclose()
+
+
+def test_serving_keeps_onednn_off_amx_and_the_trainer_is_not_capped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    import inference.batching as batching
+    import inference.embedded  # noqa: F401  (caps on import)
+
+    # AMX kernels round a bf16 row by its batch (test_bf16_rows_decode_alike_alone_and_batched)
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
+    monkeypatch.setattr(batching, "_capped", True)
+    assert "ONEDNN_MAX_CPU_ISA" not in batching.training_env()
+    monkeypatch.setattr(batching, "_capped", False)  # an operator's own choice reaches it
+    assert batching.training_env()["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_BF16"
