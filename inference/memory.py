@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EMBEDDER = "minilm"
 MINILM_DIR = Path("var/models/all-MiniLM-L6-v2")  # `chatloop model prepare` writes it
 MINILM_KINDS = {"minilm": "auto", "minilm-int8": "int8", "minilm-fp32": "fp32"}  # precision
-ONNX_PRECISIONS = ("auto", "int8", "fp32")
+ONNX_PRECISIONS = tuple(MINILM_KINDS.values())
 # Per embedder kind, the similarity from which an approved answer is sent as it is, and from
 # which entries are quoted in the prompt (calibrated on the synthetic company set:
 # docs/benchmarks.md#answer-memory). An embedder of another kind (hf:PATH) has no calibration
@@ -102,7 +102,7 @@ class OnnxEmbedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), np.float32)
-        for start in range(0, len(texts), self._batch):  # padded batches of similar cost
+        for start in range(0, len(texts), self._batch):  # padded batches (int8: one text)
             encoded = self._tokenizer.encode_batch(list(texts[start:start + self._batch]))
             ids = np.asarray([e.ids for e in encoded], np.int64)
             mask = np.asarray([e.attention_mask for e in encoded], np.int64)
