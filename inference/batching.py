@@ -365,11 +365,11 @@ class BatchEngine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_kv_tokens = max_kv_tokens
-        # intra-op threads of a decoding step of several rows (None: torch's, as prefill and a
-        # lone row have). A step is ~200 small products; each one split over threads waits to
-        # wake them (futexes once the process has more OpenMP threads than cores, as with the
-        # gateway's own torch use): on 2 cores one thread decodes 8 and 32 rows faster, a lone
-        # row slower (docs/benchmarks.md#embedded-engine)
+        # intra-op threads of a decoding step (None: torch's, as prefill has). A step is ~200
+        # small products; each one split over threads waits to wake them (futexes once the
+        # process has more OpenMP threads than cores, as with the gateway's own torch use): on
+        # 2 cores one thread decodes 1, 8 and 32 rows faster, the event loop keeping the other
+        # core (docs/benchmarks.md#embedded-engine)
         self.decode_threads = decode_threads
         self._threads: tuple[int, int] = (0, 0)  # torch's count on this thread; the current
         self.eos_ids = eos_ids  # tokens that end a row (empty: run to max_tokens)
@@ -611,7 +611,7 @@ class BatchEngine:
         padding = [rows[0]] * (-len(rows) % ROW_BLOCK)
         ids = torch.tensor([[s.tokens[-1]] for s in rows + padding])
         positions = torch.tensor([[s.length] for s in rows + padding])
-        self._use_threads(self.decode_threads if len(rows) > 1 else None)
+        self._use_threads(self.decode_threads)
         try:
             pool = self._pooled(rows)
             pool.begin()

@@ -37,8 +37,8 @@ class EmbeddedBackend:
     learning loop's parity check compares against fp32 peft outputs (bf16 serving does not
     reproduce them). `max_batch` rows decode together and their KV caches hold at most
     `max_kv_tokens` tokens (each request reserves its prompt plus `max_tokens`); requests beyond
-    wait their turn. Decoding steps of several rows run on `decode_threads` intra-op threads
-    (None: torch's count, which prefill and a lone row use).
+    wait their turn. Decoding steps, a lone row's included, run on `decode_threads` intra-op
+    threads (None: torch's count, which prefill uses).
     """
 
     def __init__(
