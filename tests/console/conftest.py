@@ -129,8 +129,12 @@ async def seed_history(sessions: Any, tmp_path: Path, *, days: int = 10) -> dict
         questions = ["When do you open?", "How do I reset my password?",
                      "Do you ship to Canada?", "What is the refund policy?"]
         n = 0
+        # an hour before now, or half-way since midnight UTC early in the day: each day's
+        # conversations stay on that day whatever the time (the quality roll-up counts by day)
+        back = min(timedelta(hours=1), (now - now.replace(hour=0, minute=0, second=0,
+                                                          microsecond=0)) / 2)
         for day in range(days):
-            when = now - timedelta(days=days - 1 - day, hours=1)
+            when = now - timedelta(days=days - 1 - day) - back
             for k in range(6):
                 n += 1
                 channel = "telegram" if k % 2 else "slack"
