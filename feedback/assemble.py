@@ -56,10 +56,12 @@ def prompts(rows: Sequence[FeedbackRow], transcripts: Mapping[int, Sequence[Tran
 
 def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapping[int, bool],
              redactor: Redactor, policy: DatasetPolicy, replay_pool: Sequence[Example] = (),
-             carried: Collection[int] = ()) -> Dataset:
+             carried: Collection[int] = (), quoted: Mapping[int, Sequence[str]] = {}
+             ) -> Dataset:
     """The dataset: approved corrections (SFT, a KTO pair, or held out with their
     conversation), labelled answers (KTO, and SFT if liked), deduplicated, plus replay.
-    `carried`: conversations a passed run held out, trained on now."""
+    `carried`: conversations a passed run held out, trained on now; `quoted`: answer id ->
+    the approved answers (company voice) its prompt quoted from the answer memory."""
     report: dict[str, Any] = {"feedback_rows": selection.total,
                               "quarantined_votes": len(selection.quarantined),
                               "capped_rows": selection.capped}
@@ -67,9 +69,11 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
     report["placeholder_targets_dropped"] = 0
     for r in selection.corrections:
         # a trusted reviewer's answer is the company speaking (feedback.redaction); the answer
-        # it corrects is the customer's side unless it was itself an approved answer
+        # it corrects is the customer's side unless it was itself an approved answer, and
+        # what it repeats of the approved answers it was shown is the company's
         customer = (r.question,) if r.from_memory else (r.question, r.answer)
-        target = (company_voice(redactor, r.correction or "", customer)
+        target = (company_voice(redactor, r.correction or "", customer,
+                                quoted.get(r.answer_id, ()))
                   if r.trusted else redactor(r.correction or ""))
         ex = Example(r.conversation_id, r.answer_id, prompts[r.answer_id],
                      target, "correction", rejected=redactor(r.answer))

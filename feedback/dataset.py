@@ -29,8 +29,9 @@ from feedback.policy import (
     select_feedback,
     split_conversations,
 )
-from feedback.redaction import Redactor
+from feedback.redaction import Redactor, company_voice
 from storage import feedback as store
+from storage import memory as memory_store
 from storage import privacy
 from storage.feedback import FeedbackRow
 
@@ -71,7 +72,21 @@ async def build_dataset(
     return assemble(selection, prompts=prompts(selection.rows, transcripts, redactor, policy,
                                                count_tokens),
                     heldout=heldout, redactor=redactor, policy=policy, replay_pool=replay_pool,
-                    carried=carried)
+                    carried=carried, quoted=await _quoted(session, selection.corrections,
+                                                          redactor))
+
+
+async def _quoted(session: AsyncSession, corrections: Sequence[FeedbackRow],
+                  redactor: Redactor) -> dict[int, list[str]]:
+    """answer id -> the approved answers the corrected answer's prompt quoted from the answer
+    memory (trusted corrections only), each in the company's voice (its own question and
+    context the customer's side): what the model repeated of them is the company's, not the
+    customer's. An entry erased since (`forget`) quotes nothing."""
+    wanted = {r.answer_id: r.memory_refs for r in corrections if r.trusted and r.memory_refs}
+    found = await memory_store.rows(session, ids={i for ids in wanted.values() for i in ids})
+    voice = {e.id: company_voice(redactor, e.answer, (e.question, e.context or ""))
+             for e in found}
+    return {a: [voice[i] for i in ids if i in voice] for a, ids in wanted.items()}
 
 
 async def _splits(session: AsyncSession, conversations: Collection[int], used: Collection[int],

@@ -280,15 +280,17 @@ def _key(text: str) -> str:
     return re.sub(r"\W+", "", normalise(text)).lower()
 
 
-def company_voice(redactor: Redactor, text: str, customer: Iterable[str]) -> str:
+def company_voice(redactor: Redactor, text: str, customer: Iterable[str],
+                  company: Iterable[str] = ()) -> str:
     """A trusted reviewer's answer, redacted only where it repeats what the customer's side
-    (`customer`: the question, the answer corrected, ...) holds: the company's own support
-    number, address, e-mail and documented IP ranges stay as written, a customer's details
-    echoed back do not; keys and credentials never stay."""
+    (`customer`: the question, the answer corrected, ...) holds and the company's approved
+    answers (`company`: those the answer corrected was shown, in the company's voice) do
+    not: the company's own support number, address, e-mail and documented IP ranges stay as
+    written, a customer's details echoed back do not; keys and credentials never stay."""
     plain, redacted = normalise(text), redactor(text)
     if not has_placeholder(redacted):
         return redacted
-    theirs = _key(" ".join(customer))
+    theirs, ours = _key(" ".join(customer)), _key(" ".join(company))
     literals = PLACEHOLDER.split(redacted)
     placed = PLACEHOLDER.findall(redacted)
     # the original of each placeholder: the text between the literal parts around it
@@ -298,6 +300,7 @@ def company_voice(redactor: Redactor, text: str, customer: Iterable[str]) -> str
         return redacted
     out = [literals[0]]
     for n, (label, found) in enumerate(zip(placed, match.groups(), strict=True)):
-        keep = label not in _ALWAYS and not (_key(found) and _key(found) in theirs)
+        key = _key(found)
+        keep = label not in _ALWAYS and not (key and key in theirs and key not in ours)
         out += [found if keep else label, literals[n + 1]]
     return "".join(out)

@@ -173,6 +173,7 @@ class FeedbackRow:
     fresh: bool = True  # this revision is new to the reader (see unlearned_feedback)
     adapter: str | None = None  # what served the answer (None: the base model)
     from_memory: bool = False  # the answer was an approved answer sent as it is
+    memory_refs: tuple[int, ...] = ()  # the approved answers its prompt quoted (entry ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,16 +215,16 @@ async def _rows(session: AsyncSession, fresh: Any, *where: Any) -> list[Feedback
                    Feedback.correction, Feedback.trusted, Feedback.review_status,
                    Feedback.created_at, answer.conversation_id, answer.text, question.id,
                    question.text, Feedback.revision, Feedback.source, fresh, answer.adapter,
-                   answer.memory_entry_id)
+                   answer.memory_entry_id, answer.memory_refs)
             .join(answer, answer.id == Feedback.answer_id)
             .join(question, question.id == answer.reply_to_id)
             .where(answer.status == AnswerStatus.OK, *where)
             .order_by(Feedback.id))
     return [FeedbackRow(fid, aid, voter, rating, correction, bool(trusted), review,
                         _aware(created), conversation, answer_text, qid, question_text, rev,
-                        source, bool(new), adapter, entry is not None)
+                        source, bool(new), adapter, entry is not None, tuple(refs or ()))
             for (fid, aid, voter, rating, correction, trusted, review, created, conversation,
-                 answer_text, qid, question_text, rev, source, new, adapter, entry)
+                 answer_text, qid, question_text, rev, source, new, adapter, entry, refs)
             in (await session.execute(stmt)).all()]
 
 

@@ -19,6 +19,7 @@ from feedback import review
 from feedback.dataset import DatasetPolicy, build_dataset
 from feedback.redaction import Redactor
 from storage import feedback as store
+from storage import memory as memory_store
 from storage import runs
 from storage.models import Message, RunStatus, utcnow
 from tests.conftest import ROOT
@@ -185,6 +186,44 @@ async def consumed_by_a_run(sessions, ds) -> list[int]:  # type: ignore[no-untyp
         await runs.record_consumed(s, run_id=run_id, consumed=ds.consumed)
         await runs.finish_run(s, run_id=run_id, status=RunStatus.SUCCEEDED)
     return [run_id]
+
+
+async def test_what_an_answer_repeats_of_the_approved_answers_it_quoted_is_the_companys(
+        sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """A model answer written with the memory's quotes repeats the company's number: the
+    reviewer's correction saying it again is trained as written, not dropped as a placeholder
+    target. A customer's own number echoed back is still the customer's."""
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    support = "Call us on 0800 414 7782, option 2."
+    first = await users.ask("What is your phone number?")
+    await core.correct(answer_id=first, voter_id=REVIEWER, text=support, source="test")
+    async with sessions() as s:
+        [entry] = await memory_store.entries(s)
+    quoting = await users.ask("How can I call you?")
+    echoing = await users.ask("My number is 07700 900123, can you call me?")
+    written = {quoting: "You can call us on 0800 414 7782.",
+               echoing: "We will call you on 07700 900123 or call us on 0800 414 7782."}
+
+    async def answered(refs: list[int] | None) -> None:
+        async with sessions() as s:
+            for answer_id, text in written.items():
+                await s.execute(update(Message).where(Message.id == answer_id)
+                                .values(text=text, memory_refs=refs))
+            await s.commit()
+
+    await core.correct(answer_id=quoting, voter_id=REVIEWER, text=support, source="test")
+    await core.correct(answer_id=echoing, voter_id=REVIEWER, source="test",
+                       text="We will call you on 07700 900123 within the hour.")
+    await answered(None)  # without the quotes the number is the customer's side
+    ds = await build(sessions)
+    assert [e.answer_id for e in ds.sft] == [first]
+    assert ds.report["placeholder_targets_dropped"] == 2
+    await answered([entry.id])
+    ds = await build(sessions)
+    assert [(e.answer_id, e.completion) for e in ds.sft] == [(first, support),
+                                                             (quoting, support)]
+    assert ds.report["placeholder_targets_dropped"] == 1  # the customer's number
 
 
 async def test_a_dataset_holds_what_the_runs_before_it_did_not_learn(sessions, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -292,3 +292,8 @@ def test_a_reviewer_repeating_an_approved_answer_keeps_the_companys_number() -> 
 
     assert trained(replace(answer, from_memory=True)) == [support]
     assert trained(answer) == []
+    # the model's answer repeating an approved answer its prompt quoted: the company's too
+    chosen = select_feedback([answer], OLD, POLICY)
+    quoting = assemble(chosen, prompts=chats, heldout={10: False}, redactor=REDACT,
+                       policy=POLICY, quoted={10: [support]})
+    assert [ex.completion for ex in quoting.sft] == [support]

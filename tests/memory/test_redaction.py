@@ -18,6 +18,17 @@ def test_a_customers_details_echoed_back_are_still_redacted() -> None:
     assert out == "Noted [PHONE], we will call you." and has_placeholder(out)
 
 
+def test_what_the_approved_answers_shown_hold_is_the_companys_even_when_echoed() -> None:
+    """The answer corrected repeated the company's number from the approved answers its
+    prompt quoted: that is not a customer's detail; the customer's own number still is."""
+    text = "Call 0800 414 7782; we will call you back on 07700 900123."
+    echoed = ["call me on 07700 900123", "You can call 0800 414 7782."]
+    assert company_voice(Redactor(), text, echoed) == \
+        "Call [PHONE]; we will call you back on [PHONE]."
+    assert company_voice(Redactor(), text, echoed, ["Call us on 0800 414 7782."]) == \
+        "Call 0800 414 7782; we will call you back on [PHONE]."
+
+
 def test_keys_and_credentials_never_stay() -> None:
     out = company_voice(Redactor(), "use https://admin:hunter2@example.com/x", [])
     assert has_placeholder(out) and "hunter2" not in out
