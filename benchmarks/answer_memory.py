@@ -303,7 +303,8 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         result = await run_cycle(sessions, backend, loop_config(settings), trigger="manual")
         out["train"] = {"status": result.status, "adapter": result.adapter,
-                        "seconds": round(time.perf_counter() - t), "reasons": result.reasons}
+                        "seconds": round(time.perf_counter() - t), "reasons": result.reasons,
+                        "run_dir": str(tmp / "runs" / f"run-{result.run_id}")}
         m = result.metrics or {}
         out["train"]["dataset"] = m.get("dataset")
         out["train"]["gate"] = {  # the gate's held-out figures, without and with the memory

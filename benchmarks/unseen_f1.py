@@ -1,0 +1,103 @@
+"""Token-F1 of trained adapters on the answer-memory benchmark's unseen phrasings, by how many
+of each intent's phrasings the run trained on (0, 1 or 2: the others were held out for the
+gate, or dropped).
+
+benchmarks/answer_memory.py keeps its training run's directory (`train.run_dir` in its
+JSON); this asks the same 90 unseen phrasings of that run's adapter, or of one trained again
+from a copy of the directory with another recipe (`python -m feedback.train JOB.json`),
+without the memory, by batched greedy `generate` (fp32, 48 new tokens, the benchmark's
+system prompt):
+
+    .venv/bin/python benchmarks/unseen_f1.py RUN_DIR ADAPTER_DIR [RUN_DIR ADAPTER_DIR ...]
+
+Each adapter's "phrasings trained" count its run directory's sft.jsonl corrections. Prints a
+table, writes benchmarks/results/unseen_f1.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import MODEL_DIR, RESULTS  # noqa: E402
+from feedback.evaluate import token_f1  # noqa: E402
+
+INTENTS = json.loads((ROOT / "feedback/data/company.json").read_text())["intents"][:30]
+SYSTEM = "You are the customer-service assistant of Bramblewood Outfitters. Answer briefly."
+
+
+def trained_counts(run: Path) -> collections.Counter[str]:
+    rows = map(json.loads, (run / "sft.jsonl").read_text(encoding="utf-8").splitlines())
+    return collections.Counter(r["completion"] for r in rows if r["source"] == "correction")
+
+
+def answers(adapter: Path, questions: list[str], batch: int = 15) -> list[str]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
+    base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    out = []
+    for i in range(0, len(questions), batch):
+        chats = [tok.apply_chat_template([{"role": "system", "content": SYSTEM},
+                                          {"role": "user", "content": q}],
+                                         tokenize=False, add_generation_prompt=True)
+                 for q in questions[i:i + batch]]
+        enc = tok(chats, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=48, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        out += [tok.decode(row, skip_special_tokens=True).strip()
+                for row in ids[:, enc["input_ids"].shape[1]:]]
+    return out
+
+
+def measure(run: Path, adapter: Path) -> dict[str, Any]:
+    trained = trained_counts(run)
+    asked = [(it, q) for it in INTENTS for q in it["questions"][2:]]
+    scores = [(trained[it["answer"]], token_f1(a, it["answer"]))
+              for (it, _), a in zip(asked, answers(adapter, [q for _, q in asked]), strict=True)]
+    groups = collections.defaultdict(list)
+    for n, f1 in scores:
+        groups[n].append(f1)
+    return {"adapter": str(adapter), "f1": round(statistics.mean(f for _, f in scores), 3),
+            "n": len(scores), "corrections_trained": sum(trained.values()),
+            "by_phrasings_trained": {n: {"f1": round(statistics.mean(v), 3), "n": len(v)}
+                                     for n, v in sorted(groups.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("pairs", type=Path, nargs="+", metavar="RUN_DIR ADAPTER_DIR",
+                    help="a training run's directory (its sft.jsonl), then its adapter")
+    ap.add_argument("--out", type=Path, default=RESULTS / "unseen_f1.json")
+    a = ap.parse_args()
+    if len(a.pairs) % 2:
+        ap.error("give a run directory and an adapter directory for each adapter")
+    runs, adapters = a.pairs[::2], a.pairs[1::2]
+    for path in [*(r / "sft.jsonl" for r in runs), *(d / "adapter_config.json" for d in adapters)]:
+        if not path.exists():
+            ap.error(f"{path} does not exist")
+    results = [measure(run, adapter) for run, adapter in zip(runs, adapters, strict=True)]
+    print("| adapter | corrections trained | token-F1 (90) | by phrasings trained: F1 (n) |")
+    print("|---|---|---|---|")
+    for r in results:
+        groups = ", ".join(f"{n}: {g['f1']} ({g['n']})"
+                           for n, g in r["by_phrasings_trained"].items())
+        print(f"| {r['adapter']} | {r['corrections_trained']} | {r['f1']} | {groups} |")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
