@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import MODEL_DIR, RESULTS  # noqa: E402
+from benchmarks.answer_memory import COMPANY, SYSTEM  # noqa: E402
+from feedback.candidate import greedy_batch  # noqa: E402
 from feedback.evaluate import token_f1  # noqa: E402
 
-INTENTS = json.loads((ROOT / "feedback/data/company.json").read_text())["intents"][:30]
-SYSTEM = "You are the customer-service assistant of Bramblewood Outfitters. Answer briefly."
+INTENTS = COMPANY["intents"][:30]  # the benchmark's default --intents
 
 
 def trained_counts(run: Path) -> collections.Counter[str]:
@@ -39,27 +40,17 @@ def trained_counts(run: Path) -> collections.Counter[str]:
     return collections.Counter(r["completion"] for r in rows if r["source"] == "correction")
 
 
-def answers(adapter: Path, questions: list[str], batch: int = 15) -> list[str]:
+def answers(adapter: Path, questions: list[str]) -> list[str]:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR, padding_side="left")
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    out = []
-    for i in range(0, len(questions), batch):
-        chats = [tok.apply_chat_template([{"role": "system", "content": SYSTEM},
-                                          {"role": "user", "content": q}],
-                                         tokenize=False, add_generation_prompt=True)
-                 for q in questions[i:i + batch]]
-        enc = tok(chats, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=48, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        out += [tok.decode(row, skip_special_tokens=True).strip()
-                for row in ids[:, enc["input_ids"].shape[1]:]]
-    return out
+    model = PeftModel.from_pretrained(base, str(adapter))
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+             for q in questions]
+    return [r["text"] for r in greedy_batch(model, tok, chats, max_tokens=48)]
 
 
 def measure(run: Path, adapter: Path) -> dict[str, Any]:

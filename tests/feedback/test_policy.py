@@ -284,16 +284,13 @@ def test_a_reviewer_repeating_an_approved_answer_keeps_the_companys_number() -> 
                      answer=support)
     chats = {10: [{"role": "user", "content": "question 10?"}]}
 
-    def trained(row: FeedbackRow) -> list[str]:
+    def trained(row: FeedbackRow, quoted: dict[int, list[str]] | None = None) -> list[str]:
         chosen = select_feedback([row], OLD, POLICY)
         ds = assemble(chosen, prompts=chats, heldout={10: False}, redactor=REDACT,
-                      policy=POLICY)
+                      policy=POLICY, quoted=quoted or {})
         return [ex.completion for ex in ds.sft]
 
     assert trained(replace(answer, from_memory=True)) == [support]
     assert trained(answer) == []
     # the model's answer repeating an approved answer its prompt quoted: the company's too
-    chosen = select_feedback([answer], OLD, POLICY)
-    quoting = assemble(chosen, prompts=chats, heldout={10: False}, redactor=REDACT,
-                       policy=POLICY, quoted={10: [support]})
-    assert [ex.completion for ex in quoting.sft] == [support]
+    assert trained(answer, quoted={10: [support]}) == [support]
