@@ -307,6 +307,10 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
                         "run_dir": str(tmp / "runs" / f"run-{result.run_id}")}
         m = result.metrics or {}
         out["train"]["dataset"] = m.get("dataset")
+        out["train"]["settle"] = {k: round(v, 3) if isinstance(v, float) else v
+                                  for k, v in (m.get("settle") or {}).items()
+                                  if k != "answer_ids"}  # the held-out corrections trained too
+        out["train"]["train_seconds"] = round((m.get("train") or {}).get("train_seconds", 0))
         out["train"]["gate"] = {  # the gate's held-out figures, without and with the memory
             who: {k: round(v, 3) if isinstance(v, float) else v
                   for k, v in m.get(who, {}).items() if k in GATE_KEYS}
@@ -381,6 +385,8 @@ def table(r: dict[str, Any]) -> str:
                          f"{v.get('heldout_f1_memory')} accuracy "
                          f"{v.get('heldout_accuracy_memory')}")
         lines.append(f"  dataset: {json.dumps(r['train'].get('dataset'))}")
+        lines.append(f"  settle (held-out corrections trained after the gate): "
+                     f"{json.dumps(r['train'].get('settle'))}")
     if "calibration" not in r:  # --timing-only
         lines = lines[:1]
     else:

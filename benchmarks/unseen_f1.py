@@ -10,7 +10,8 @@ system prompt):
 
     .venv/bin/python benchmarks/unseen_f1.py RUN_DIR ADAPTER_DIR [RUN_DIR ADAPTER_DIR ...]
 
-Each adapter's "phrasings trained" count its run directory's sft.jsonl corrections. Prints a
+Each adapter's "phrasings trained" count its run directory's sft.jsonl corrections and the
+held-out ones it was trained on after its gate passed (its report's `settle`). Prints a
 table, writes benchmarks/results/unseen_f1.json.
 """
 
@@ -35,9 +36,19 @@ from feedback.evaluate import token_f1  # noqa: E402
 INTENTS = COMPANY["intents"][:30]  # the benchmark's default --intents
 
 
-def trained_counts(run: Path) -> collections.Counter[str]:
-    rows = map(json.loads, (run / "sft.jsonl").read_text(encoding="utf-8").splitlines())
-    return collections.Counter(r["completion"] for r in rows if r["source"] == "correction")
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def trained_counts(run: Path, adapter: Path) -> collections.Counter[str]:
+    """Answer -> how many of its corrections the adapter was trained on: the run's SFT
+    corrections and the held-out ones it settled (its report's `settle`)."""
+    report = adapter / "report.json"
+    settle = (json.loads(report.read_text()).get("settle") or {}) if report.exists() else {}
+    settled = set(settle.get("answer_ids", ())) if settle.get("kept") else set()
+    return collections.Counter(
+        [r["completion"] for r in _rows(run / "sft.jsonl") if r["source"] == "correction"]
+        + [r["completion"] for r in _rows(run / "heldout.jsonl") if r["answer_id"] in settled])
 
 
 def answers(adapter: Path, questions: list[str]) -> list[str]:
@@ -54,7 +65,7 @@ def answers(adapter: Path, questions: list[str]) -> list[str]:
 
 
 def measure(run: Path, adapter: Path) -> dict[str, Any]:
-    trained = trained_counts(run)
+    trained = trained_counts(run, adapter)
     asked = [(it, q) for it in INTENTS for q in it["questions"][2:]]
     scores = [(trained[it["answer"]], token_f1(a, it["answer"]))
               for (it, _), a in zip(asked, answers(adapter, [q for _, q in asked]), strict=True)]

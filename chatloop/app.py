@@ -302,6 +302,7 @@ def loop_config(settings: Settings) -> Any:
         min_new_feedback=learn.min_feedback,
         min_interval=timedelta(seconds=learn.min_interval_s),
         incremental=learn.incremental,
+        settle=learn.settle_heldout,
         **command,
     )
 

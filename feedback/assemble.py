@@ -85,6 +85,7 @@ def assemble(selection: Selection, *, prompts: Mapping[int, Chat], heldout: Mapp
             continue
         if heldout[ex.conversation_id]:  # a hand-off's pair: the gate's pairwise accuracy
             ds.heldout.append(replace(ex, source="handoff") if r.source == "handoff" else ex)
+            ds.heldout_feedback.setdefault(r.answer_id, []).append(r.id)
         else:
             ds.sft.append(ex)
             if r.source == "handoff":  # an agent's reply after a hand-off: a DPO pair too

@@ -46,6 +46,9 @@ class Dataset:
     # the gate's data from votes: labelled answers (`label`) in held-out conversations, judged
     # by the log-probability margin of liked over disliked answers (votes-only runs)
     heldout_votes: list[Example] = field(default_factory=list)
+    # answer id -> the feedback ids of its held-out corrections (what a run that trains on
+    # them after its gate passed marks as trained: storage.runs.settle_heldout)
+    heldout_feedback: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def hash(self) -> str:

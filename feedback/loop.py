@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chatloop.telemetry import hooks
 from feedback import erasure
-from feedback.dataset import Dataset, DatasetPolicy, build_dataset, read_examples, write_jsonl
+from feedback.dataset import (
+    Dataset,
+    DatasetPolicy,
+    Example,
+    build_dataset,
+    read_examples,
+    write_jsonl,
+)
 from feedback.evaluate import GatePolicy, gate, parity
 from feedback.examples import augment_questions, rephrasings
 from feedback.job import TrainJob
@@ -37,7 +44,7 @@ from inference.errors import InferenceError
 from storage import adapters, privacy, runs
 from storage import memory as answer_memory
 from storage.db import unavailable
-from storage.feedback import eligible_count
+from storage.feedback import eligible_count, release_heldout
 from storage.models import AdapterVersion, MemoryStatus, RunStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,9 @@ class LoopConfig:
     min_new_feedback: int = 50
     min_interval: timedelta = timedelta(hours=1)
     incremental: bool = True  # continue from the active adapter
+    # train the held-out corrections in the same run once the candidate passes the gate
+    # (feedback.train._settle); False: they wait for the next run with new held-out data
+    settle: bool = True
     heartbeat_s: float = 15.0
     stale_after: timedelta = timedelta(minutes=5)
     parity_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PARITY_PROMPTS))
@@ -180,7 +190,7 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
     parent = state.active if cfg.incremental and not _tainted(state.active) else None
     mark = await erasure.erasure_mark(sessions)  # before reading any data
     pool = [e for r in done if r.status == RunStatus.SUCCEEDED
-            for e in read_examples(cfg.runs_dir / f"run-{r.id}" / "sft.jsonl")]
+            for e in _trained(cfg.runs_dir / f"run-{r.id}", r.metrics or {})]
     async with sessions() as s:  # what the parent's runs have not learned yet
         learned = await runs.lineage(s, adapter=parent.name if parent else None)
         ds = await build_dataset(s, policy=cfg.dataset, redactor=cfg.redactor,
@@ -226,11 +236,21 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         await _finish(sessions, run_id, RunStatus.REJECTED, metrics=report,
                       error="; ".join(reasons))
         return CycleResult(run_id, RunStatus.REJECTED, name, tuple(reasons), report)
+    settled = _settled(ds, report)
+    if settled:  # before the run succeeds: a run that does not, counts for nothing
+        async with sessions() as s:
+            await runs.settle_heldout(s, run_id=run_id,
+                                      feedback_ids=[i for a in settled for i in
+                                                    ds.heldout_feedback.get(a, ())])
     version = adapters.new_version(
         name=name, path=job.out_dir, rank=adapter_rank(job.out_dir),
         parent_name=parent.name if parent else None, run_id=run_id,
         dataset_hash=ds.hash, metrics=report)
     await _finish(sessions, run_id, RunStatus.SUCCEEDED, register=version, metrics=report)
+    if settled:  # their conversations are trained on from now on
+        async with sessions() as s:
+            await release_heldout(s, conversation_ids={e.conversation_id for e in ds.heldout
+                                                       if e.answer_id in settled})
     async with sessions() as s:  # forgotten while it trained: tainted as it registers
         await privacy.propagate_taint(s)
     log.info("run %s registered %s as the canary", run_id, name)
@@ -248,6 +268,23 @@ async def _write_memory(sessions: async_sessionmaker[AsyncSession], redactor: Re
     path = work / "memory.jsonl"
     write_jsonl([{"question": redactor(e.question), "answer": e.answer} for e in live], path)
     return path
+
+
+def _trained(work: Path, report: dict[str, Any]) -> list[Example]:
+    """What a run trained on (the replay pool): its SFT examples and the held-out corrections
+    it settled."""
+    settle = report.get("settle") or {}
+    settled = set(settle.get("answer_ids", ())) if settle.get("kept") else set()
+    return read_examples(work / "sft.jsonl") + [
+        e for e in read_examples(work / "heldout.jsonl") if e.answer_id in settled]
+
+
+def _settled(ds: Dataset, report: dict[str, Any]) -> set[int]:
+    """The answers whose held-out corrections the candidate was trained on after the gate
+    passed it (the report's `settle`, feedback.train._settle): none if it was not kept."""
+    settle = report.get("settle") or {}
+    return set(settle.get("answer_ids", ())) & set(ds.heldout_feedback) if settle.get(
+        "kept") else set()
 
 
 def _gate_on_rephrasings(ds: Dataset, job: TrainJob) -> None:
@@ -281,7 +318,8 @@ def _write_job(ds: Dataset, template: TrainJob, cfg: LoopConfig, work: Path, nam
     write_jsonl([asdict(e) for e in ds.heldout_votes], work / "heldout_votes.jsonl")
     job = replace(template, model_dir=cfg.model_dir, out_dir=str(cfg.adapters_dir / name),
                   work_dir=str(work), parent_path=parent_path,
-                  system_prompt=cfg.dataset.system_prompt, parity_prompts=cfg.parity_prompts)
+                  system_prompt=cfg.dataset.system_prompt, parity_prompts=cfg.parity_prompts,
+                  settle_gate=asdict(cfg.gate) if cfg.settle else None)
     job.save(work / "job.json")
     return job
 

@@ -5,10 +5,11 @@ also with the answer memory's quotes for its question in the prompt), kept close
 the base model by a KL term on its own answers to shipped general prompts
 (self-distillation anchors against forgetting), then KTO on binary labels when
 there are enough, then DPO on the hand-offs' preference pairs when there are
-`dpo_min_pairs`; LoRA continued from the parent adapter or
-started from the base model; seeded. The adapter and its evaluation report are
-written to a temporary directory that is renamed into place only when complete,
-so a crash or kill leaves nothing half-written where the registry looks.
+`dpo_min_pairs`; LoRA continued from the parent adapter or started from the base
+model; seeded. Once the candidate's evaluation passes the gate (`job.settle_gate`), it
+is trained on its held-out corrections too (`_settle`). The adapter and its evaluation
+report are written to a temporary directory that is renamed into place only when
+complete, so a crash or kill leaves nothing half-written where the registry looks.
 
 The job it reads is `feedback.job.TrainJob`; the anchors and their trainer are in
 `feedback.anchors`, the candidate's evaluation report in `feedback.candidate`.
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sys
 import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +160,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     """Train, evaluate and write the adapter + report atomically; returns the report."""
     from datasets import Dataset
     from transformers import set_seed
-    from trl import KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+    from trl import KTOConfig, KTOTrainer
 
     bf16 = trains_in_bf16(job)  # an unknown precision fails here, early
     precision = "bf16" if bf16 else "fp32"
@@ -175,28 +178,7 @@ def train(job: TrainJob) -> dict[str, Any]:
     stats["anchor_examples"] = len(anchors)
     stats["anchor_seconds"] = time.perf_counter() - started
     if sft:
-        hard = anchors if job.anchor_loss == "sft" else []
-        noisy = augment_questions(sft, job.augment, job.augment_drop, seed=job.seed)
-        copies = _referenced(job, sft, tokenizer, memory)
-        stats["referenced_examples"] = len(copies)
-        noisy += copies
-        stats["augmented_examples"] = len(noisy)
-        data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + noisy + hard])
-        common = _common_args(job, "sft")
-        if job.padding_free:  # TRL cannot truncate then; the dataset's token budget bounds it
-            common["max_length"] = None
-        args = SFTConfig(**common, learning_rate=job.learning_rate, num_train_epochs=job.epochs,
-                         completion_only_loss=True, padding_free=job.padding_free,
-                         neftune_noise_alpha=job.neftune_alpha)
-        kl = [] if hard else completion_batches(
-            tokenizer, [(e.prompt, e.completion) for e in anchors],
-            job.anchor_batch_size or job.batch_size)
-        trainer = anchored(counted(SFTTrainer))(
-            model=model, args=args, train_dataset=data, processing_class=tokenizer,
-            anchor_batches=kl, anchor_weight=job.anchor_weight)
-        with training_kernels(model, bf16):
-            stats["sft_loss"] = trainer.train().training_loss
-        stats["sft_tokens"] = trainer.trained_tokens  # the anchors' included
+        stats.update(_sft(model, tokenizer, job, sft, anchors, memory, bf16, "sft"))
         stats["sft_seconds"] = time.perf_counter() - started - stats["anchor_seconds"]
     if len(kto) >= job.kto_min_examples:
         kto_started = time.perf_counter()
@@ -225,8 +207,97 @@ def train(job: TrainJob) -> dict[str, Any]:
                 + (len(anchors) if job.anchor_loss == "sft" else 0))
     stats["examples_per_s"] = examples * job.epochs / max(stats["train_seconds"], 1e-9)
     report = {"train": stats, **evaluate(model, tokenizer, job, memory)}
+    if job.settle_gate is not None:  # the held-out corrections too, once the gate is passed
+        report["settle"] = _settle(model, tokenizer, job, report, anchors, memory, bf16)
     _write_atomically(model, report, Path(job.out_dir))
     return report
+
+
+def _sft(model: Any, tokenizer: Any, job: TrainJob, sft: list[Any], anchors: list[Any],
+         memory: tuple[Any, float, float] | None, bf16: bool, name: str) -> dict[str, Any]:
+    """One SFT phase on `sft` (plus its noisy copies, the memory's quoted copies and, with
+    `anchor_loss` "sft", the anchors as examples; else the KL term on them): its figures."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    hard = anchors if job.anchor_loss == "sft" else []
+    noisy = augment_questions(sft, job.augment, job.augment_drop, seed=job.seed)
+    copies = _referenced(job, sft, tokenizer, memory)
+    noisy += copies
+    data = Dataset.from_list([_chat(e.prompt, e.completion) for e in sft + noisy + hard])
+    common = _common_args(job, name)
+    if job.padding_free:  # TRL cannot truncate then; the dataset's token budget bounds it
+        common["max_length"] = None
+    args = SFTConfig(**common, learning_rate=job.learning_rate,
+                     num_train_epochs=job.epochs,
+                     completion_only_loss=True, padding_free=job.padding_free,
+                     neftune_noise_alpha=job.neftune_alpha)
+    kl = [] if hard else completion_batches(
+        tokenizer, [(e.prompt, e.completion) for e in anchors],
+        job.anchor_batch_size or job.batch_size)
+    trainer = anchored(counted(SFTTrainer))(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer,
+        anchor_batches=kl, anchor_weight=job.anchor_weight)
+    with training_kernels(model, bf16):
+        loss = trainer.train().training_loss
+    return {f"{name}_loss": loss, f"{name}_tokens": trainer.trained_tokens,  # anchors' included
+            "referenced_examples": len(copies), "augmented_examples": len(noisy)}
+
+
+def _settle(model: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any], anchors: list[Any],
+            memory: tuple[Any, float, float] | None, bf16: bool) -> dict[str, Any]:
+    """Once the candidate passes the gate (`job.settle_gate`), its held-out corrections are
+    trained on too, from where it stands: the SFT recipe once more on them with as many of
+    the trained corrections replayed, so a team's corrections are all learned in the run that
+    judged them instead of waiting for the next run with new held-out data. The gate's
+    held-out figures stay the ones it judged on; the golden-set loss is measured again and
+    must stay within the gate's margin of the serving model's, else the candidate is kept as
+    the gate saw it. Updates `report` (golden-set loss, parity outputs) when kept."""
+    from feedback.evaluate import GatePolicy, gate, golden_set, greedy, mean_loss
+    from feedback.redaction import has_placeholder
+
+    work = Path(job.work_dir)
+    policy = GatePolicy(**(job.settle_gate or {}))
+    heldout = [e for e in read_examples(work / "heldout.jsonl")
+               if e.source in ("correction", "handoff") and not has_placeholder(e.completion)]
+    out: dict[str, Any] = {"examples": 0, "kept": False}
+    if not heldout:
+        return {**out, "why": "no held-out corrections to train on"}
+    if reasons := gate(report, policy):
+        return {**out, "why": "the gate rejected the candidate: " + "; ".join(reasons)}
+    started = time.perf_counter()
+    trained = [e for e in read_examples(work / "sft.jsonl") if e.source == "correction"]
+    replay = random.Random(job.seed).sample(trained, min(len(trained), len(heldout)))
+    data = [replace(e, source="correction") for e in heldout] + replay
+    gated = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    model.train()
+    out.update(_sft(model, tokenizer, job, data, anchors, memory, bf16, "settle"))
+    model.eval()
+    system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
+    golden = mean_loss(model, tokenizer, [(system + [{"role": "user", "content": g["question"]}],
+                                           g["answer"]) for g in golden_set()])
+    limit = report["parent"]["golden_loss"] * (1 + policy.golden_margin)
+    out.update(examples=len(heldout), replayed=len(replay), golden_loss=golden,
+               heldout_loss=mean_loss(model, tokenizer, [(e.prompt, e.completion)
+                                                         for e in heldout]),
+               answer_ids=[e.answer_id for e in heldout],
+               seconds=time.perf_counter() - started)
+    if golden is not None and golden > limit:
+        import torch
+
+        with torch.no_grad():
+            for k, v in model.named_parameters():
+                if k in gated:
+                    v.copy_(gated[k])
+        return {**out, "why": f"golden-set loss {golden:.4f} above {limit:.4f}: the gated "
+                              "candidate is kept"}
+    out["kept"] = True
+    report["candidate"]["gated_golden_loss"] = report["candidate"]["golden_loss"]
+    report["candidate"]["golden_loss"] = golden
+    report["parity_outputs"] = [
+        greedy(model, tokenizer, system + [{"role": "user", "content": p}], job.parity_max_tokens)
+        for p in job.parity_prompts]
+    return out
 
 
 def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any,

@@ -6,7 +6,7 @@ run that stops heartbeating is failed by the next one to start.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -14,7 +14,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from storage.models import AdapterVersion, RunFeedback, RunStatus, TrainingRun, utcnow
+from storage.models import AdapterVersion, FeedbackRole, RunFeedback, RunStatus, TrainingRun, utcnow
 
 # the outcomes whose consumed revisions count as seen (by the threshold): a failed run may
 # not have looked at its data
@@ -62,6 +62,19 @@ async def record_consumed(session: AsyncSession, *, run_id: int,
             for fid, (rev, role) in consumed.items()]
     for i in range(0, len(rows), 1000):  # bounded statements
         await session.execute(insert(RunFeedback), rows[i:i + 1000])
+    await session.commit()
+
+
+async def settle_heldout(session: AsyncSession, *, run_id: int,
+                         feedback_ids: Collection[int]) -> None:
+    """The run trained on these held-out feedback rows after its gate passed: their role
+    in it turns from held out to trained (and commits), so neither a run continuing from its
+    adapter nor the next held-out release reads them again."""
+    ids = sorted(feedback_ids)
+    for i in range(0, len(ids), 1000):
+        await session.execute(update(RunFeedback).where(
+            RunFeedback.run_id == run_id, RunFeedback.feedback_id.in_(ids[i:i + 1000]),
+            RunFeedback.role == FeedbackRole.HELDOUT).values(role=FeedbackRole.TRAINED))
     await session.commit()
 
 

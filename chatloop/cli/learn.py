@@ -103,6 +103,9 @@ def runs(limit: Annotated[int, typer.Option(help="how many runs")] = 20) -> None
                        f"{data['corrections_carried_over']}"
                        + (f" (gate on {data['rephrasings']} rephrasings)"
                           if data.get("rephrasings") else "")
+                       + (f", then trained on {m['settle']['examples']} held out"
+                          if r.status == "succeeded" and (m.get("settle") or {}).get("kept")
+                          else "")
                        if "corrections_trained" in data else "corrections -")
         typer.echo(f"#{r.id} {r.status:<9} {r.trigger:<9} {r.adapter_name or '-':<10} "
                    f"{r.started_at:%Y-%m-%d %H:%M} {metrics}  {corrections}  "

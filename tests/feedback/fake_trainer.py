@@ -3,6 +3,8 @@
 `python -m tests.feedback.fake_trainer MODE [SECONDS] JOB.json`: after SECONDS it
 writes a minimal adapter and a report that passes the gate (`pass`) or fails it
 (`regress`: golden-set loss up 50 %), or exits non-zero without output (`crash`).
+A passing one settles as the worker does (`job.settle_gate`): its report says it trained
+on the held-out corrections too.
 Parity outputs mimic tests/fakes/inference.ScriptedBackend ("Echo: <prompt>").
 """
 
@@ -14,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from feedback.examples import read_examples
+from feedback.redaction import has_placeholder
 from feedback.train import TrainJob
 
 
@@ -34,6 +38,11 @@ def main(argv: list[str]) -> int:
                          "golden_loss": 1.0, "pref_accuracy": 0.5},
               "parity_prompts": job.parity_prompts,
               "parity_outputs": [f"Echo: {p}" for p in job.parity_prompts]}
+    heldout = [e for e in read_examples(Path(job.work_dir) / "heldout.jsonl")
+               if e.source in ("correction", "handoff") and not has_placeholder(e.completion)]
+    if mode == "pass" and job.settle_gate is not None and heldout:
+        report["settle"] = {"kept": True, "examples": len(heldout),
+                            "answer_ids": [e.answer_id for e in heldout]}
     memory = Path(job.work_dir) / "memory.jsonl"  # the answer memory the loop hands over
     report["memory_entries"] = (len(memory.read_text().splitlines()) if memory.exists()
                                 else None)

@@ -3,15 +3,19 @@ stand-in trainer, on SQLite and PostgreSQL.
 
 Feedback is consumed by revision: a correction approved after a run, a vote changed after it,
 are new to the next run, and the threshold counts them; a passed run's held-out corrections
-are trained on by the next run, whose gate judges only on conversations no candidate trained on.
+are trained on by that run once its gate has passed (settling), or, without settling, by the
+next run, whose gate judges only on conversations no candidate trained on.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+
+from sqlalchemy import select
 
 from feedback import review
 from feedback.dataset import DatasetPolicy
@@ -19,7 +23,7 @@ from feedback.evaluate import GatePolicy
 from feedback.job import TrainJob
 from feedback.loop import run_cycle, should_train
 from storage import adapters
-from storage.models import Conversation
+from storage.models import Conversation, RunFeedback
 from tests.fakes.inference import ScriptedBackend
 from tests.feedback.conftest import REVIEWER, Asker, loop_config, make_core
 from tests.feedback.test_canary import chatloop
@@ -34,10 +38,10 @@ def conversations(tmp_path: Path, run: int, *names: str) -> set[int]:
     return {r["conversation_id"] for name in names for r in rows(tmp_path, run, name)}
 
 
-def config(tmp_path, model_dir, heldout_percent: int = 50):  # type: ignore[no-untyped-def]
+def config(tmp_path, model_dir, heldout_percent: int = 50, settle: bool = True):  # type: ignore[no-untyped-def]
     return loop_config(tmp_path, model_dir, fake="pass 0", min_interval=timedelta(0),
-                       dataset=DatasetPolicy(heldout_percent=heldout_percent,
-                                             system_prompt="Be brief."))
+                       settle=settle, dataset=DatasetPolicy(heldout_percent=heldout_percent,
+                                                            system_prompt="Be brief."))
 
 
 async def correct(core, users: Asker, topic: str, n: int, voter: str = REVIEWER) -> None:  # type: ignore[no-untyped-def]
@@ -138,13 +142,53 @@ async def test_a_vote_turned_down_after_run_1_is_a_down_label_in_run_2(
     assert [r for r in rows(tmp_path, 2, "sft") if r["source"] != "replay"] == []
 
 
-async def test_heldout_corrections_of_run_1_are_trained_by_run_2_judged_on_unseen_data(
+async def test_a_passed_run_trains_its_held_out_corrections_and_no_later_run_reads_them(
         sessions, tokenizer, tmp_path, model_dir, db_url) -> None:  # type: ignore[no-untyped-def]
+    """Settling (the default): once the candidate passes the gate, the worker trains it on
+    the held-out corrections too (feedback.train._settle; the stand-in says it did). They
+    count as trained by that run, their conversations are trained on from then on, no later
+    run reads or holds them again, and they are in the replay pool."""
     core = make_core(sessions, tokenizer)
     users = Asker(core)
     for topic in ("book a fitting", "repair a boot"):
         await correct(core, users, topic, 3)
     cfg = config(tmp_path, model_dir)
+    first = await cycle(sessions, cfg)
+    assert first.status == "succeeded"
+    held1 = conversations(tmp_path, 1, "heldout")
+    assert held1 and first.metrics["settle"]["kept"]
+    assert first.metrics["settle"]["examples"] == len(held1)
+    async with sessions() as s:
+        roles = Counter(r.role for r in (await s.execute(select(RunFeedback))).scalars())
+        splits = {c: (await s.get(Conversation, c)).heldout for c in held1}
+    assert roles == {"trained": 6}
+    assert splits == dict.fromkeys(held1, False)
+    listed = chatloop(db_url, "runs")
+    assert listed.returncode == 0, listed.stderr
+    assert (f"corrections trained {6 - len(held1)} held out {len(held1)} carried over 0, then "
+            f"trained on {len(held1)} held out") in listed.stdout
+    for topic in ("cancel a subscription", "find my size"):
+        await correct(core, users, topic, 3)
+    second = await cycle(sessions, cfg)
+    assert second.status == "succeeded"
+    report = second.metrics["dataset"]
+    assert (report["corrections_carried_over"], report["corrections_trained"]) == (
+        0, 6 - report["corrections_heldout"])
+    new = [r for r in rows(tmp_path, 2, "sft") if r["source"] != "replay"]
+    assert not held1 & {r["conversation_id"] for r in new + rows(tmp_path, 2, "heldout")}
+    pool = {r["conversation_id"] for r in rows(tmp_path, 1, "sft")} | held1
+    assert {r["conversation_id"] for r in rows(tmp_path, 2, "sft")
+            if r["source"] == "replay"} <= pool
+
+
+async def test_heldout_corrections_of_run_1_are_trained_by_run_2_judged_on_unseen_data(
+        sessions, tokenizer, tmp_path, model_dir, db_url) -> None:  # type: ignore[no-untyped-def]
+    """Without settling: the next run with new data to hold out trains them."""
+    core = make_core(sessions, tokenizer)
+    users = Asker(core)
+    for topic in ("book a fitting", "repair a boot"):
+        await correct(core, users, topic, 3)
+    cfg = config(tmp_path, model_dir, settle=False)
     assert (await cycle(sessions, cfg)).status == "succeeded"
     held1 = conversations(tmp_path, 1, "heldout")
     trained1 = conversations(tmp_path, 1, "sft", "kto")
@@ -173,12 +217,13 @@ async def test_heldout_corrections_of_run_1_are_trained_by_run_2_judged_on_unsee
 
 async def test_without_new_data_to_hold_out_the_old_held_out_stays_the_gates(
         sessions, tokenizer, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
-    """A passed run's held-out corrections are carried over by the next run that has new
-    corrections to hold out; until then they remain the gate's (never trained on)."""
+    """Without settling, a passed run's held-out corrections are carried over by the next run
+    that has new corrections to hold out; until then they remain the gate's (never trained
+    on)."""
     core = make_core(sessions, tokenizer)
     users = Asker(core)
     await correct(core, users, "book a fitting", 2)
-    cfg = config(tmp_path, model_dir)
+    cfg = config(tmp_path, model_dir, settle=False)
     assert (await cycle(sessions, cfg)).status == "succeeded"  # one trained, one held out
     held1 = conversations(tmp_path, 1, "heldout")
     [trained] = conversations(tmp_path, 1, "sft")

