@@ -1,5 +1,8 @@
 """One cycle of the learning loop: dataset -> training process -> gate -> parity -> canary.
 
+A candidate the gate passes has been trained on its held-out corrections too, by the same
+training process (settling, feedback.train._settle): the run records them as trained.
+
 The scheduler and `chatloop train --now` both call `run_cycle`. A cycle holds
 the run lease (the one `running` training-run row the database allows) and
 heartbeats it; training runs in a child process; only a candidate that passes
