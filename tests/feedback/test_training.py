@@ -84,7 +84,7 @@ async def trained(model_dir: Path, tokenizer, tmp_path_factory) -> AsyncIterator
             await core.correct(answer_id=answer, voter_id=REVIEWER, text=intent["answer"],
                                source="test")
     backend = EmbeddedBackend(str(model_dir))
-    cfg = loop_config(tmp, model_dir, dataset=HELDOUT,
+    cfg = loop_config(tmp, model_dir, dataset=HELDOUT, settle=True,
                       train=TrainJob(model_dir=str(model_dir), out_dir="", work_dir="", **TINY))
     before = _child_pids()
     cycle = asyncio.create_task(run_cycle(sessions, backend, cfg, trigger="manual"))
