@@ -32,6 +32,7 @@ from benchmarks._common import MODEL_DIR, RESULTS  # noqa: E402
 from benchmarks.answer_memory import COMPANY, SYSTEM  # noqa: E402
 from feedback.candidate import greedy_batch  # noqa: E402
 from feedback.evaluate import token_f1  # noqa: E402
+from feedback.loop import settled_answers  # noqa: E402
 
 INTENTS = COMPANY["intents"][:30]  # the benchmark's default --intents
 
@@ -44,8 +45,7 @@ def trained_counts(run: Path, adapter: Path) -> collections.Counter[str]:
     """Answer -> how many of its corrections the adapter was trained on: the run's SFT
     corrections and the held-out ones it settled (its report's `settle`)."""
     report = adapter / "report.json"
-    settle = (json.loads(report.read_text()).get("settle") or {}) if report.exists() else {}
-    settled = set(settle.get("answer_ids", ())) if settle.get("kept") else set()
+    settled = settled_answers(json.loads(report.read_text()) if report.exists() else {})
     return collections.Counter(
         [r["completion"] for r in _rows(run / "sft.jsonl") if r["source"] == "correction"]
         + [r["completion"] for r in _rows(run / "heldout.jsonl") if r["answer_id"] in settled])

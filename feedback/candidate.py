@@ -62,9 +62,7 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob,
     `memory`: the run's `memory_index` if the caller has it."""
     model.eval()
     heldout = read_examples(Path(job.work_dir) / "heldout.jsonl")[: job.eval_max_examples]
-    system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
-    golden = [(system + [{"role": "user", "content": g["question"]}], g["answer"])
-              for g in golden_set()]
+    golden = golden_items(job)
     known = [e.completion for e in read_examples(Path(job.work_dir) / "sft.jsonl")]
 
     # Greedy answers stop 16 tokens past the longest reference: room for a right answer, and
@@ -98,10 +96,22 @@ def evaluate(model: Any, tokenizer: Any, job: TrainJob,
         with model.disable_adapter():
             report["parent"] = metrics()
     report["parity_prompts"] = job.parity_prompts
-    report["parity_outputs"] = [
-        greedy(model, tokenizer, system + [{"role": "user", "content": p}], job.parity_max_tokens)
-        for p in job.parity_prompts]
+    report["parity_outputs"] = parity_outputs(model, tokenizer, job)
     return report
+
+
+def golden_items(job: TrainJob) -> list[tuple[list[dict[str, str]], str]]:
+    """The golden set as (chat, answer) pairs under the job's system prompt."""
+    system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
+    return [(system + [{"role": "user", "content": g["question"]}], g["answer"])
+            for g in golden_set()]
+
+
+def parity_outputs(model: Any, tokenizer: Any, job: TrainJob) -> list[str]:
+    """Greedy answers to the parity prompts, which the serving backend must reproduce."""
+    system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
+    return [greedy(model, tokenizer, system + [{"role": "user", "content": p}],
+                   job.parity_max_tokens) for p in job.parity_prompts]
 
 
 def _metrics(model: Any, tokenizer: Any, heldout: list[Example],

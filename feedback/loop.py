@@ -241,7 +241,7 @@ async def _cycle(sessions: async_sessionmaker[AsyncSession], backend: InferenceB
         await _finish(sessions, run_id, RunStatus.REJECTED, metrics=report,
                       error="; ".join(reasons))
         return CycleResult(run_id, RunStatus.REJECTED, name, tuple(reasons), report)
-    settled = _settled(ds, report)
+    settled = settled_answers(report) & set(ds.heldout_feedback)
     if settled:  # before the run succeeds: a run that does not, counts for nothing
         async with sessions() as s:
             await runs.settle_heldout(s, run_id=run_id,
@@ -278,18 +278,16 @@ async def _write_memory(sessions: async_sessionmaker[AsyncSession], redactor: Re
 def _trained(work: Path, report: dict[str, Any]) -> list[Example]:
     """What a run trained on (the replay pool): its SFT examples and the held-out corrections
     it settled."""
-    settle = report.get("settle") or {}
-    settled = set(settle.get("answer_ids", ())) if settle.get("kept") else set()
+    settled = settled_answers(report)
     return read_examples(work / "sft.jsonl") + [
         e for e in read_examples(work / "heldout.jsonl") if e.answer_id in settled]
 
 
-def _settled(ds: Dataset, report: dict[str, Any]) -> set[int]:
+def settled_answers(report: dict[str, Any]) -> set[int]:
     """The answers whose held-out corrections the candidate was trained on after the gate
     passed it (the report's `settle`, feedback.train._settle): none if it was not kept."""
     settle = report.get("settle") or {}
-    return set(settle.get("answer_ids", ())) & set(ds.heldout_feedback) if settle.get(
-        "kept") else set()
+    return set(settle.get("answer_ids", ())) if settle.get("kept") else set()
 
 
 def _gate_on_rephrasings(ds: Dataset, job: TrainJob) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback.anchors import anchor_examples, anchored
-from feedback.candidate import evaluate, run_memory
+from feedback.candidate import evaluate, golden_items, parity_outputs, run_memory
 from feedback.evaluate import completion_batches
 from feedback.examples import augment_questions, read_examples, reference_copies
 from feedback.job import TrainJob, cuda, trains_in_bf16
@@ -253,13 +253,11 @@ def _settle(model: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any], a
     held-out figures stay the ones it judged on; the golden-set loss is measured again and
     must stay within the gate's margin of the serving model's, else the candidate is kept as
     the gate saw it. Updates `report` (golden-set loss, parity outputs) when kept."""
-    from feedback.evaluate import GatePolicy, gate, golden_set, greedy, mean_loss
-    from feedback.redaction import has_placeholder
+    from feedback.evaluate import GatePolicy, gate, mean_loss
 
     work = Path(job.work_dir)
     policy = GatePolicy(**(job.settle_gate or {}))
-    heldout = [e for e in read_examples(work / "heldout.jsonl")
-               if e.source in ("correction", "handoff") and not has_placeholder(e.completion)]
+    heldout = settleable(work)
     out: dict[str, Any] = {"examples": 0, "kept": False}
     if not heldout:
         return {**out, "why": "no held-out corrections to train on"}
@@ -273,9 +271,7 @@ def _settle(model: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any], a
     model.train()
     out.update(_sft(model, tokenizer, job, data, anchors, memory, bf16, "settle"))
     model.eval()
-    system = [{"role": "system", "content": job.system_prompt}] if job.system_prompt else []
-    golden = mean_loss(model, tokenizer, [(system + [{"role": "user", "content": g["question"]}],
-                                           g["answer"]) for g in golden_set()])
+    golden = mean_loss(model, tokenizer, golden_items(job))
     limit = report["parent"]["golden_loss"] * (1 + policy.golden_margin)
     out.update(examples=len(heldout), replayed=len(replay), golden_loss=golden,
                heldout_loss=mean_loss(model, tokenizer, [(e.prompt, e.completion)
@@ -294,10 +290,17 @@ def _settle(model: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any], a
     out["kept"] = True
     report["candidate"]["gated_golden_loss"] = report["candidate"]["golden_loss"]
     report["candidate"]["golden_loss"] = golden
-    report["parity_outputs"] = [
-        greedy(model, tokenizer, system + [{"role": "user", "content": p}], job.parity_max_tokens)
-        for p in job.parity_prompts]
+    report["parity_outputs"] = parity_outputs(model, tokenizer, job)
     return out
+
+
+def settleable(work: Path) -> list[Any]:
+    """The run's held-out corrections settling trains on: real ones (not the gate's
+    rephrasings), none whose target holds a placeholder."""
+    from feedback.redaction import has_placeholder
+
+    return [e for e in read_examples(work / "heldout.jsonl")
+            if e.source in ("correction", "handoff") and not has_placeholder(e.completion)]
 
 
 def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any,

@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from feedback.examples import read_examples
-from feedback.redaction import has_placeholder
-from feedback.train import TrainJob
+from feedback.train import TrainJob, settleable
 
 
 def main(argv: list[str]) -> int:
@@ -38,8 +36,7 @@ def main(argv: list[str]) -> int:
                          "golden_loss": 1.0, "pref_accuracy": 0.5},
               "parity_prompts": job.parity_prompts,
               "parity_outputs": [f"Echo: {p}" for p in job.parity_prompts]}
-    heldout = [e for e in read_examples(Path(job.work_dir) / "heldout.jsonl")
-               if e.source in ("correction", "handoff") and not has_placeholder(e.completion)]
+    heldout = settleable(Path(job.work_dir))
     if mode == "pass" and job.settle_gate is not None and heldout:
         report["settle"] = {"kept": True, "examples": len(heldout),
                             "answer_ids": [e.answer_id for e in heldout]}
