@@ -304,3 +304,12 @@ def company_voice(redactor: Redactor, text: str, customer: Iterable[str],
         keep = label not in _ALWAYS and not (key and key in theirs and key not in ours)
         out += [found if keep else label, literals[n + 1]]
     return "".join(out)
+
+
+def served(redactor: Redactor, answer: str, customer: Iterable[str]) -> str | None:
+    """An answer-memory entry's answer as the gateway may send it to anyone (`customer`: the
+    entry's question and context): in the company's voice; None where that leaves a
+    placeholder (a customer's number the reviewer echoed back, a key), since an answer with
+    a hole in it is no approved answer."""
+    out = company_voice(redactor, answer, customer)
+    return None if has_placeholder(out) else out

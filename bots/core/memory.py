@@ -5,6 +5,10 @@ the database when a turn finds it older than `refresh_s` (one indexed query; an 
 any replica is used within about that long). A turn asks `recall`: above `answer_at` the best
 entry's answer is sent as it is; from `refer_at` the best entries go into the prompt as
 reference answers; below, the model answers alone. A failing memory never fails a turn.
+
+An entry's answer is served as `voice` gives it (the gateway's: feedback.redaction.served):
+a reviewer's answer keeps the company's own number and address, but one that repeats a
+customer's details from the entry's question or context is not served to anyone.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -31,6 +35,10 @@ log = logging.getLogger(__name__)
 # each refresh re-reads the ids changed within this window before the newest change seen
 OVERLAP = timedelta(seconds=5)
 
+# (answer, the customer's side: the entry's question and context) -> the answer to serve,
+# or None where it may not be served at all
+Voice = Callable[[str, Sequence[str]], str | None]
+
 
 @dataclass
 class _State:
@@ -43,12 +51,13 @@ class AnswerMemory:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession], index: HybridIndex, *,
                  answer_at: float, refer_at: float, max_references: int = 3,
-                 refresh_s: float = 1.0) -> None:
+                 refresh_s: float = 1.0, voice: Voice | None = None) -> None:
         if refer_at > answer_at:
             raise ValueError(f"refer_at ({refer_at}) must not exceed answer_at ({answer_at})")
         self._sessions, self.index = sessions, index
         self.answer_at, self.refer_at = answer_at, refer_at
         self.max_references, self.refresh_s = max_references, refresh_s
+        self._voice = voice
         self._state = _State()
         self._refreshed = -float("inf")
         self._lock = asyncio.Lock()
@@ -96,9 +105,10 @@ class AnswerMemory:
 
     async def _apply(self, rows: list[EntryRow]) -> None:
         st = self._state
-        gone = [r.id for r in rows if r.status != MemoryStatus.ACTIVE or not r.answer]
-        live = [r for r in rows if r.id not in set(gone)]
-        docs = [Doc(r.id, r.question, r.answer) for r in live]
+        served = {r.id: self._served(r) for r in rows if r.status == MemoryStatus.ACTIVE}
+        gone = [r.id for r in rows if not served.get(r.id)]
+        live = [r for r in rows if served.get(r.id)]
+        docs = [Doc(r.id, r.question, served[r.id]) for r in live]
         vectors, fresh = self._stored_vectors(live)
         # in a worker thread: a segment merge with many entries takes a while, and searches
         # (on the event loop) never wait for the index's writer
@@ -113,6 +123,17 @@ class AnswerMemory:
                     await store.store_embeddings(s, embedder=self.embedder, vectors=made)
             except Exception as exc:
                 log.warning("could not store %d memory embeddings: %s", len(made), exc)
+
+    def _served(self, r: EntryRow) -> str:
+        """The entry's answer as it may be sent ("": not at all)."""
+        if self._voice is None or not r.answer:
+            return r.answer
+        answer = self._voice(r.answer, (r.question, r.context or ""))
+        if answer is None:
+            log.warning("memory entry %d is not served: its answer repeats details of the "
+                        "customer who asked", r.id)
+            return ""
+        return answer
 
     def _stored_vectors(self, rows: Sequence[EntryRow]) -> tuple[np.ndarray, list[bool]]:
         """Stored vectors where this embedder made them; zeros (to compute) elsewhere."""

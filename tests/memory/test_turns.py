@@ -90,6 +90,29 @@ async def test_an_unrelated_question_is_answered_by_the_model_alone(sessions, to
     assert "Approved answers" not in backend.requests[-1].messages[0].content
 
 
+async def test_a_correction_repeating_the_customers_number_is_never_served(  # type: ignore[no-untyped-def]
+        sessions, tokenizer, embedder) -> None:
+    """The reviewer's answer is the company speaking, but a customer's number it echoes is
+    that customer's: such an entry answers nobody (training redacts it the same way)."""
+    backend = ScriptedBackend()
+    core = make_core(sessions, tokenizer, make_memory(sessions, embedder), backend)
+    asked = "Please call me back on 07700 900123 about my refund"
+    first = await core.handle(message("telegram", "111", asked, "t1"), RecordingSink())
+    fb = await core.correct(answer_id=first.answer_id, voter_id=REVIEWER, source="telegram",
+                            text="We will call you on 07700 900123 about your refund today.")
+    async with sessions() as s:
+        entry = (await s.execute(select(MemoryEntry).where(
+            MemoryEntry.feedback_id == fb.id))).scalar_one()
+    assert entry.status == MemoryStatus.ACTIVE  # kept as written, for the team to see
+    await core.memory.refresh()
+    result, sink = await ask_until(core, "Please call me back about my refund", want=False,
+                                   deadline_s=0)
+    assert result.memory_entry_id is None and sink.final.startswith("Echo:")
+    recall = await core.memory.recall(asked)
+    assert recall.verbatim is None and not recall.references
+    assert "900123" not in backend.requests[-1].messages[0].content
+
+
 async def test_between_the_thresholds_the_entries_go_into_the_prompt(sessions, tokenizer,  # type: ignore[no-untyped-def]
                                                                      embedder) -> None:
     backend = ScriptedBackend()
