@@ -309,9 +309,9 @@ class LearnSettings(Section):
     # no held-out correction (every answer corrected once): judge on rephrasings of the
     # trained questions instead of skipping the run
     gate_rephrasings: bool = True
-    # once a candidate passes the gate, train it on the held-out corrections too in the same
-    # run (the golden-set loss re-checked); false (default): they wait for the next run
-    settle_heldout: bool = False
+    # once a candidate passes the gate, train the recipe again on every correction, the held-out
+    # ones too, and ship that (the golden-set loss re-checked); false: they wait for the next run
+    settle_heldout: bool = True
     canary_percent: float = Field(default=10.0, ge=0, le=100)
     canary_min_votes: int = Field(default=30, ge=1)
     canary_max_votes: int = Field(default=300, ge=1)

@@ -52,9 +52,10 @@ class TrainJob:
     # quotes instead of writing over them; needs `memory_embedder`.
     reference_copies: bool = True
     seed: int = 0
-    # The gate's policy (feedback.evaluate.GatePolicy's fields) when the held-out corrections
-    # are to be trained on in the same run once the candidate passes it ("settling",
-    # feedback.train._settle); None: they wait for the next run with new held-out data.
+    # The gate's policy (feedback.evaluate.GatePolicy's fields) when, once the candidate
+    # passes it, the recipe is to be trained again on every correction, the held-out ones
+    # too ("settling", feedback.train._settle); None: they wait for the next run with new
+    # held-out data.
     settle_gate: dict[str, Any] | None = None
     kto_min_examples: int = 16  # fewer binary labels than this: SFT only
     kto_learning_rate: float = 5e-5

@@ -6,8 +6,9 @@ the base model by a KL term on its own answers to shipped general prompts
 (self-distillation anchors against forgetting), then KTO on binary labels when
 there are enough, then DPO on the hand-offs' preference pairs when there are
 `dpo_min_pairs`; LoRA continued from the parent adapter or started from the base
-model; seeded. Once the candidate's evaluation passes the gate (`job.settle_gate`), it
-is trained on its held-out corrections too (`_settle`). The adapter and its evaluation
+model; seeded. Once the candidate's evaluation passes the gate (`job.settle_gate`), the
+same recipe is trained again from the same start on every correction, the held-out ones
+too, and that adapter ships (`_settle`). The adapter and its evaluation
 report are written to a temporary directory that is renamed into place only when
 complete, so a crash or kill leaves nothing half-written where the registry looks.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -158,34 +158,56 @@ def _common_args(job: TrainJob, name: str) -> dict[str, Any]:
 
 def train(job: TrainJob) -> dict[str, Any]:
     """Train, evaluate and write the adapter + report atomically; returns the report."""
-    from datasets import Dataset
     from transformers import set_seed
-    from trl import KTOConfig, KTOTrainer
 
     bf16 = trains_in_bf16(job)  # an unknown precision fails here, early
-    precision = "bf16" if bf16 else "fp32"
     set_seed(job.seed)
     work = Path(job.work_dir)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(work / "tensorboard"))
     sft = read_examples(work / "sft.jsonl")
-    kto = read_examples(work / "kto.jsonl")
     model, tokenizer = _model(job)
-    stats: dict[str, Any] = {"sft_examples": len(sft), "kto_examples": 0,
-                             "precision": precision}
     memory = run_memory(job, copies=bool(sft) and job.reference_copies)
     started = time.perf_counter()
     anchors = anchor_examples(model, tokenizer, job) if sft else []
-    stats["anchor_examples"] = len(anchors)
-    stats["anchor_seconds"] = time.perf_counter() - started
+    anchor_seconds = time.perf_counter() - started
+    stats = _fit(model, tokenizer, job, sft, anchors, memory, bf16, "sft")
+    stats.update(anchor_examples=len(anchors), anchor_seconds=anchor_seconds)
+    stats["train_seconds"] = time.perf_counter() - started
+    # honest: every token a forward and backward pass went through (SFT, KL anchors, KTO),
+    # over the whole run's training time (anchors' preparation included; DPO's time too)
+    stats["tokens_per_s"] = stats["trained_tokens"] / max(stats["train_seconds"], 1e-9)
+    examples = (len(sft) + stats.get("augmented_examples", 0)
+                + (len(anchors) if job.anchor_loss == "sft" else 0))
+    stats["examples_per_s"] = examples * job.epochs / max(stats["train_seconds"], 1e-9)
+    report = {"train": stats, **evaluate(model, tokenizer, job, memory)}
+    if job.settle_gate is not None:  # every correction, once the gate is passed
+        model, report["settle"] = _settle(model, tokenizer, job, report, anchors, memory, bf16)
+    _write_atomically(model, report, Path(job.out_dir))
+    return report
+
+
+def _fit(model: Any, tokenizer: Any, job: TrainJob, sft: list[Any], anchors: list[Any],
+         memory: tuple[Any, float, float] | None, bf16: bool, name: str) -> dict[str, Any]:
+    """The recipe's phases on `model`: SFT on `sft` (named `name` in the figures and the
+    TensorBoard directory), KTO on the run's labels, DPO on its preference pairs, each when
+    there is enough of it; their figures (`trained_tokens`: SFT's with its anchors, KTO's)."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    work = Path(job.work_dir)
+    kto = read_examples(work / "kto.jsonl")
+    stats: dict[str, Any] = {f"{name}_examples": len(sft), "kto_examples": 0,
+                             "precision": "bf16" if bf16 else "fp32"}
+    started = time.perf_counter()
     if sft:
-        stats.update(_sft(model, tokenizer, job, sft, anchors, memory, bf16, "sft"))
-        stats["sft_seconds"] = time.perf_counter() - started - stats["anchor_seconds"]
+        stats.update(_sft(model, tokenizer, job, sft, anchors, memory, bf16, name))
+        stats[f"{name}_seconds"] = time.perf_counter() - started
     if len(kto) >= job.kto_min_examples:
         kto_started = time.perf_counter()
         data = Dataset.from_list([{**_chat(e.prompt, e.completion), "label": bool(e.label)}
                                   for e in kto])
-        args = KTOConfig(**_common_args(job, "kto"), learning_rate=job.kto_learning_rate,
-                         num_train_epochs=job.kto_epochs)
+        args = KTOConfig(**_common_args(job, f"{name}-kto" if name != "sft" else "kto"),
+                         learning_rate=job.kto_learning_rate, num_train_epochs=job.kto_epochs)
         trainer = counted(KTOTrainer)(model=model, args=args, train_dataset=data,
                                       processing_class=tokenizer)
         with training_kernels(model, bf16):
@@ -198,19 +220,8 @@ def train(job: TrainJob) -> dict[str, Any]:
     dpo = read_examples(work / "dpo.jsonl")
     if len(dpo) >= job.dpo_min_pairs:
         stats.update(_dpo(model, tokenizer, job, dpo))
-    stats["train_seconds"] = time.perf_counter() - started
-    # honest: every token a forward and backward pass went through (SFT, KL anchors, KTO),
-    # over the whole run's training time (anchors' preparation included; DPO's time too)
-    stats["trained_tokens"] = stats.get("sft_tokens", 0) + stats.get("kto_tokens", 0)
-    stats["tokens_per_s"] = stats["trained_tokens"] / max(stats["train_seconds"], 1e-9)
-    examples = (len(sft) + stats.get("augmented_examples", 0)
-                + (len(anchors) if job.anchor_loss == "sft" else 0))
-    stats["examples_per_s"] = examples * job.epochs / max(stats["train_seconds"], 1e-9)
-    report = {"train": stats, **evaluate(model, tokenizer, job, memory)}
-    if job.settle_gate is not None:  # the held-out corrections too, once the gate is passed
-        report["settle"] = _settle(model, tokenizer, job, report, anchors, memory, bf16)
-    _write_atomically(model, report, Path(job.out_dir))
-    return report
+    stats["trained_tokens"] = stats.get(f"{name}_tokens", 0) + stats.get("kto_tokens", 0)
+    return stats
 
 
 def _sft(model: Any, tokenizer: Any, job: TrainJob, sft: list[Any], anchors: list[Any],
@@ -244,15 +255,20 @@ def _sft(model: Any, tokenizer: Any, job: TrainJob, sft: list[Any], anchors: lis
             "referenced_examples": len(copies), "augmented_examples": len(noisy)}
 
 
-def _settle(model: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any], anchors: list[Any],
-            memory: tuple[Any, float, float] | None, bf16: bool) -> dict[str, Any]:
-    """Once the candidate passes the gate (`job.settle_gate`), its held-out corrections are
-    trained on too, from where it stands: the SFT recipe once more on them with as many of
-    the trained corrections replayed, so a team's corrections are all learned in the run that
-    judged them instead of waiting for the next run with new held-out data. The gate's
-    held-out figures stay the ones it judged on; the golden-set loss is measured again and
-    must stay within the gate's margin of the serving model's, else the candidate is kept as
-    the gate saw it. Updates `report` (golden-set loss, parity outputs) when kept."""
+def _settle(gated: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any],
+            anchors: list[Any], memory: tuple[Any, float, float] | None, bf16: bool
+            ) -> tuple[Any, dict[str, Any]]:
+    """Once the candidate passes the gate (`job.settle_gate`), the recipe the gate judged is
+    trained again from the same start (the parent adapter, or a new LoRA) on every
+    correction: the trained ones and the held-out ones together, the same seed, anchors,
+    labels and pairs. The gate measured how the recipe does on corrections it did not see;
+    the adapter that ships has learned them all instead of leaving a fifth of a team's
+    corrections for a later run. The gate's held-out figures stay the ones it judged on; the
+    golden-set loss is measured again and must stay within the gate's margin of the serving
+    model's, else the gated candidate ships. Returns the model to save and what happened;
+    updates `report` (golden-set loss, parity outputs) when the refit ships."""
+    from transformers import set_seed
+
     from feedback.evaluate import GatePolicy, gate, mean_loss
 
     work = Path(job.work_dir)
@@ -260,38 +276,30 @@ def _settle(model: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any], a
     heldout = settleable(work)
     out: dict[str, Any] = {"examples": 0, "kept": False}
     if not heldout:
-        return {**out, "why": "no held-out corrections to train on"}
+        return gated, {**out, "why": "no held-out corrections to train on"}
     if reasons := gate(report, policy):
-        return {**out, "why": "the gate rejected the candidate: " + "; ".join(reasons)}
+        return gated, {**out, "why": "the gate rejected the candidate: " + "; ".join(reasons)}
     started = time.perf_counter()
-    trained = [e for e in read_examples(work / "sft.jsonl") if e.source == "correction"]
-    replay = random.Random(job.seed).sample(trained, min(len(trained), len(heldout)))
-    data = [replace(e, source="correction") for e in heldout] + replay
-    gated = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
-    model.train()
-    out.update(_sft(model, tokenizer, job, data, anchors, memory, bf16, "settle"))
+    set_seed(job.seed)
+    model, _ = _model(job)
+    sft = read_examples(work / "sft.jsonl") + [replace(e, source="correction") for e in heldout]
+    out.update(_fit(model, tokenizer, job, sft, anchors, memory, bf16, "settle"))
     model.eval()
     golden = mean_loss(model, tokenizer, golden_items(job))
     limit = report["parent"]["golden_loss"] * (1 + policy.golden_margin)
-    out.update(examples=len(heldout), replayed=len(replay), golden_loss=golden,
+    out.update(examples=len(heldout), golden_loss=golden,
                heldout_loss=mean_loss(model, tokenizer, [(e.prompt, e.completion)
                                                          for e in heldout]),
                answer_ids=[e.answer_id for e in heldout],
                seconds=time.perf_counter() - started)
     if golden is not None and golden > limit:
-        import torch
-
-        with torch.no_grad():
-            for k, v in model.named_parameters():
-                if k in gated:
-                    v.copy_(gated[k])
-        return {**out, "why": f"golden-set loss {golden:.4f} above {limit:.4f}: the gated "
-                              "candidate is kept"}
+        return gated, {**out, "why": f"golden-set loss {golden:.4f} above {limit:.4f}: the "
+                                     "gated candidate ships"}
     out["kept"] = True
     report["candidate"]["gated_golden_loss"] = report["candidate"]["golden_loss"]
     report["candidate"]["golden_loss"] = golden
     report["parity_outputs"] = parity_outputs(model, tokenizer, job)
-    return out
+    return model, out
 
 
 def settleable(work: Path) -> list[Any]:

@@ -100,7 +100,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_LEARN_TRAIN_COMMAND", TRAIN_COMMAND, "learn.train_command", TRAIN_COMMAND),
     ("CHATLOOP_LEARN_GOLDEN_MARGIN", "0.1", "learn.golden_margin", 0.1),
     ("CHATLOOP_LEARN_GATE_REPHRASINGS", "false", "learn.gate_rephrasings", False),
-    ("CHATLOOP_LEARN_SETTLE_HELDOUT", "true", "learn.settle_heldout", True),
+    ("CHATLOOP_LEARN_SETTLE_HELDOUT", "false", "learn.settle_heldout", False),
     ("CHATLOOP_LEARN_CANARY_PERCENT", "12.5", "learn.canary_percent", 12.5),
     ("CHATLOOP_LEARN_CANARY_MIN_VOTES", "5", "learn.canary_min_votes", 5),
     ("CHATLOOP_LEARN_CANARY_MAX_VOTES", "500", "learn.canary_max_votes", 500),

@@ -131,9 +131,10 @@ async def test_the_next_run_trains_passes_the_gate_and_becomes_the_canary(
     assert cand["heldout_loss"] < parent["heldout_loss"]
     assert cand["heldout_accuracy"] > parent["heldout_accuracy"]  # the right answers, unseen
     assert cand["heldout_f1"] > parent["heldout_f1"]
-    # passed: then trained on the 7 held-out corrections too, 7 trained ones replayed
+    # passed: then the same recipe again from the start on all 24 corrections, shipped
     settle = report["settle"]
-    assert (settle["examples"], settle["replayed"], settle["kept"]) == (7, 7, True), settle
+    assert (settle["examples"], settle["settle_examples"], settle["kept"]) == (7, 24, True), settle
+    assert settle["kto_examples"] == 34  # the whole recipe, labels too
     assert settle["heldout_loss"] < cand["heldout_loss"] / 2  # learned, not only judged
     assert cand["golden_loss"] == settle["golden_loss"] <= parent["golden_loss"] * 1.05
     async with trained.sessions() as s:
