@@ -17,7 +17,8 @@ tokens/s against a naive peft loop on run 2's data.
     .venv/bin/python benchmarks/feedback_loop.py [--intents 15] [--paraphrases 4]
 
 Training hyper-parameters are the loop's defaults (feedback/job.py, TrainJob) unless
---rank/--lr/--epochs/--batch-size/--anchors/--neftune/--augment/--seed override them.
+--rank/--lr/--epochs/--batch-size/--anchors/--neftune/--augment/--seed override them;
+--no-settle ships the gated adapter (the figures before settling was on by default).
 Prints a table and writes benchmarks/results/feedback_loop.json.
 """
 
@@ -158,7 +159,7 @@ class Bench:
             redactor=Redactor(allow=ALLOW),
             train=TrainJob(model_dir=str(MODEL), out_dir="", work_dir="", max_length=128,
                            kto_min_examples=a.kto_min, **overrides),
-            heartbeat_s=5)
+            settle=a.settle, heartbeat_s=5)
 
     async def cycle(self, deadline: float) -> dict[str, Any]:
         """Wait for the scheduler's threshold job to run a cycle on what is new now; promote
@@ -355,6 +356,9 @@ if __name__ == "__main__":
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16 autocast while training (loop default: auto, where native)")
     p.add_argument("--seed", type=int, default=None, help="training seed (loop default: 0)")
+    p.add_argument("--no-settle", dest="settle", action="store_false",
+                   help="a passed run ships the gated adapter (its held-out corrections wait "
+                        "for the next run), as before settling was on by default")
     p.add_argument("--heldout-percent", type=int, default=20,
                    help="share of conversations held out for the gate (at least one per answer)")
     p.add_argument("--kto-min", type=int, default=10**6, help="KTO only with this many labels")
