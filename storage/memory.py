@@ -70,6 +70,7 @@ class EntryStats:
     uses: int
     up: int
     down: int
+    context: str | None = None  # the exchange before the question
 
 
 def _aware(when: datetime) -> datetime:
@@ -224,7 +225,7 @@ async def entries(session: AsyncSession, *, status: str | None = None) -> list[E
     unless asked for by `status`)."""
     stmt = select(MemoryEntry.id, MemoryEntry.question, MemoryEntry.answer, MemoryEntry.source,
                   MemoryEntry.status, MemoryEntry.disabled_by, MemoryEntry.approved_by,
-                  MemoryEntry.created_at).order_by(MemoryEntry.id)
+                  MemoryEntry.created_at, MemoryEntry.context).order_by(MemoryEntry.id)
     stmt = stmt.where(MemoryEntry.status == status) if status else stmt.where(
         MemoryEntry.status != MemoryStatus.ERASED)
     rows = (await session.execute(stmt)).all()
@@ -238,7 +239,7 @@ async def entries(session: AsyncSession, *, status: str | None = None) -> list[E
     votes = await _votes(session, ids)
     return [EntryStats(r.id, r.question, r.answer, r.source, r.status, r.disabled_by,
                        r.approved_by, _aware(r.created_at), uses.get(r.id, 0),
-                       *votes.get(r.id, (0, 0))) for r in rows]
+                       *votes.get(r.id, (0, 0)), r.context) for r in rows]
 
 
 async def _votes(session: AsyncSession, ids: Sequence[int]) -> dict[int, tuple[int, int]]:

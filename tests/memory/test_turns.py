@@ -91,9 +91,10 @@ async def test_an_unrelated_question_is_answered_by_the_model_alone(sessions, to
 
 
 async def test_a_correction_repeating_the_customers_number_is_never_served(  # type: ignore[no-untyped-def]
-        sessions, tokenizer, embedder) -> None:
+        sessions, db_url, tokenizer, embedder, monkeypatch, tmp_path) -> None:
     """The reviewer's answer is the company speaking, but a customer's number it echoes is
-    that customer's: such an entry answers nobody (training redacts it the same way)."""
+    that customer's: such an entry answers nobody (training redacts it the same way), and
+    `chatloop memory list` says so."""
     backend = ScriptedBackend()
     core = make_core(sessions, tokenizer, make_memory(sessions, embedder), backend)
     asked = "Please call me back on 07700 900123 about my refund"
@@ -111,6 +112,12 @@ async def test_a_correction_repeating_the_customers_number_is_never_served(  # t
     recall = await core.memory.recall(asked)
     assert recall.verbatim is None and not recall.references
     assert "900123" not in backend.requests[-1].messages[0].content
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("CHATLOOP_DATABASE_URL", db_url)
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["memory", "list"])
+    assert listed.exit_code == 0, listed.output
+    line = next(x for x in listed.output.splitlines() if x.split()[0] == str(entry.id))
+    assert line.endswith("(not served: repeats the asker's details)"), listed.output
 
 
 async def test_between_the_thresholds_the_entries_go_into_the_prompt(sessions, tokenizer,  # type: ignore[no-untyped-def]
