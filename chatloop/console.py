@@ -5,6 +5,7 @@ forget), handed to bots.console so that the gateway imports no training code its
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -41,7 +42,11 @@ def console_operations(settings: Settings, sessions: async_sessionmaker[AsyncSes
                 f"{c.get('feedback', 0)} votes and corrections, {report.rows} dataset rows"
                 + tainted)
 
-    return Operations(decide=decide, canary=canary, forget=forget)
+    from chatloop.app import redactor
+    from feedback.redaction import served
+
+    return Operations(decide=decide, canary=canary, forget=forget,
+                      served=partial(served, redactor(settings)))
 
 
 async def canary_view(sessions: async_sessionmaker[AsyncSession], *, policy: Any, rules: Any

@@ -3,7 +3,7 @@ no training code: chatloop.console builds these from feedback/)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -40,3 +40,6 @@ class Operations:
     canary: Callable[[], Awaitable[CanaryView | None]]
     # forget a person (identity) as `actor`; returns a one-line summary
     forget: Callable[[str, str], Awaitable[str]]
+    # a memory entry's answer as the gateway serves it, given its question and context; None
+    # where it is not served at all (it repeats the asker's details: feedback.redaction.served)
+    served: Callable[[str, Sequence[str]], str | None]

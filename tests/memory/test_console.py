@@ -22,9 +22,16 @@ async def test_the_memory_page_lists_entries_with_uses_and_votes(  # type: ignor
     await core.vote(answer_id=used.answer_id, voter_id="telegram:900", rating=1,
                     source="telegram")
     await core.handle(message("slack", "T0/U1", "hello", "s-h"), RecordingSink())
+    # a reviewer's answer that echoes the asker's number: listed, marked, never served
+    asked = await core.handle(message("telegram", "555", "Call me on 07700 900123 please",
+                                      "t-call"), RecordingSink())
+    echoed = await core.correct(answer_id=asked.answer_id, voter_id="telegram:900",
+                                text="We will call you on 07700 900123 today.",
+                                source="telegram")
     async with sessions() as s:
-        [stats] = await store.entries(s)
+        stats, unserved = await store.entries(s)
     assert (stats.id, stats.uses, stats.up, stats.down) == (entry, 1, 1, 0)
+    assert unserved.answer == "We will call you on 07700 900123 today." and echoed.id
 
     await add_operators(sessions)
     app = console_app(build_console(sessions, tmp_path))
@@ -38,3 +45,7 @@ async def test_the_memory_page_lists_entries_with_uses_and_votes(  # type: ignor
     row = row[:row.index("</tr>")]
     assert "<td>active</td><td>1</td><td>1</td><td>0</td>" in row
     assert ANSWER in row and "How long do I have to return something?" in row
+    marked = page.text[page.text.index(f"<tr><td>{unserved.id}</td>"):]
+    assert marked.startswith(f"<tr><td>{unserved.id}</td><td>active (not served: repeats the "
+                             "asker's details)</td>")
+    assert "not served" not in row
