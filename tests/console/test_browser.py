@@ -116,7 +116,7 @@ async def test_an_operator_approves_a_telegram_correction_in_the_browser(
             assert (await correction.locator(".pill.trusted").text_content()) == "trusted"
             await page.screenshot(path=shots / "thread.png", full_page=True)
 
-            for name in ("quality", "training", "training/runs/2", "audit"):
+            for name in ("quality", "training", "training/runs/2", "memory", "audit"):
                 await page.goto(f"{url}/console/{name}")
                 await page.screenshot(path=shots / f"{name.replace('/', '-')}.png",
                                       full_page=True)
