@@ -42,11 +42,12 @@ def console_operations(settings: Settings, sessions: async_sessionmaker[AsyncSes
                 f"{c.get('feedback', 0)} votes and corrections, {report.rows} dataset rows"
                 + tainted)
 
-    from chatloop.app import redactor
-    from feedback.redaction import served
+    from feedback.redaction import Redactor, served
 
     return Operations(decide=decide, canary=canary, forget=forget,
-                      served=partial(served, redactor(settings)))
+                      served=partial(served, Redactor(  # chatloop.app.redactor's (no cycle)
+                          patterns=settings.learn.redact_patterns,
+                          allow=frozenset(settings.learn.redact_allow))))
 
 
 async def canary_view(sessions: async_sessionmaker[AsyncSession], *, policy: Any, rules: Any
