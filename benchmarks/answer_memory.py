@@ -31,7 +31,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,10 @@ import numpy as np  # noqa: E402
 
 from bots.core import ConversationCore, CoreLimits, InboundMessage, StaticRouter  # noqa: E402
 from bots.core.memory import AnswerMemory  # noqa: E402
-from chatloop.app import loop_config, redactor  # noqa: E402
+from chatloop.app import loop_config  # noqa: E402
 from chatloop.settings import Settings  # noqa: E402
 from feedback.evaluate import token_f1  # noqa: E402
 from feedback.loop import run_cycle  # noqa: E402
-from feedback.redaction import served  # noqa: E402
 from inference.base import Finished, GenerationRequest, StreamEvent, TextDelta  # noqa: E402
 from inference.embedded import EmbeddedBackend  # noqa: E402
 from inference.memory import Doc, HybridIndex, load_embedder  # noqa: E402
@@ -100,7 +98,7 @@ def memory_for(sessions: Any, embedder: Any) -> AnswerMemory:
     """The gateway's memory (chatloop.app.answer_memory) on these sessions."""
     return AnswerMemory(sessions, HybridIndex(embedder), answer_at=ANSWER_AT,
                         refer_at=REFER_AT, refresh_s=DEFAULTS.refresh_s,
-                        voice=partial(served, redactor(Settings(_env_file=None))))
+                        voice=Settings(_env_file=None).learn.memory_voice())
 
 
 async def ask(c: ConversationCore, text: str, channel: str = "telegram",

@@ -7,7 +7,6 @@ import secrets
 import shlex
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -166,14 +165,13 @@ async def answer_memory(settings: Settings, sessions: async_sessionmaker[AsyncSe
     m = settings.memory
     if not m.enabled:
         return None
-    from feedback.redaction import served
     from inference.memory import HybridIndex, load_embedder
 
     answer_at, refer_at = m.thresholds()
     memory = AnswerMemory(sessions, HybridIndex(load_embedder(m.embedder)),
                           answer_at=answer_at, refer_at=refer_at,
                           max_references=m.max_references, refresh_s=m.refresh_s,
-                          voice=partial(served, redactor(settings)))
+                          voice=settings.learn.memory_voice())
     await memory.refresh()
     return memory
 
@@ -269,15 +267,6 @@ def build_app(services: Services, *, webchat: bool, web_operator: bool = False) 
     return create_app(channels=channels, ready=ready, on_shutdown=services.aclose)
 
 
-def redactor(settings: Settings) -> Any:
-    """The redaction of what customers wrote (CHATLOOP_LEARN_REDACT_*): for training data and
-    for the answer memory's served answers."""
-    from feedback.redaction import Redactor
-
-    learn = settings.learn
-    return Redactor(patterns=learn.redact_patterns, allow=frozenset(learn.redact_allow))
-
-
 def loop_config(settings: Settings) -> Any:
     """The learning loop's configuration (feedback.loop.LoopConfig) from the settings."""
     from feedback.dataset import DatasetPolicy
@@ -299,7 +288,7 @@ def loop_config(settings: Settings) -> Any:
                               context_tokens=settings.core.context_tokens // 2,
                               system_prompt=settings.core.system_prompt),
         gate=GatePolicy(golden_margin=learn.golden_margin, rephrasings=learn.gate_rephrasings),
-        redactor=redactor(settings),
+        redactor=settings.learn.redactor(),
         train=TrainJob(model_dir=model, out_dir="", work_dir="", rank=learn.rank,
                        alpha=2 * learn.rank, epochs=learn.epochs,
                        learning_rate=learn.learning_rate, batch_size=learn.batch_size,

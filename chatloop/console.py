@@ -5,7 +5,6 @@ forget), handed to bots.console so that the gateway imports no training code its
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -42,12 +41,8 @@ def console_operations(settings: Settings, sessions: async_sessionmaker[AsyncSes
                 f"{c.get('feedback', 0)} votes and corrections, {report.rows} dataset rows"
                 + tainted)
 
-    from feedback.redaction import Redactor, served
-
     return Operations(decide=decide, canary=canary, forget=forget,
-                      served=partial(served, Redactor(  # chatloop.app.redactor's (no cycle)
-                          patterns=settings.learn.redact_patterns,
-                          allow=frozenset(settings.learn.redact_allow))))
+                      served=settings.learn.memory_voice())
 
 
 async def canary_view(sessions: async_sessionmaker[AsyncSession], *, policy: Any, rules: Any

@@ -13,9 +13,10 @@ import json
 import re
 import shlex
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -29,6 +30,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.sources import ENV_FILE_SENTINEL, DotenvType
+
+if TYPE_CHECKING:
+    from feedback.redaction import MemoryEntry, Redactor
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise customer-service assistant. Answer the user's question "
@@ -327,6 +331,20 @@ class LearnSettings(Section):
         if words and shutil.which(words[0]) is None:
             raise ValueError(f"{words[0]!r} is not an executable on PATH")
         return v
+
+    def redactor(self) -> Redactor:
+        """The redaction of what customers wrote (CHATLOOP_LEARN_REDACT_*): in training data
+        and in the answer memory's served answers."""
+        from feedback.redaction import Redactor
+
+        return Redactor(patterns=self.redact_patterns, allow=frozenset(self.redact_allow))
+
+    def memory_voice(self) -> Callable[[MemoryEntry], str | None]:
+        """An answer-memory entry's answer as the gateway serves it; None where it is not
+        served at all (it repeats the asker's details: feedback.redaction.served)."""
+        from feedback.redaction import served
+
+        return partial(served, self.redactor())
 
 
 class TelegramSettings(Section):

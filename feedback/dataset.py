@@ -29,7 +29,7 @@ from feedback.policy import (
     select_feedback,
     split_conversations,
 )
-from feedback.redaction import Redactor, company_voice
+from feedback.redaction import Redactor, entry_voice
 from storage import feedback as store
 from storage import memory as memory_store
 from storage import privacy
@@ -84,8 +84,7 @@ async def _quoted(session: AsyncSession, corrections: Sequence[FeedbackRow],
     customer's. An entry erased since (`forget`) quotes nothing."""
     wanted = {r.answer_id: r.memory_refs for r in corrections if r.trusted and r.memory_refs}
     found = await memory_store.rows(session, ids={i for ids in wanted.values() for i in ids})
-    voice = {e.id: company_voice(redactor, e.answer, (e.question, e.context or ""))
-             for e in found}
+    voice = {e.id: entry_voice(redactor, e) for e in found}
     return {a: [voice[i] for i in ids if i in voice] for a, ids in wanted.items()}
 
 

@@ -17,6 +17,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import phonenumbers
 
@@ -306,10 +307,26 @@ def company_voice(redactor: Redactor, text: str, customer: Iterable[str],
     return "".join(out)
 
 
-def served(redactor: Redactor, answer: str, customer: Iterable[str]) -> str | None:
-    """An answer-memory entry's answer as the gateway may send it to anyone (`customer`: the
-    entry's question and context): in the company's voice; None where that leaves a
-    placeholder (a customer's number the reviewer echoed back, a key), since an answer with
-    a hole in it is no approved answer."""
-    out = company_voice(redactor, answer, customer)
+class MemoryEntry(Protocol):
+    """An answer-memory entry as its voice reads it (storage.memory's rows)."""
+
+    @property
+    def question(self) -> str: ...
+    @property
+    def answer(self) -> str: ...
+    @property
+    def context(self) -> str | None: ...
+
+
+def entry_voice(redactor: Redactor, entry: MemoryEntry) -> str:
+    """An answer-memory entry's answer in the company's voice, its question and context the
+    customer's side."""
+    return company_voice(redactor, entry.answer, (entry.question, entry.context or ""))
+
+
+def served(redactor: Redactor, entry: MemoryEntry) -> str | None:
+    """An answer-memory entry's answer as the gateway may send it to anyone: in the company's
+    voice; None where that leaves a placeholder (a customer's number the reviewer echoed back,
+    a key), since an answer with a hole in it is no approved answer."""
+    out = entry_voice(redactor, entry)
     return None if has_placeholder(out) else out

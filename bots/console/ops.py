@@ -3,10 +3,14 @@ no training code: chatloop.console builds these from feedback/)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncSession
+
+if TYPE_CHECKING:
+    from storage.memory import EntryStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,6 @@ class Operations:
     canary: Callable[[], Awaitable[CanaryView | None]]
     # forget a person (identity) as `actor`; returns a one-line summary
     forget: Callable[[str, str], Awaitable[str]]
-    # a memory entry's answer as the gateway serves it, given its question and context; None
-    # where it is not served at all (it repeats the asker's details: feedback.redaction.served)
-    served: Callable[[str, Sequence[str]], str | None]
+    # a memory entry's answer as the gateway serves it; None where it is not served at all
+    # (it repeats the asker's details: feedback.redaction.served)
+    served: Callable[[EntryStats], str | None]

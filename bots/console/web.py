@@ -469,8 +469,7 @@ def router(auth: Auth, sessions: async_sessionmaker[AsyncSession], ops: Operatio
 
         async with sessions() as s:
             entries = await answer_memory.entries(s)
-        unserved = {e.id for e in entries if e.status == "active"
-                    and ops.served(e.answer, (e.question, e.context or "")) is None}
+        unserved = {e.id for e in entries if e.status == "active" and ops.served(e) is None}
         return await page(request, who, "memory.html", entries=entries, unserved=unserved)
 
     # ---- people (forget) and operators: admins ----

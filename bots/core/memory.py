@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 # each refresh re-reads the ids changed within this window before the newest change seen
 OVERLAP = timedelta(seconds=5)
 
-# (answer, the customer's side: the entry's question and context) -> the answer to serve,
-# or None where it may not be served at all
-Voice = Callable[[str, Sequence[str]], str | None]
+# an entry -> its answer as it may be served, or None where it may not be served at all
+Voice = Callable[[EntryRow], str | None]
 
 
 @dataclass
@@ -128,7 +127,7 @@ class AnswerMemory:
         """The entry's answer as it may be sent ("": not at all)."""
         if self._voice is None or not r.answer:
             return r.answer
-        answer = self._voice(r.answer, (r.question, r.context or ""))
+        answer = self._voice(r)
         if answer is None:
             log.warning("memory entry %d is not served: its answer repeats details of the "
                         "customer who asked", r.id)

@@ -132,8 +132,6 @@ def list_entries(
 ) -> None:
     """Entries with their use count and trusted 👍/👎; "(not served)" on an active one whose
     answer repeats details of the customer who asked (the gateway never sends or quotes it)."""
-    from chatloop.app import redactor
-    from feedback.redaction import served
     from storage import memory as store
 
     async def main() -> list[store.EntryStats]:
@@ -141,13 +139,13 @@ def list_entries(
             return await store.entries(s, status=status)
 
     rows = run(main)
-    voice = redactor(load_settings())
+    served = load_settings().learn.memory_voice()
     typer.echo(f"{'id':>6}  {'status':<9} {'uses':>5} {'up':>3} {'down':>4}  {'source':<10} "
                "question")
     for e in rows:
         q = e.question.replace("\n", " ")
         why = f" ({e.disabled_by})" if e.disabled_by else ""
-        if e.status == "active" and served(voice, e.answer, (e.question, e.context or "")) is None:
+        if e.status == "active" and served(e) is None:
             why = " (not served: repeats the asker's details)"
         typer.echo(f"{e.id:>6}  {e.status:<9} {e.uses:>5} {e.up:>3} {e.down:>4}  "
                    f"{e.source:<10} {q[:70]}{why}")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import pytest
 from transformers import AutoTokenizer
 
 from bots.core import ConversationCore, CoreLimits, InboundMessage
 from bots.core.memory import AnswerMemory
-from chatloop.app import redactor
 from chatloop.settings import Settings
-from feedback.redaction import served
 from inference.memory import HybridIndex, load_embedder
 from inference.prompt import PromptFitter
 from tests.fakes.inference import ScriptedBackend
@@ -34,7 +31,7 @@ def make_memory(sessions, embedder, **kw) -> AnswerMemory:  # type: ignore[no-un
     """The gateway's memory (chatloop.app.answer_memory): its answers in the company's voice."""
     return AnswerMemory(sessions, HybridIndex(embedder), answer_at=kw.pop("answer_at", 0.85),
                         refer_at=kw.pop("refer_at", 0.55), refresh_s=kw.pop("refresh_s", 0.2),
-                        voice=partial(served, redactor(Settings(_env_file=None))), **kw)
+                        voice=Settings(_env_file=None).learn.memory_voice(), **kw)
 
 
 def make_core(sessions, tokenizer, memory, backend=None) -> ConversationCore:  # type: ignore[no-untyped-def]
