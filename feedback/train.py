@@ -31,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from feedback.anchors import anchor_examples, anchored
-from feedback.candidate import evaluate, golden_items, parity_outputs, run_memory
+from feedback.candidate import (
+    evaluate,
+    golden_items,
+    memory_index,
+    parity_outputs,
+    run_memory,
+)
 from feedback.evaluate import completion_batches
 from feedback.examples import augment_questions, read_examples, reference_copies
 from feedback.job import TrainJob, cuda, trains_in_bf16
@@ -283,7 +289,10 @@ def _settle(gated: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any],
     set_seed(job.seed)
     model, _ = _model(job)
     sft = read_examples(work / "sft.jsonl") + [replace(e, source="correction") for e in heldout]
-    out.update(_fit(model, tokenizer, job, sft, anchors, memory, bf16, "settle"))
+    # the quotes from the whole memory: nothing is held out now, and the turn path quotes the
+    # held-out questions' entries to the adapter that ships
+    whole = memory_index(job, leave_out=set()) if job.reference_copies and memory else None
+    out.update(_fit(model, tokenizer, job, sft, anchors, whole, bf16, "settle"))
     model.eval()
     golden = mean_loss(model, tokenizer, golden_items(job))
     limit = report["parent"]["golden_loss"] * (1 + policy.golden_margin)
@@ -315,10 +324,10 @@ def _referenced(job: TrainJob, sft: list[Any], tokenizer: Any,
                 memory: tuple[Any, float, float] | None) -> list[Any]:
     """The corrections with the memory's quotes for their questions (`reference_copies`):
     `memory` is the run's without the held-out questions (candidate.run_memory), as the
-    gate searches it; each correction's own entry (the same question) is left out. The
-    entries the turn path would quote (from the reference threshold, the best three), as
-    many as fit in `max_length` tokens (training truncates what is longer, the answer
-    first)."""
+    gate searches it (settling's: all of it); each correction's own entry (the same
+    question) is left out. The entries the turn path would quote (from the reference
+    threshold, the best three), as many as fit in `max_length` tokens (training truncates
+    what is longer, the answer first)."""
     if not job.reference_copies or memory is None:
         return []
     index, _, refer_at = memory
