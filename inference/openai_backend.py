@@ -129,9 +129,10 @@ class OpenAIBackend:
         self._extra_body = extra_body  # server-specific sampling options (vLLM: ignore_eos...)
         self.base_url = base_url.rstrip("/")
         self._max_lora_rank = max_lora_rank
-        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        # the openai client's own Timeout: its HTTP library (httpx2) rejects httpx's
         self._client = openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+            base_url=self.base_url, api_key=api_key, max_retries=max_retries,
+            timeout=openai.Timeout(read_timeout, connect=connect_timeout),
         )
         self._max_retries = max_retries
         self._stream_timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
@@ -141,7 +142,7 @@ class OpenAIBackend:
         self._streams_loop: asyncio.AbstractEventLoop | None = None
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
-            timeout=timeout,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
             headers={"Authorization": f"Bearer {api_key}"},
         )
         self._adapter_lock = asyncio.Lock()  # vLLM's load/unload race (RELIABILITY.md §1)
