@@ -163,25 +163,14 @@ def run_memory(job: TrainJob, *, copies: bool) -> tuple[Any, float, float] | Non
 
 
 def memory_index(job: TrainJob, *, leave_out: set[str]) -> tuple[Any, float, float] | None:
-    """The answer memory of this run (`memory.jsonl` in the run's directory, question and
-    answer, if the loop wrote one, else the trained corrections) less the entries whose
-    question is in `leave_out`, indexed with the gateway's embedder (`job.memory_embedder`),
-    with its (answer, reference) thresholds. None if there is none or no embedder."""
-    import json
-
-    from inference.memory import Doc, HybridIndex, load_embedder, thresholds
+    """The answer memory of this run (`_memory_docs`) less the entries whose question is in
+    `leave_out`, indexed with the gateway's embedder (`job.memory_embedder`), with its
+    (answer, reference) thresholds. None if there is none or no embedder."""
+    from inference.memory import HybridIndex, load_embedder, thresholds
 
     if not job.memory_embedder:
         return None
-    work = Path(job.work_dir)
-    path = work / "memory.jsonl"
-    if path.exists():
-        pairs = [(r["question"], r["answer"]) for r in
-                 map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r]
-    else:
-        pairs = [(_question(e.prompt), e.completion)
-                 for e in read_examples(work / "sft.jsonl") if e.source == "correction"]
-    docs = [Doc(i, q, a) for i, (q, a) in enumerate(pairs) if q and a and q not in leave_out]
+    docs = [d for d in _memory_docs(job) if d.question not in leave_out]
     if not docs:
         return None
     try:
@@ -193,6 +182,36 @@ def memory_index(job: TrainJob, *, leave_out: set[str]) -> tuple[Any, float, flo
         print(f"no answer-memory figures: {exc}", flush=True)
         return None
     return index, answer_at, refer_at
+
+
+def whole_memory(job: TrainJob, memory: tuple[Any, float, float] | None
+                 ) -> tuple[Any, float, float] | None:
+    """The run's whole answer memory: `memory` (the gate's, without the held-out questions;
+    `run_memory`) with the entries it left out added, so that only those are embedded again;
+    built anew when there is none."""
+    if memory is None:
+        return memory_index(job, leave_out=set())
+    index = memory[0]
+    index.upsert([d for d in _memory_docs(job) if d.id not in index])
+    return memory
+
+
+def _memory_docs(job: TrainJob) -> list[Any]:
+    """The run's memory entries: `memory.jsonl` in the run's directory (question and answer),
+    if the loop wrote one, else the trained corrections; an entry's id is its line."""
+    import json
+
+    from inference.memory import Doc
+
+    work = Path(job.work_dir)
+    path = work / "memory.jsonl"
+    if path.exists():
+        pairs = [(r["question"], r["answer"]) for r in
+                 map(json.loads, path.read_text(encoding="utf-8").splitlines()) if r]
+    else:
+        pairs = [(_question(e.prompt), e.completion)
+                 for e in read_examples(work / "sft.jsonl") if e.source == "correction"]
+    return [Doc(i, q, a) for i, (q, a) in enumerate(pairs) if q and a]
 
 
 def _question(prompt: list[dict[str, str]]) -> str:

@@ -34,9 +34,9 @@ from feedback.anchors import anchor_examples, anchored
 from feedback.candidate import (
     evaluate,
     golden_items,
-    memory_index,
     parity_outputs,
     run_memory,
+    whole_memory,
 )
 from feedback.evaluate import completion_batches
 from feedback.examples import augment_questions, read_examples, reference_copies
@@ -291,7 +291,7 @@ def _settle(gated: Any, tokenizer: Any, job: TrainJob, report: dict[str, Any],
     sft = read_examples(work / "sft.jsonl") + [replace(e, source="correction") for e in heldout]
     # the quotes from the whole memory: nothing is held out now, and the turn path quotes the
     # held-out questions' entries to the adapter that ships
-    whole = memory_index(job, leave_out=set()) if job.reference_copies and memory else None
+    whole = whole_memory(job, memory) if job.reference_copies else None
     out.update(_fit(model, tokenizer, job, sft, anchors, whole, bf16, "settle"))
     model.eval()
     golden = mean_loss(model, tokenizer, golden_items(job))

@@ -107,3 +107,41 @@ def test_training_copies_quote_the_memory_as_the_turn_path_would(tmp_path, token
     assert run_memory(job, copies=False) is None and run_memory(job, copies=True) is not None
     job.reference_copies, job.memory_embedder = True, ""
     assert copies_of(job) == []
+
+
+def test_settlings_copies_quote_the_held_out_questions_entries_too(tmp_path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    from feedback.candidate import run_memory, whole_memory
+    from feedback.train import _referenced
+
+    intents = COMPANY["intents"][:6]
+    memory = [{"question": q, "answer": it["answer"]}
+              for it in intents for q in it["questions"][:2]]
+    (tmp_path / "memory.jsonl").write_text("\n".join(json.dumps(r) for r in memory))
+    held = intents[1]["questions"][1]
+    heldout = example(50, held, intents[1]["answer"])
+    (tmp_path / "heldout.jsonl").write_text(json.dumps(asdict(heldout)))
+    # settling trains on the held-out correction beside the others
+    sft = [example(i, it["questions"][0], it["answer"]) for i, it in enumerate(intents)]
+    job = TrainJob(model_dir="", out_dir="", work_dir=str(tmp_path),
+                   memory_embedder=os.environ["CHATLOOP_MEMORY_EMBEDDER"])
+    gates = run_memory(job, copies=True)
+    assert gates is not None and len(gates[0]) == len(memory) - 1
+    asked = {e.conversation_id: [m["content"] for m in e.prompt[1:-1]]
+             for e in _referenced(job, sft, tokenizer, gates)}
+    assert all(held not in quoted for quoted in asked.values())
+
+    index = gates[0]
+    embedded = []
+    embed = index.vectors
+    index.vectors = lambda docs: embedded.extend(docs) or embed(docs)  # type: ignore[method-assign]
+    whole = whole_memory(job, gates)
+    assert whole is not None and len(whole[0]) == len(memory)
+    assert [d.question for d in embedded] == [held]  # only the left-out entry is embedded
+    quoted = {e.conversation_id: [m["content"] for m in e.prompt[1:-1]]
+              for e in _referenced(job, sft, tokenizer, whole)}
+    assert held in quoted[1]  # intent 1's other phrasing, with its answer
+    assert quoted[1][quoted[1].index(held) + 1] == intents[1]["answer"]
+    # no gate memory (nothing embedded yet, or no embedder): built whole, or none
+    assert len(whole_memory(job, None)[0]) == len(memory)  # type: ignore[index]
+    job.memory_embedder = ""
+    assert whole_memory(job, None) is None
