@@ -187,8 +187,8 @@ def memory_index(job: TrainJob, *, leave_out: set[str]) -> tuple[Any, float, flo
 def whole_memory(job: TrainJob, memory: tuple[Any, float, float] | None
                  ) -> tuple[Any, float, float] | None:
     """The run's whole answer memory: `memory` (the gate's, without the held-out questions;
-    `run_memory`) with the entries it left out added, so that only those are embedded again;
-    built anew when there is none."""
+    `run_memory`) with the entries it left out added in place (the gate's figures are taken
+    by then), so that only those are embedded again; built anew when there is none."""
     if memory is None:
         return memory_index(job, leave_out=set())
     index = memory[0]
