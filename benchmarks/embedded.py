@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/embedded.py [--concurrency 1,8,32] [--tokens 64] [--runs 3]
                                             [--precisions bf16,fp32] [--decode-threads 1]
+                                            [--prompts questions|references]
 
 For each precision (default: bf16 and fp32 where the machine computes bf16 natively, else fp32)
 and each concurrency n, one run measures, back to back and in alternating order:
@@ -10,13 +11,22 @@ and each concurrency n, one run measures, back to back and in alternating order:
   batching), every request on the base model;
 - `engine+2 adapters`: the same with the rows spread over the base model and two random rank-8
   LoRA adapters (peft, all seven projections), so one batch mixes three sets of weights;
+- `engine, no drafts` (where n rows leave padding rows in a step, see `ROW_BLOCK`): `engine`
+  with draft tokens off, so without prompt lookup in the padding rows;
 - `generate`: the same n prompts as one static, left-padded `model.generate` batch (greedy, no
-  streaming, the transformers default attention) - the baseline.
+  streaming, the transformers default attention) - the baseline;
+- `generate + prompt lookup` (n = 1, the only batch size transformers drafts for):
+  `model.generate(prompt_lookup_num_tokens=3)`.
+
+`--prompts questions` (default) asks short customer questions; `references` asks them with two
+approved answers from the answer memory in the prompt, as the gateway sends a question between
+the memory's two thresholds (`inference.prompt.with_references`, `reference_exchanges`).
 
 Every request generates exactly --tokens tokens (end-of-sequence ignored on both sides).
 Reports aggregate completion tokens/s (median over --runs), the engine/generate ratio, the
-engine's time to first token, and the peak memory each added to the process (resident set
-sampled every 5 ms, minus the resident set before the measurement). Writes JSON to
+engine's time to first token, the share of draft tokens the engine kept, and the peak memory each
+added to the process (resident set sampled every 5 ms, minus the resident set before the
+measurement). Writes JSON to
 benchmarks/results/embedded.json (or --out).
 """
 
@@ -36,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import MODEL_DIR, RESULTS, median, print_table, write_json  # noqa: E402
 from inference.base import ChatMessage, GenerationRequest, TextDelta  # noqa: E402
-from inference.batching import native_bf16  # noqa: E402
+from inference.batching import ROW_BLOCK, native_bf16  # noqa: E402
 from inference.embedded import EmbeddedBackend  # noqa: E402
+from inference.prompt import reference_exchanges, with_references  # noqa: E402
 
 QUESTIONS = [
     "How do I reset my password?", "What are your opening hours?", "Can I change my order?",
@@ -45,11 +56,24 @@ QUESTIONS = [
     "Where is my parcel?", "Can I pay by invoice?",
 ]
 ADAPTERS = [None, "bench-a", "bench-b"]
+SYSTEM = "You are a helpful assistant. Answer briefly."
+REFERENCES = [  # (question, approved answer) pairs, the closest last as the memory gives them
+    ("How long do I have to return an item?",
+     "You can return any item within 30 days of delivery. Start the return in your account "
+     "under Orders, print the label, and drop the parcel at any post office."),
+    ("How do I reset my password?",
+     "Click 'Forgot password' on the sign-in page, enter your e-mail address and follow the "
+     "link we send you; it is valid for one hour."),
+]
+PROMPTS = "questions"  # or "references" (--prompts)
 
 
 def _messages(i: int) -> list[ChatMessage]:
-    return [ChatMessage("system", "You are a helpful assistant. Answer briefly."),
-            ChatMessage("user", f"{QUESTIONS[i % len(QUESTIONS)]} (ticket {i})")]
+    question = ChatMessage("user", f"{QUESTIONS[i % len(QUESTIONS)]} (ticket {i})")
+    if PROMPTS == "references":
+        return [ChatMessage("system", with_references(SYSTEM, REFERENCES)),
+                *reference_exchanges(REFERENCES), question]
+    return [ChatMessage("system", SYSTEM), question]
 
 
 class PeakRss:
@@ -80,9 +104,12 @@ class PeakRss:
 
 
 async def engine_run(backend: EmbeddedBackend, n: int, tokens: int,
-                     adapters: bool) -> dict[str, float]:
+                     adapters: bool, drafts: bool = True) -> dict[str, float]:
     ttfts: list[float] = []
     done = 0
+    engine = backend.engine
+    engine.drafts = drafts
+    drafted, accepted = engine.drafted, engine.accepted
 
     async def one(i: int) -> None:
         nonlocal done
@@ -101,11 +128,14 @@ async def engine_run(backend: EmbeddedBackend, n: int, tokens: int,
         await asyncio.gather(*[one(i) for i in range(n)])
         elapsed = time.perf_counter() - start
     assert done == n * tokens, (done, n * tokens)
+    drafted, accepted = engine.drafted - drafted, engine.accepted - accepted
     return {"tokens_per_s": done / elapsed, "ttft_p50_ms": median(ttfts) * 1000,
+            "drafts_kept": accepted / drafted if drafted else float("nan"),
             "peak_mb": mem.peak_mb}
 
 
-def generate_run(model: Any, tokenizer: Any, n: int, tokens: int) -> dict[str, float]:
+def generate_run(model: Any, tokenizer: Any, n: int, tokens: int,
+                 lookup: int | None = None) -> dict[str, float]:
     import torch
 
     texts = [tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
@@ -118,11 +148,23 @@ def generate_run(model: Any, tokenizer: Any, n: int, tokens: int) -> dict[str, f
         start = time.perf_counter()
         out = model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False, top_p=None, top_k=None, temperature=None,
-                             pad_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.eos_token_id,
+                             prompt_lookup_num_tokens=lookup)
         elapsed = time.perf_counter() - start
     made = (out.shape[1] - enc["input_ids"].shape[1]) * n
     assert made == n * tokens, (made, n * tokens)
-    return {"tokens_per_s": made / elapsed, "ttft_p50_ms": float("nan"), "peak_mb": mem.peak_mb}
+    return {"tokens_per_s": made / elapsed, "ttft_p50_ms": float("nan"),
+            "drafts_kept": float("nan"), "peak_mb": mem.peak_mb}
+
+
+def _kinds(n: int) -> list[str]:
+    kinds = ["engine", "engine+2 adapters"]
+    if n % ROW_BLOCK:  # a step has padding rows for drafts
+        kinds.append("engine, no drafts")
+    kinds.append("generate")
+    if n == 1:
+        kinds.append("generate + prompt lookup")
+    return kinds
 
 
 async def bench_precision(precision: str, args: argparse.Namespace,
@@ -132,7 +174,7 @@ async def bench_precision(precision: str, args: argparse.Namespace,
 
     backend = EmbeddedBackend(str(MODEL_DIR), precision=precision, max_batch=max(args.levels),
                               decode_threads=args.decode_threads or None,
-                              max_kv_tokens=max(args.levels) * (args.tokens + 64))
+                              max_kv_tokens=max(args.levels) * (args.tokens + 512))
     backend.engine.eos_ids = set()  # every request makes exactly --tokens tokens
     for name, path in zip(ADAPTERS[1:], adapter_dirs, strict=True):
         await backend.load_adapter(name, str(path))
@@ -143,13 +185,14 @@ async def bench_precision(precision: str, args: argparse.Namespace,
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     for run in range(args.runs):
         for n in args.levels:
-            kinds = ["engine", "engine+2 adapters", "generate"]
+            kinds = _kinds(n)
             for kind in kinds if run % 2 == 0 else kinds[::-1]:  # alternate the order
-                if kind == "generate":
+                if kind.startswith("generate"):
                     r = await asyncio.to_thread(generate_run, model, backend.tokenizer, n,
-                                                args.tokens)
+                                                args.tokens, 3 if "lookup" in kind else None)
                 else:
-                    r = await engine_run(backend, n, args.tokens, adapters="adapters" in kind)
+                    r = await engine_run(backend, n, args.tokens, adapters="adapters" in kind,
+                                         drafts="no drafts" not in kind)
                 results.setdefault((n, kind), []).append(r)
                 print(f"  {precision} run {run + 1} n={n} {kind}: "
                       f"{r['tokens_per_s']:.1f} tok/s", flush=True)
@@ -157,13 +200,14 @@ async def bench_precision(precision: str, args: argparse.Namespace,
     rows = []
     for n in args.levels:
         base = median([r["tokens_per_s"] for r in results[(n, "generate")]])
-        for kind in ["engine", "engine+2 adapters", "generate"]:
+        for kind in _kinds(n):
             rs = results[(n, kind)]
             tps = median([r["tokens_per_s"] for r in rs])
             rows.append({"precision": precision, "concurrent": n, "path": kind,
                          "tokens_per_s": round(tps, 1),
                          "vs_generate": round(tps / base, 2),
                          "ttft_p50_ms": round(median([r["ttft_p50_ms"] for r in rs]), 0),
+                         "drafts_kept": round(median([r["drafts_kept"] for r in rs]), 2),
                          "peak_mb": round(median([r["peak_mb"] for r in rs]), 0),
                          "runs": [round(r["tokens_per_s"], 1) for r in rs]})
     return rows
@@ -177,8 +221,11 @@ async def main() -> None:
     parser.add_argument("--precisions", default="bf16,fp32" if native_bf16() else "fp32")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="the engine's decoding threads (0: torch's count, as prefill)")
+    parser.add_argument("--prompts", choices=["questions", "references"], default="questions")
     parser.add_argument("--out", type=Path, default=RESULTS / "embedded.json")
     args = parser.parse_args()
+    global PROMPTS
+    PROMPTS = args.prompts
     args.levels = [int(x) for x in args.concurrency.split(",")]
 
     load_before = os.getloadavg()
@@ -189,11 +236,11 @@ async def main() -> None:
             rows += await bench_precision(precision, args, adapter_dirs)
     load = [round(x, 1) for x in (*load_before, *os.getloadavg())]
     print_table(f"embedded engine (decode threads {args.decode_threads or 'torch'}) vs "
-                f"model.generate, {args.tokens} new tokens per request, "
+                f"model.generate, {args.prompts}, {args.tokens} new tokens per request, "
                 f"medians of {args.runs} runs (load average before {load[:3]}, after {load[3:]})",
                 [{k: v for k, v in r.items() if k != "runs"} for r in rows])
     data = {"tokens": args.tokens, "runs": args.runs, "native_bf16": native_bf16(),
-            "decode_threads": args.decode_threads,
+            "decode_threads": args.decode_threads, "prompts": args.prompts,
             "load_average_before": load[:3], "load_average_after": load[3:], "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out == RESULTS / "embedded.json":

@@ -21,7 +21,10 @@ rounded up to `SPAN`, the others' and the free positions masked out. A row's att
 computed alike alone and in any batch: the vectorised sums see whole `SPAN` chunks, the masked
 positions add exact zeros. Decoding steps run whole blocks of `ROW_BLOCK` rows (the matrix
 kernels then round every row alike): a request's greedy output is the one it gets alone,
-whatever else shares its batch.
+whatever else shares its batch. A step's padding rows are not wasted on greedy rows: they decode
+draft tokens guessed by prompt lookup (`_drafts`), checked by the row's own next tokens, so a
+lone row, which answers quoting approved answers often are, makes up to `ROW_BLOCK` tokens a
+step with the output it gets one token a step.
 Memory is bounded by `max_batch` rows and `max_kv_tokens` cache tokens: reserved ones (each
 request's prompt plus `max_tokens`) and the pooled cache's (rows x its length) alike; requests
 beyond wait in FIFO order.
@@ -146,6 +149,7 @@ class KvPool:
         self.positions: Any = None
         self.mask: Any = None  # [rows, 1, 1, span]: 0 where a row attends, -inf elsewhere
         self.span = 0
+        self.gather = False
 
     @property
     def slots(self) -> int:
@@ -155,12 +159,15 @@ class KvPool:
     def length(self) -> int:
         return int(self.keys.shape[3])
 
-    def begin(self) -> None:
+    def begin(self, drafts: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+        """`drafts`: (slot, position) of draft rows after the pool's rows (see `_drafts`): each
+        writes into its owner's slot at its position and attends up to it."""
         import torch
 
-        lengths = torch.tensor([s.length for s in self.rows])
+        lengths = torch.tensor([s.length for s in self.rows] + [p for _, p in drafts])
         self.span = min(self.length, -(-(int(lengths.max()) + 1) // SPAN) * SPAN)
-        self.index = torch.arange(len(self.rows))
+        self.index = torch.tensor([*range(len(self.rows)), *(slot for slot, _ in drafts)])
+        self.gather = bool(drafts)  # rows are not slots one to one
         self.positions = lengths
         seen = torch.arange(self.span).unsqueeze(0) <= lengths.unsqueeze(1)
         self.mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))[:, None, None, :]
@@ -194,10 +201,12 @@ def _rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mas
         return torch.cat(outs, dim=1).contiguous(), None
     if kv_pool is None:
         raise RuntimeError(f"the {ATTENTION!r} attention needs the engine's caches")
-    rows, span = len(kv_pool.rows), kv_pool.span
+    rows, span = len(kv_pool.index), kv_pool.span
     keys, values = kv_pool.keys[layer], kv_pool.values[layer]
     keys[kv_pool.index, :, kv_pool.positions] = key[:rows, :, 0].float()
     values[kv_pool.index, :, kv_pool.positions] = value[:rows, :, 0].float()
+    if kv_pool.gather:  # draft rows read their owners' slots
+        keys, values = keys[kv_pool.index, :, :span], values[kv_pool.index, :, :span]
     heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[3]
     scale = dim ** -0.5 if scaling is None else scaling
     # [rows, kv_heads, heads sharing a kv head, dim]; the cache is fp32 (CPU attention in bf16 is
@@ -360,7 +369,8 @@ class BatchEngine:
     function on the loop's thread between two steps (loading and unloading adapters)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, eos_ids: set[int], max_batch: int,
-                 max_kv_tokens: int, decode_threads: int | None = 1) -> None:
+                 max_kv_tokens: int, decode_threads: int | None = 1,
+                 drafts: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -373,6 +383,10 @@ class BatchEngine:
         self.decode_threads = decode_threads
         self._threads: tuple[int, int] = (0, 0)  # torch's count on this thread; the current
         self.eos_ids = eos_ids  # tokens that end a row (empty: run to max_tokens)
+        # greedy rows fill a step's padding rows with draft tokens (see `_drafts`)
+        self.drafts = drafts
+        self.drafted = 0  # draft tokens decoded and accepted since start (benchmarks, tests)
+        self.accepted = 0
         self._adapters: set[str] = set()  # names peft serves; rows for others fail
         self._cond = threading.Condition()
         self._waiting: deque[Row] = deque()
@@ -608,29 +622,66 @@ class BatchEngine:
 
         rows = list(self._active)
         self.peak_rows = max(self.peak_rows, len(rows))
-        padding = [rows[0]] * (-len(rows) % ROW_BLOCK)
-        ids = torch.tensor([[s.tokens[-1]] for s in rows + padding])
-        positions = torch.tensor([[s.length] for s in rows + padding])
+        drafts = self._drafts(rows)
+        batch = rows + [rows[i] for i, _ in drafts]
+        padding = [rows[0]] * (-len(batch) % ROW_BLOCK)
+        ids = torch.tensor([[s.tokens[-1]] for s in rows] + [[t] for _, t in drafts]
+                           + [[rows[0].tokens[-1]]] * len(padding))
+        at = [s.length for s in rows]
+        draft_at = []  # each draft's position: right after its owner's previous one
+        for i, _ in drafts:
+            at[i] += 1
+            draft_at.append(at[i])
+        positions = torch.tensor([[s.length] for s in rows] + [[p] for p in draft_at]
+                                 + [[rows[0].length]] * len(padding))
         self._use_threads(self.decode_threads)
         try:
             pool = self._pooled(rows)
-            pool.begin()
-            logits = self._forward(rows, ids, positions, kv_pool=pool)
+            pool.begin([(i, p) for (i, _), p in zip(drafts, draft_at, strict=True)])
+            logits = self._forward(batch, ids, positions, kv_pool=pool)
         except Exception as exc:
             error = InferenceError(f"generation failed: {type(exc).__name__}: {exc}")
             for seq in rows:
                 self._leave(seq, error)
             return
         self.steps += 1
+        self.drafted += len(drafts)
         for seq in rows:
             seq.length += 1
-        self._advance(rows, logits)
+        self._advance(rows, logits, drafts)
 
-    def _advance(self, rows: list[Row], logits: Any) -> None:
-        """Pick each row's next token, stream its text, and let finished rows leave."""
+    def _drafts(self, rows: list[Row]) -> list[tuple[int, int]]:
+        """(row index, token) of the draft tokens this step decodes in its padding rows, which
+        it computes anyway (see ROW_BLOCK): a greedy row's next tokens guessed by prompt lookup
+        (`_lookup`: what followed the latest earlier occurrence of the row's last tokens). A
+        draft row is decoded like one more token of its owner (its slot, the next position),
+        so its logits are the ones the owner gets decoding that token itself: a row keeps the
+        drafts its own next tokens confirm (`_advance`), and its greedy output is the same with
+        or without them, in fewer steps."""
+        free = -len(rows) % ROW_BLOCK
+        if not (self.drafts and free):
+            return []
+        drafts: list[tuple[int, int]] = []
+        for i, seq in enumerate(rows):
+            room = min(free - len(drafts), seq.max_tokens - len(seq.tokens) - 1)
+            if seq.temperature > 0 or room <= 0 or seq.cancelled.is_set():
+                continue
+            drafts += [(i, t) for t in _lookup(seq.prompt + seq.tokens, room)]
+            if len(drafts) == free:
+                break
+        return drafts
+
+    def _advance(self, rows: list[Row], logits: Any,
+                 drafts: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+        """Pick each row's next token, stream its text, and let finished rows leave. `logits`
+        has a row per row, then one per draft (`_drafts`): a row also takes the token after
+        each draft that matches the token it just took, as long as they match."""
         import torch
 
         greedy = logits.argmax(dim=-1).tolist()
+        after: dict[int, list[tuple[int, int]]] = {}  # row -> (draft token, logits row)
+        for j, (i, token) in enumerate(drafts, start=len(rows)):
+            after.setdefault(i, []).append((token, j))
         for i, seq in enumerate(rows):
             token = greedy[i]
             if seq.temperature > 0:
@@ -639,20 +690,35 @@ class BatchEngine:
             if seq.cancelled.is_set():
                 self._leave(seq)
                 continue
-            seq.tokens.append(token)
-            if seq._text is None:
-                seq._text = _Detokenizer(self.tokenizer)
-            stopped = token in self.eos_ids
-            if not stopped:
-                delta = seq._text.add(token)
-                if delta:
-                    seq.sink(delta)
-            if stopped or len(seq.tokens) >= seq.max_tokens:
-                tail = seq._text.flush()
-                if tail:
-                    seq.sink(tail)
-                reason = "stop" if stopped else "length"
-                self._leave(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))
+            picks = [token]
+            for draft, j in after.get(i, ()):
+                if draft != picks[-1]:
+                    break
+                picks.append(greedy[j])
+            seq.length += len(picks) - 1  # the accepted drafts' keys and values stay cached
+            self.accepted += len(picks) - 1
+            for token in picks:
+                if self._take(seq, token):
+                    break
+
+    def _take(self, seq: Row, token: int) -> bool:
+        """Stream a row's next token; let it leave when it is done (returns whether)."""
+        seq.tokens.append(token)
+        if seq._text is None:
+            seq._text = _Detokenizer(self.tokenizer)
+        stopped = token in self.eos_ids
+        if not stopped:
+            delta = seq._text.add(token)
+            if delta:
+                seq.sink(delta)
+        if stopped or len(seq.tokens) >= seq.max_tokens:
+            tail = seq._text.flush()
+            if tail:
+                seq.sink(tail)
+            reason = "stop" if stopped else "length"
+            self._leave(seq, Finished(reason, len(seq.prompt), len(seq.tokens)))
+            return True
+        return False
 
     def unload_rows(self, name: str) -> None:
         """On the loop's thread: fail the rows (active or waiting) that use adapter `name`."""
@@ -679,6 +745,17 @@ def _packs(rows: list[Row], pack: bool) -> list[list[Row]]:
             packs.append(current)
         current.append(seq)
     return packs
+
+
+def _lookup(tokens: list[int], count: int, longest: int = 3) -> list[int]:
+    """Up to `count` tokens guessed to come next (prompt lookup decoding): those that followed
+    the latest earlier occurrence of the last `longest` tokens, or fewer."""
+    for n in range(min(longest, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tail:
+                return tokens[start + n:start + n + count]
+    return []
 
 
 def _spans(tokens: int) -> int:

@@ -80,3 +80,38 @@ def test_it_is_causal_attention_over_the_row_tokens_and_the_new_one() -> None:
     weights = torch.softmax(q[0] @ full_k.transpose(-1, -2) * DIM ** -0.5, dim=-1)
     expected = (weights @ full_v).transpose(0, 1)  # [1 new token, heads, dim]
     torch.testing.assert_close(out[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_rows_attend_as_their_owner_decoding_them_one_by_one() -> None:
+    """A row's next token and two draft tokens in one step (the drafts in the row's own slot,
+    at the next positions) get bitwise the attention the row gets decoding them one a step."""
+    seq = row(37, 48)
+    keys, values = caches(0, seq.capacity)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, h, 1, DIM, generator=g) for h in (HEADS, KV_HEADS, KV_HEADS))
+    module = types.SimpleNamespace(layer_idx=1)
+
+    def fresh() -> KvPool:
+        pool = KvPool([seq], (LAYERS, 1, KV_HEADS, 64, DIM))
+        pool.keys[:, 0, :, :37] = keys[:, :, :37]
+        pool.values[:, 0, :, :37] = values[:, :, :37]
+        return pool
+
+    def padded(x: Any, rows: slice) -> Any:
+        return torch.cat([x[rows], torch.ones(4 - len(x[rows]), *x.shape[1:])])
+
+    one_a_step, pool, seq.length = [], fresh(), 37
+    for t in range(3):
+        pool.begin()
+        out, _ = _rows_attention(module, padded(q, slice(t, t + 1)), padded(k, slice(t, t + 1)),
+                                 padded(v, slice(t, t + 1)), None, scaling=DIM ** -0.5,
+                                 kv_pool=pool)
+        one_a_step.append(out[0])
+        seq.length += 1
+    pool, seq.length = fresh(), 37
+    pool.begin([(0, 38), (0, 39)])
+    out, _ = _rows_attention(module, padded(q, slice(0, 3)), padded(k, slice(0, 3)),
+                             padded(v, slice(0, 3)), None, scaling=DIM ** -0.5, kv_pool=pool)
+    for t in range(3):
+        assert torch.equal(out[t], one_a_step[t]), t
+    assert not out[3].any()  # the padding row

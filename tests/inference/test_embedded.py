@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from inference.base import ChatMessage, Finished, GenerationRequest, TextDelta
+from inference.batching import _lookup
 from inference.embedded import EmbeddedBackend
 from inference.errors import AdapterNotFound, AdapterRejected, ContextTooLong
+from inference.prompt import reference_exchanges, with_references
 from tests.fakes.lora import make_lora_adapter
 
 pytestmark = pytest.mark.slow
@@ -141,6 +143,57 @@ async def test_a_batch_of_mixed_adapters_gives_each_row_its_solo_greedy_output(
     finally:
         await engine.unload_adapter("mix-a")
         await engine.unload_adapter("mix-b")
+
+
+# a question between the answer memory's thresholds: approved answers quoted in the prompt
+REFERENCES = [("How long do I have to return an item?",
+               "You can return any item within 30 days of delivery. Start the return in your "
+               "account under Orders, print the label, and drop the parcel at any post office.")]
+QUOTING = [ChatMessage("system", with_references("You are a helpful assistant. Answer briefly.",
+                                                  REFERENCES)),
+           *reference_exchanges(REFERENCES),
+           ChatMessage("user", "Until when can I send back a product?")]
+
+
+def test_prompt_lookup_guesses_what_followed_the_last_tokens() -> None:
+    assert _lookup([5, 6, 7, 8, 9, 1, 6, 7], 3) == [8, 9, 1]  # the last two tokens seen before
+    assert _lookup([1, 2, 3, 1, 2, 4, 1, 2], 2) == [4, 1]  # the latest occurrence
+    assert _lookup([5, 6, 7, 8, 6], 5) == [7, 8, 6]  # as many as follow
+    assert _lookup([1, 2, 3], 3) == [] and _lookup([4], 3) == []
+
+
+async def test_draft_tokens_in_padding_rows_keep_each_rows_greedy_output(
+    engine: EmbeddedBackend, adapter_dir: Path
+) -> None:
+    """A step's padding rows decode draft tokens (prompt lookup) for greedy rows: the same
+    text and finish as one token a step, in fewer steps, on the base model and an adapter,
+    alone and beside another row; sampled rows draft nothing."""
+    await engine.load_adapter("draft-a", str(adapter_dir))
+    requests = [GenerationRequest(QUOTING, max_tokens=40),
+                GenerationRequest(QUOTING, max_tokens=40, adapter="draft-a"), ask(2, None, 24)]
+    results, counts = {}, {}
+    try:
+        for drafts in (False, True):
+            engine.engine.drafts = drafts
+            steps, drafted, accepted = (engine.engine.steps, engine.engine.drafted,
+                                        engine.engine.accepted)
+            alone = [await collect(engine, r) for r in requests]
+            together = await asyncio.gather(*[collect(engine, r) for r in requests[:2]])
+            results[drafts] = [(t, f) for t, f, _ in [*alone, *together]]
+            counts[drafts] = (engine.engine.steps - steps, engine.engine.drafted - drafted,
+                              engine.engine.accepted - accepted)
+        engine.engine.drafts = True
+        drafted = engine.engine.drafted
+        await collect(engine, GenerationRequest(QUOTING, max_tokens=12, temperature=0.7,
+                                                seed=1))
+        assert engine.engine.drafted == drafted
+    finally:
+        engine.engine.drafts = True
+        await engine.unload_adapter("draft-a")
+    assert results[True] == results[False]
+    assert "30 days" in results[True][0][0]  # the answer quotes the approved one
+    assert counts[False][1:] == (0, 0) and counts[True][2] > 0
+    assert counts[True][0] < counts[False][0]
 
 
 async def test_cancelling_one_stream_leaves_the_others_untouched(engine: EmbeddedBackend) -> None:
