@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,7 +159,7 @@ class KvPool:
     def length(self) -> int:
         return int(self.keys.shape[3])
 
-    def begin(self, drafts: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+    def begin(self, drafts: Sequence[tuple[int, int]] = ()) -> None:
         """`drafts`: (slot, position) of draft rows after the pool's rows (see `_drafts`): each
         writes into its owner's slot at its position and attends up to it."""
         import torch
@@ -672,7 +672,7 @@ class BatchEngine:
         return drafts
 
     def _advance(self, rows: list[Row], logits: Any,
-                 drafts: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+                 drafts: Sequence[tuple[int, int]] = ()) -> None:
         """Pick each row's next token, stream its text, and let finished rows leave. `logits`
         has a row per row, then one per draft (`_drafts`): a row also takes the token after
         each draft that matches the token it just took, as long as they match."""
