@@ -149,7 +149,6 @@ class KvPool:
         self.positions: Any = None
         self.mask: Any = None  # [rows, 1, 1, span]: 0 where a row attends, -inf elsewhere
         self.span = 0
-        self.gather = False
 
     @property
     def slots(self) -> int:
@@ -167,7 +166,6 @@ class KvPool:
         lengths = torch.tensor([s.length for s in self.rows] + [p for _, p in drafts])
         self.span = min(self.length, -(-(int(lengths.max()) + 1) // SPAN) * SPAN)
         self.index = torch.tensor([*range(len(self.rows)), *(slot for slot, _ in drafts)])
-        self.gather = bool(drafts)  # rows are not slots one to one
         self.positions = lengths
         seen = torch.arange(self.span).unsqueeze(0) <= lengths.unsqueeze(1)
         self.mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))[:, None, None, :]
@@ -205,7 +203,7 @@ def _rows_attention(module: Any, query: Any, key: Any, value: Any, attention_mas
     keys, values = kv_pool.keys[layer], kv_pool.values[layer]
     keys[kv_pool.index, :, kv_pool.positions] = key[:rows, :, 0].float()
     values[kv_pool.index, :, kv_pool.positions] = value[:rows, :, 0].float()
-    if kv_pool.gather:  # draft rows read their owners' slots
+    if rows > len(kv_pool.rows):  # draft rows read their owners' slots
         keys, values = keys[kv_pool.index, :, :span], values[kv_pool.index, :, :span]
     heads, kv_heads, dim = query.shape[1], keys.shape[1], query.shape[3]
     scale = dim ** -0.5 if scaling is None else scaling
@@ -624,16 +622,16 @@ class BatchEngine:
         self.peak_rows = max(self.peak_rows, len(rows))
         drafts = self._drafts(rows)
         batch = rows + [rows[i] for i, _ in drafts]
-        padding = [rows[0]] * (-len(batch) % ROW_BLOCK)
+        padding = -len(batch) % ROW_BLOCK  # rows computed and dropped: the first row again
         ids = torch.tensor([[s.tokens[-1]] for s in rows] + [[t] for _, t in drafts]
-                           + [[rows[0].tokens[-1]]] * len(padding))
+                           + [[rows[0].tokens[-1]]] * padding)
         at = [s.length for s in rows]
         draft_at = []  # each draft's position: right after its owner's previous one
         for i, _ in drafts:
             at[i] += 1
             draft_at.append(at[i])
         positions = torch.tensor([[s.length] for s in rows] + [[p] for p in draft_at]
-                                 + [[rows[0].length]] * len(padding))
+                                 + [[rows[0].length]] * padding)
         self._use_threads(self.decode_threads)
         try:
             pool = self._pooled(rows)
