@@ -13,6 +13,9 @@ and each concurrency n, one run measures, back to back and in alternating order:
   LoRA adapters (peft, all seven projections), so one batch mixes three sets of weights;
 - `engine, no drafts` (where n rows leave padding rows in a step, see `ROW_BLOCK`): `engine`
   with draft tokens off, so without prompt lookup in the padding rows;
+- `engine, plain weights` and `engine+2 adapters, plain weights`: a second engine whose
+  decoding steps multiply by the plain weights (`EmbeddedBackend(packed_weights=False)`, the
+  engine before `batching.pack_weights`);
 - `generate`: the same n prompts as one static, left-padded `model.generate` batch (greedy, no
   streaming, the transformers default attention) - the baseline;
 - `generate + prompt lookup` (n = 1, the only batch size transformers drafts for):
@@ -158,7 +161,8 @@ def generate_run(model: Any, tokenizer: Any, n: int, tokens: int,
 
 
 def _kinds(n: int) -> list[str]:
-    kinds = ["engine", "engine+2 adapters"]
+    kinds = ["engine", "engine+2 adapters", "engine, plain weights",
+             "engine+2 adapters, plain weights"]
     if n % ROW_BLOCK:  # a step has padding rows for drafts
         kinds.append("engine, no drafts")
     kinds.append("generate")
@@ -172,15 +176,25 @@ async def bench_precision(precision: str, args: argparse.Namespace,
     import torch
     from transformers import AutoModelForCausalLM
 
-    backend = EmbeddedBackend(str(MODEL_DIR), precision=precision, max_batch=max(args.levels),
-                              decode_threads=args.decode_threads or None,
-                              max_kv_tokens=max(args.levels) * (args.tokens + 512))
-    backend.engine.eos_ids = set()  # every request makes exactly --tokens tokens
-    for name, path in zip(ADAPTERS[1:], adapter_dirs, strict=True):
-        await backend.load_adapter(name, str(path))
+    backends, loaded_mb = {}, {}
+    for packed in (True, False):
+        before = PeakRss.rss_mb()
+        backend = EmbeddedBackend(str(MODEL_DIR), precision=precision,
+                                  max_batch=max(args.levels),
+                                  decode_threads=args.decode_threads or None,
+                                  max_kv_tokens=max(args.levels) * (args.tokens + 512),
+                                  packed_weights=packed)
+        backend.engine.eos_ids = set()  # every request makes exactly --tokens tokens
+        for name, path in zip(ADAPTERS[1:], adapter_dirs, strict=True):
+            await backend.load_adapter(name, str(path))
+        await engine_run(backend, 2, 4, adapters=True)  # warm it up
+        backends[packed] = backend
+        loaded_mb["packed weights" if packed else "plain weights"] = round(
+            PeakRss.rss_mb() - before)
+    print(f"  {precision} resident MB of a loaded engine (model, adapters): {loaded_mb}",
+          flush=True)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
-    await engine_run(backend, 2, 4, adapters=True)  # warm both up
     generate_run(model, backend.tokenizer, 2, 4)
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     for run in range(args.runs):
@@ -191,12 +205,14 @@ async def bench_precision(precision: str, args: argparse.Namespace,
                     r = await asyncio.to_thread(generate_run, model, backend.tokenizer, n,
                                                 args.tokens, 3 if "lookup" in kind else None)
                 else:
-                    r = await engine_run(backend, n, args.tokens, adapters="adapters" in kind,
+                    r = await engine_run(backends["plain weights" not in kind], n, args.tokens,
+                                         adapters="adapters" in kind,
                                          drafts="no drafts" not in kind)
                 results.setdefault((n, kind), []).append(r)
                 print(f"  {precision} run {run + 1} n={n} {kind}: "
                       f"{r['tokens_per_s']:.1f} tok/s", flush=True)
-    await backend.aclose()
+    for backend in backends.values():
+        await backend.aclose()
     rows = []
     for n in args.levels:
         base = median([r["tokens_per_s"] for r in results[(n, "generate")]])
@@ -209,7 +225,8 @@ async def bench_precision(precision: str, args: argparse.Namespace,
                          "ttft_p50_ms": round(median([r["ttft_p50_ms"] for r in rs]), 0),
                          "drafts_kept": round(median([r["drafts_kept"] for r in rs]), 2),
                          "peak_mb": round(median([r["peak_mb"] for r in rs]), 0),
-                         "runs": [round(r["tokens_per_s"], 1) for r in rs]})
+                         "runs": [round(r["tokens_per_s"], 1) for r in rs],
+                         "engine_mb": loaded_mb})
     return rows
 
 
@@ -238,7 +255,7 @@ async def main() -> None:
     print_table(f"embedded engine (decode threads {args.decode_threads or 'torch'}) vs "
                 f"model.generate, {args.prompts}, {args.tokens} new tokens per request, "
                 f"medians of {args.runs} runs (load average before {load[:3]}, after {load[3:]})",
-                [{k: v for k, v in r.items() if k != "runs"} for r in rows])
+                [{k: v for k, v in r.items() if k not in ("runs", "engine_mb")} for r in rows])
     data = {"tokens": args.tokens, "runs": args.runs, "native_bf16": native_bf16(),
             "decode_threads": args.decode_threads, "prompts": args.prompts,
             "load_average_before": load[:3], "load_average_after": load[3:], "rows": rows}

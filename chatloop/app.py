@@ -76,7 +76,8 @@ def make_backend(settings: Settings) -> InferenceBackend:
     return EmbeddedBackend(s.model, model_name=Path(s.model).name, max_lora_rank=s.max_lora_rank,
                            precision=s.embedded_precision, max_batch=s.embedded_max_batch,
                            max_kv_tokens=s.embedded_max_kv_tokens,
-                           decode_threads=s.embedded_decode_threads or None)
+                           decode_threads=s.embedded_decode_threads or None,
+                           packed_weights=s.embedded_packed_weights)
 
 
 def _require_model(inference: InferenceSettings) -> None:

@@ -134,11 +134,13 @@ class InferenceSettings(Section):
     # the embedded engine: weights' precision ("auto": bf16 where native; fp32 by default, as the
     # learning loop's parity reference), rows decoded together,
     # KV cache tokens reserved by them (prompt + max_tokens each); more requests queue; the
-    # intra-op threads of a decoding step of several rows (0: torch's count, as prefill)
+    # intra-op threads of a decoding step of several rows (0: torch's count, as prefill); a copy
+    # of the linear weights reordered for decoding steps (twice the weights' memory)
     embedded_precision: Literal["auto", "bf16", "fp32"] = "fp32"
     embedded_max_batch: int = Field(default=32, ge=1)
     embedded_max_kv_tokens: int = Field(default=16384, ge=256)
     embedded_decode_threads: int = Field(default=1, ge=0)
+    embedded_packed_weights: bool = True
 
     @field_validator("url")
     @classmethod

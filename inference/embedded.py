@@ -22,6 +22,7 @@ from inference.batching import (
     Row,
     batch_invariant_lora,
     cap_onednn_isa,
+    pack_weights,
     register_attention,
     serving_dtype,
 )
@@ -38,13 +39,15 @@ class EmbeddedBackend:
     reproduce them). `max_batch` rows decode together and their KV caches hold at most
     `max_kv_tokens` tokens (each request reserves its prompt plus `max_tokens`); requests beyond
     wait their turn. Decoding steps, a lone row's included, run on `decode_threads` intra-op
-    threads (None: torch's count, which prefill uses).
+    threads (None: torch's count, which prefill uses). `packed_weights` keeps a copy of the
+    linear weights reordered for decoding steps (`batching.pack_weights`: about twice the decoding
+    speed for twice the weights' memory).
     """
 
     def __init__(
         self, model_dir: str, *, model_name: str | None = None, max_lora_rank: int = 64,
         precision: str = "fp32", max_batch: int = 32, max_kv_tokens: int = 16384,
-        decode_threads: int | None = 1,
+        decode_threads: int | None = 1, packed_weights: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -56,6 +59,7 @@ class EmbeddedBackend:
         model: Any = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=self.dtype, attn_implementation=ATTENTION)
         model.eval()
+        self.packed_layers = pack_weights(model) if packed_weights else 0
         self._context = int(getattr(model.config, "max_position_embeddings", 2048))
         self._adapters: dict[str, str] = {}
         eos = {self.tokenizer.eos_token_id, *_ids(model.generation_config.eos_token_id)}

@@ -52,6 +52,7 @@ VARIABLES: list[tuple[str, str, str, Any]] = [
     ("CHATLOOP_EMBEDDED_MAX_BATCH", "8", "inference.embedded_max_batch", 8),
     ("CHATLOOP_EMBEDDED_MAX_KV_TOKENS", "4096", "inference.embedded_max_kv_tokens", 4096),
     ("CHATLOOP_EMBEDDED_DECODE_THREADS", "0", "inference.embedded_decode_threads", 0),
+    ("CHATLOOP_EMBEDDED_PACKED_WEIGHTS", "false", "inference.embedded_packed_weights", False),
     ("CHATLOOP_SYSTEM_PROMPT", "Be brief.", "core.system_prompt", "Be brief."),
     ("CHATLOOP_CONTEXT_TOKENS", "4096", "core.context_tokens", 4096),
     ("CHATLOOP_MAX_TOKENS", "100", "core.max_tokens", 100),

@@ -7,8 +7,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from inference.base import ChatMessage, Finished, GenerationRequest, TextDelta
 from inference.batching import _lookup
@@ -252,8 +254,6 @@ async def test_unloading_an_adapter_fails_only_its_own_rows(
 
 
 def test_serving_precision_follows_the_training_rule() -> None:
-    import torch
-
     from inference.batching import native_bf16, serving_dtype
 
     assert serving_dtype("auto") == (torch.bfloat16 if native_bf16() else torch.float32)
@@ -306,6 +306,68 @@ async def test_bf16_prompts_admitted_together_are_prefilled_together_as_alone(
         assert [t[0] for t in together] == solo
     finally:
         await bf16.aclose()
+
+
+class _Layers(torch.nn.Module):
+    """Two projections and an LM head, shaped as the bundled model's."""
+
+    def __init__(self, dtype: Any) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(576, 1536, bias=False, dtype=dtype)
+        self.down = torch.nn.Linear(1536, 576, bias=True, dtype=dtype)
+        self.head = torch.nn.Linear(576, 4096, bias=False, dtype=dtype)
+
+    def get_output_embeddings(self) -> Any:
+        return self.head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_a_row_the_same_product_in_any_batch(dtype: Any) -> None:
+    """Decoding steps multiply by weights packed at load (`pack_weights`): a row's product is
+    the layer's own, bitwise the same in every whole block of rows (a lone row of a 1536-wide
+    input rounds differently: the engine never runs one, see ROW_BLOCK); prompts keep the plain
+    weight; the LM head is packed for a prompt's scored tokens too, alike alone and packed."""
+    from inference.batching import ROW_BLOCK, pack_weights
+
+    torch.manual_seed(0)
+    layers = _Layers(dtype)
+    plain = {name: m.weight.clone() for name, m in layers.named_children()}
+    assert pack_weights(layers) == 3
+    x = torch.randn(32, 1, 576).to(dtype)
+    with torch.inference_mode():
+        for name, inputs in (("up", x), ("down", torch.randn(32, 1, 1536).to(dtype)),
+                             ("head", x)):
+            layer = getattr(layers, name)
+            full = layer(inputs)
+            for rows in range(ROW_BLOCK, 32, ROW_BLOCK):
+                assert torch.equal(layer(inputs[:rows]), full[:rows]), (name, rows)
+            expected = torch.nn.functional.linear(inputs.float(), plain[name].float(),
+                                                  None if layer.bias is None
+                                                  else layer.bias.float())
+            tolerance = 1e-4 if dtype == torch.float32 else 0.1
+            torch.testing.assert_close(full.float(), expected, atol=tolerance, rtol=tolerance)
+        prompt = torch.randn(1, 40, 576).to(dtype)
+        assert torch.equal(layers.up(prompt), torch.nn.functional.linear(prompt, plain["up"]))
+        scored = layers.head(prompt[:, :8])  # a pack's prompts' last tokens
+        assert all(torch.equal(layers.head(prompt[:, i:i + 1])[0, 0], scored[0, i])
+                   for i in range(8))
+        decoded = layers.up(x)
+    with torch.no_grad():
+        layers.up.weight.zero_()  # only prompts read the plain weight
+    with torch.inference_mode():
+        assert torch.equal(layers.up(x), decoded) and not layers.up(prompt).any()
+
+
+async def test_the_engine_decodes_with_packed_weights_unless_told_not_to(
+        engine: EmbeddedBackend, model_dir: Path) -> None:
+    linears = sum(isinstance(m, torch.nn.Linear) for m in engine.engine.model.modules())
+    assert engine.packed_layers == linears > 200  # 7 projections x 30 layers and the LM head
+    dense = EmbeddedBackend(str(model_dir), packed_weights=False)
+    try:
+        assert dense.packed_layers == 0
+        assert not any("_chatloop_packed" in m.__dict__ for m in dense.engine.model.modules())
+    finally:
+        await dense.aclose()
 
 
 def test_serving_keeps_onednn_off_amx_and_the_trainer_is_not_capped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
