@@ -356,35 +356,61 @@ def batch_invariant_lora(model: Any) -> Routing:
     return routing
 
 
-def pack_weights(model: Any) -> int:
+def pack_weights(model: Any, rows: int = 32) -> int:
     """Reorder every linear layer's weight once, at load, into oneDNN's blocked layout for
     products of a few rows (`mkldnn._reorder_linear_weight`, the weight prepacking inductor's
     CPU backend does); decoding steps (one token a row) and the LM head then use it
     (`_packed_linear`), prefill keeps the plain weight. Measured on x86-64 with AVX512-BF16
     (a 576 -> 1536 product of 1 to 32 rows, one thread, weights not in cache): 1.5-1.8 times as
-    fast as torch's bf16 product and 1.8-2.4 times MKL's fp32 one, and a row's result is the
-    same bitwise in every whole block of rows (see ROW_BLOCK; docs/benchmarks.md#embedded-engine).
-    Not for LoRA's products (rank-wide, each call's ~10 us setup outweighs them). The cost: a
-    second copy of the linear weights. Returns how many layers were packed (0 without oneDNN)."""
+    fast as torch's bf16 product and 1.8-2.4 times MKL's fp32 one, and a row's result the same
+    bitwise in every whole block of rows (docs/benchmarks.md#embedded-engine). That last
+    property is checked here for each of the model's weight shapes, up to `rows` rows (and 1 to
+    PACK_ROWS rows for the LM head, see `_packed_linear`): where the CPU's kernels do not keep it,
+    nothing is packed. bf16 is packed only where the CPU computes it natively. Not for LoRA's
+    products (rank-wide: each call's ~10 us setup outweighs them). The cost: a second copy of
+    the linear weights. Returns how many layers were packed."""
     import types
 
     import torch
 
     if not torch.backends.mkldnn.is_available():
         return 0
+    dtypes = (torch.float32, torch.bfloat16) if native_bf16() else (torch.float32,)
     head = model.get_output_embeddings()
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear
-              and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    layers = [m for m in model.modules()
+              if type(m) is torch.nn.Linear and m.weight.dtype in dtypes]
     try:
         packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), ROW_BLOCK)
                   for m in layers]
-    except RuntimeError:  # a oneDNN build without these kernels: plain weights
+    except RuntimeError:  # a oneDNN build without these kernels
         return 0
+    blocks = range(ROW_BLOCK, -(-rows // ROW_BLOCK) * ROW_BLOCK + 1, ROW_BLOCK)
+    checked: set[tuple[Any, ...]] = set()
+    for module, weight in zip(layers, packed, strict=True):
+        counts = sorted({*blocks, *range(1, PACK_ROWS + 1)}) if module is head else list(blocks)
+        shape = (tuple(module.weight.shape), module.weight.dtype, module.bias is None, *counts)
+        if shape not in checked:
+            if not _alike_in_any_batch(weight, module, counts):
+                return 0
+            checked.add(shape)
     for module, weight in zip(layers, packed, strict=True):
         module.__dict__["_chatloop_packed"] = weight
         module.__dict__["_chatloop_head"] = module is head
         module.forward = types.MethodType(_packed_linear, module)
     return len(layers)
+
+
+def _alike_in_any_batch(weight: Any, layer: Any, counts: Sequence[int]) -> bool:
+    """Whether the packed product gives each row the same bits for every row count."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(max(counts), 1, layer.in_features, generator=g).to(layer.weight.dtype)
+    with torch.inference_mode():
+        full = torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
+        return all(torch.equal(torch.ops.mkldnn._linear_pointwise(x[:n], weight, layer.bias,
+                                                                  "none", [], ""), full[:n])
+                   for n in counts)
 
 
 def _packed_linear(self: Any, x: Any) -> Any:
