@@ -379,20 +379,22 @@ def pack_weights(model: Any, rows: int = 32) -> int:
     head = model.get_output_embeddings()
     layers = [m for m in model.modules()
               if type(m) is torch.nn.Linear and m.weight.dtype in dtypes]
+    blocks = range(ROW_BLOCK, -(-rows // ROW_BLOCK) * ROW_BLOCK + 1, ROW_BLOCK)
+    checked: set[tuple[Any, ...]] = set()
     try:
         packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), ROW_BLOCK)
                   for m in layers]
-    except RuntimeError:  # a oneDNN build without these kernels
+        for module, weight in zip(layers, packed, strict=True):
+            counts = (sorted({*blocks, *range(1, PACK_ROWS + 1)}) if module is head
+                      else list(blocks))
+            shape = (tuple(module.weight.shape), module.weight.dtype, module.bias is None,
+                     *counts)
+            if shape not in checked:
+                if not _alike_in_any_batch(weight, module, counts):
+                    return 0
+                checked.add(shape)
+    except (AttributeError, RuntimeError, TypeError):  # a torch or oneDNN without these ops
         return 0
-    blocks = range(ROW_BLOCK, -(-rows // ROW_BLOCK) * ROW_BLOCK + 1, ROW_BLOCK)
-    checked: set[tuple[Any, ...]] = set()
-    for module, weight in zip(layers, packed, strict=True):
-        counts = sorted({*blocks, *range(1, PACK_ROWS + 1)}) if module is head else list(blocks)
-        shape = (tuple(module.weight.shape), module.weight.dtype, module.bias is None, *counts)
-        if shape not in checked:
-            if not _alike_in_any_batch(weight, module, counts):
-                return 0
-            checked.add(shape)
     for module, weight in zip(layers, packed, strict=True):
         module.__dict__["_chatloop_packed"] = weight
         module.__dict__["_chatloop_head"] = module is head
