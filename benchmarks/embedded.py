@@ -195,14 +195,15 @@ async def bench_precision(precision: str, args: argparse.Namespace,
           flush=True)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=dtype).eval()
-    generate_run(model, backend.tokenizer, 2, 4)
+    tokenizer = backends[True].tokenizer
+    generate_run(model, tokenizer, 2, 4)
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     for run in range(args.runs):
         for n in args.levels:
             kinds = _kinds(n)
             for kind in kinds if run % 2 == 0 else kinds[::-1]:  # alternate the order
                 if kind.startswith("generate"):
-                    r = await asyncio.to_thread(generate_run, model, backend.tokenizer, n,
+                    r = await asyncio.to_thread(generate_run, model, tokenizer, n,
                                                 args.tokens, 3 if "lookup" in kind else None)
                 else:
                     r = await engine_run(backends["plain weights" not in kind], n, args.tokens,

@@ -385,11 +385,10 @@ def pack_weights(model: Any, rows: int = 32) -> int:
         packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), ROW_BLOCK)
                   for m in layers]
         for module, weight in zip(layers, packed, strict=True):
-            counts = (sorted({*blocks, *range(1, PACK_ROWS + 1)}) if module is head
-                      else list(blocks))
             shape = (tuple(module.weight.shape), module.weight.dtype, module.bias is None,
-                     *counts)
+                     module is head)
             if shape not in checked:
+                counts = sorted({*blocks, *range(1, PACK_ROWS + 1)}) if module is head else blocks
                 if not _alike_in_any_batch(weight, module, counts):
                     return 0
                 checked.add(shape)
@@ -409,10 +408,16 @@ def _alike_in_any_batch(weight: Any, layer: Any, counts: Sequence[int]) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(max(counts), 1, layer.in_features, generator=g).to(layer.weight.dtype)
     with torch.inference_mode():
-        full = torch.ops.mkldnn._linear_pointwise(x, weight, layer.bias, "none", [], "")
-        return all(torch.equal(torch.ops.mkldnn._linear_pointwise(x[:n], weight, layer.bias,
-                                                                  "none", [], ""), full[:n])
+        full = _packed_product(x, weight, layer.bias)
+        return all(torch.equal(_packed_product(x[:n], weight, layer.bias), full[:n])
                    for n in counts)
+
+
+def _packed_product(x: Any, weight: Any, bias: Any) -> Any:
+    """`x` times a weight packed by `pack_weights` (plus `bias`): oneDNN's linear, no fused op."""
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def _packed_linear(self: Any, x: Any) -> Any:
@@ -424,8 +429,7 @@ def _packed_linear(self: Any, x: Any) -> Any:
 
     if x.shape[-2] != 1 and not self._chatloop_head:
         return torch.nn.functional.linear(x, self.weight, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, self._chatloop_packed, self.bias, "none", [],
-                                             "")
+    return _packed_product(x, self._chatloop_packed, self.bias)
 
 
 def register_attention() -> None:
